@@ -1,0 +1,42 @@
+"""timm-cmo: Context-rich Minority Oversampling (CMO) and long-tailed recognition for timm."""
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.abspath(os.path.dirname(__file__))
+about = {}
+with open(os.path.join(here, 'timm_cmo', 'version.py')) as f:
+    exec(f.read(), about)
+
+with open(os.path.join(here, 'README.md'), encoding='utf-8') as f:
+    long_description = f.read()
+
+setup(
+    name='timm-cmo',
+    version=about['__version__'],
+    description='Context-rich Minority Oversampling (CMO, CVPR 2022) and long-tailed recognition tools for timm',
+    long_description=long_description,
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    packages=find_packages(include=['timm_cmo', 'timm_cmo.*']),
+    py_modules=['train_cmo'],
+    python_requires='>=3.9',
+    install_requires=[
+        'torch>=2.1',
+        'torchvision>=0.16',
+        'timm>=1.0',
+        'huggingface-hub',
+        'safetensors',
+        'pyyaml',
+    ],
+    extras_require={
+        'test': ['pytest', 'pytest-xdist', 'scipy'],
+    },
+    entry_points={
+        'console_scripts': [
+            'timm-cmo-convert=timm_cmo.convert:main',
+            'timm-cmo-preview=timm_cmo.preview:main',
+            'timm-cmo-hub=timm_cmo.hub:main',
+        ],
+    },
+)
