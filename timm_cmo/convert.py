@@ -1,0 +1,222 @@
+"""Convert a checkpoint released with the CMO / LDAM-DRW code into a timm model folder.
+
+Usage::
+
+    python -m timm_cmo.convert ckpt.pth.tar out_dir --model resnet32_cifar [--num-classes 100]
+
+The checkpoint is a dict ``{'state_dict': ..., 'epoch': ..., 'best_acc1': ...}`` (or ``'model'`` /
+``'state_dict_ema'``, or a bare state dict). Keys may carry a ``module.`` prefix (DataParallel/DDP);
+CIFAR models call their classifier ``linear`` (renamed to the timm model's classifier, ``fc``).
+A classifier with a weight but no bias is LDAM's ``NormedLinear`` (weight ``(in, out)``): the model is
+then built with ``head_norm=True``. The output folder (``config.json`` + ``model.safetensors``) loads with
+``timm.create_model('local-dir:<out_dir>', pretrained=True)`` after ``import timm_cmo``.
+The checkpoint is read with ``torch.load(weights_only=True)``: no pickled code is ever executed.
+"""
+import argparse
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import timm
+from timm.models import get_pretrained_cfg_value, is_model, save_for_hf
+
+from .models import is_head_norm
+
+__all__ = ['convert_checkpoint', 'load_checkpoint_state_dict', 'main']
+
+_STATE_DICT_KEYS = ('state_dict', 'model', 'state_dict_ema')
+_STRIP_PREFIXES = ('module.', '_orig_mod.')
+_PAPER_CLASSIFIER = 'linear'
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def load_checkpoint_state_dict(checkpoint_path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Read a checkpoint safely and return ``(state_dict with prefixes stripped, metadata)``.
+
+    Metadata holds ``epoch`` / ``best_acc1`` when present. Raises ``ValueError`` for files holding
+    pickled Python objects (refused by ``weights_only``) or without a recognisable state dict.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f'Checkpoint not found: {checkpoint_path}')
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if 'Unsupported global' in line), '')
+        raise ValueError(
+            f'{checkpoint_path} is not a plain weights checkpoint: it holds pickled Python objects that '
+            f'weights_only loading refuses to execute{" (" + detail + ")" if detail else ""}. '
+            f'Re-save only its tensors, e.g. torch.save({{"state_dict": ckpt["state_dict"]}}, path), '
+            f'from an environment you trust.') from None
+
+    meta: Dict[str, Any] = {}
+    state_dict, source = None, 'checkpoint'
+    if isinstance(checkpoint, dict):
+        key = next((k for k in _STATE_DICT_KEYS if isinstance(checkpoint.get(k), dict)), None)
+        if key is not None:
+            state_dict, source = checkpoint[key], repr(key)
+        elif _is_state_dict(checkpoint):
+            state_dict = checkpoint
+        for key in ('epoch', 'best_acc1'):
+            value = checkpoint.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, (int, float)):
+                meta[key] = value
+    if state_dict is None:
+        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(
+            f'No state dict in {checkpoint_path}: expected a dict of tensors or one under '
+            f'{", ".join(map(repr, _STATE_DICT_KEYS))}, found {found}.')
+    bad = [str(k) for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad or not state_dict:
+        raise ValueError(f'{source} in {checkpoint_path} is not a state dict: '
+                         f'{"non-tensor entries " + ", ".join(bad[:10]) if bad else "it is empty"}.')
+
+    out = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        if key in out:
+            raise ValueError(f'Duplicate key {key!r} after stripping {"/".join(_STRIP_PREFIXES)} prefixes.')
+        out[key] = value
+    return out, meta
+
+
+def _classifier_name(model_name: str) -> str:
+    if not is_model(model_name.split('.')[0]):
+        raise ValueError(f'Unknown timm model {model_name!r} (did you import timm_cmo?).')
+    classifier = get_pretrained_cfg_value(model_name, 'classifier') or 'fc'
+    if not isinstance(classifier, str):
+        raise ValueError(f'Model {model_name!r} has several classifiers {classifier}; not supported.')
+    return classifier
+
+
+def _key_errors(
+        checkpoint: Dict[str, torch.Tensor],
+        model_sd: Dict[str, torch.Tensor],
+) -> Tuple[List[str], List[str], List[Tuple[str, tuple, tuple]]]:
+    missing = [k for k in model_sd if k not in checkpoint]
+    unexpected = [k for k in checkpoint if k not in model_sd]
+    mismatched = [(k, tuple(v.shape), tuple(model_sd[k].shape))
+                  for k, v in checkpoint.items() if k in model_sd and v.shape != model_sd[k].shape]
+    return missing, unexpected, mismatched
+
+
+def convert_checkpoint(
+        checkpoint_path: Union[str, Path],
+        out_dir: Union[str, Path],
+        model_name: str,
+        num_classes: Optional[int] = None,
+) -> Path:
+    """Convert a paper checkpoint to a timm folder and return ``out_dir``.
+
+    Args:
+        checkpoint_path: ``.pth.tar`` / ``.pth`` file saved by the paper code (or any plain state dict).
+        out_dir: Output folder (created), receives ``config.json`` and ``model.safetensors``.
+        model_name: timm model name, e.g. ``resnet32_cifar``, ``resnet50``, ``wide_resnet50_2``.
+        num_classes: Expected class count; inferred from the checkpoint's classifier when None.
+
+    Raises:
+        ValueError: pickled objects in the file, classes disagreeing, missing/unexpected keys or shape mismatches.
+    """
+    state_dict, meta = load_checkpoint_state_dict(checkpoint_path)
+    classifier = _classifier_name(model_name)
+    w_key, b_key = f'{classifier}.weight', f'{classifier}.bias'
+    if w_key not in state_dict and f'{_PAPER_CLASSIFIER}.weight' in state_dict:
+        state_dict = {(classifier + k[len(_PAPER_CLASSIFIER):] if k.split('.')[0] == _PAPER_CLASSIFIER else k): v
+                      for k, v in state_dict.items()}
+
+    weight = state_dict.get(w_key)
+    head_norm = weight is not None and b_key not in state_dict
+    if weight is None:
+        ckpt_classes = 0  # backbone only
+    elif weight.ndim != 2:
+        raise ValueError(f'Classifier weight {w_key!r} has shape {tuple(weight.shape)}, expected 2 dims.')
+    else:
+        # NormedLinear stores (in_features, out_features), nn.Linear (out_features, in_features)
+        ckpt_classes = weight.shape[1] if head_norm else weight.shape[0]
+    if num_classes is not None and num_classes != ckpt_classes:
+        raise ValueError(
+            f'num_classes={num_classes} disagrees with the checkpoint classifier {w_key!r} '
+            f'(shape {tuple(weight.shape) if weight is not None else None}): {ckpt_classes} classes.')
+
+    kwargs = dict(num_classes=ckpt_classes)
+    if head_norm:
+        kwargs['head_norm'] = True
+    try:
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    except TypeError as e:
+        if head_norm and 'head_norm' in str(e):
+            raise ValueError(
+                f'The checkpoint has a normalised classifier ({w_key!r} without bias) but model '
+                f'{model_name!r} does not accept head_norm=True.') from e
+        raise
+    if head_norm:
+        in_features = getattr(model, 'head_hidden_size', None) or model.num_features
+        if weight.shape[0] != in_features:
+            raise ValueError(
+                f'Normalised classifier {w_key!r} (no bias) has shape {tuple(weight.shape)} = (in_features, '
+                f'num_classes), but {model_name} has {in_features} features.')
+
+    model_sd = model.state_dict()
+    # BN step counters are unused in eval and absent from checkpoints of PyTorch < 0.4.1: keep the model's
+    for k in model_sd:
+        if k.endswith('.num_batches_tracked') and k not in state_dict:
+            state_dict[k] = model_sd[k]
+    missing, unexpected, mismatched = _key_errors(state_dict, model_sd)
+    if missing or unexpected or mismatched:
+        lines = [f'Checkpoint {checkpoint_path} does not match timm model {model_name!r}:']
+        if missing:
+            lines.append(f'  missing keys ({len(missing)}): {", ".join(missing)}')
+        if unexpected:
+            lines.append(f'  unexpected keys ({len(unexpected)}): {", ".join(unexpected)}')
+        for k, ckpt_shape, model_shape in mismatched:
+            lines.append(f'  shape mismatch for {k}: checkpoint {ckpt_shape}, model {model_shape}')
+        raise ValueError('\n'.join(lines))
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+
+    out_dir = Path(out_dir)
+    save_for_hf(model, out_dir, safe_serialization=True)
+
+    info = [f'model={model_name}', f'num_classes={model.num_classes}',
+            f'head={"NormedLinear" if is_head_norm(model) else type(model.get_classifier()).__name__}']
+    if 'epoch' in meta:
+        info.append(f'epoch={meta["epoch"]}')
+    if 'best_acc1' in meta:
+        info.append(f'best_acc1={meta["best_acc1"]:.2f}')
+    print(f'Converted {checkpoint_path} -> {out_dir}: {", ".join(info)}')
+    return out_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point: ``python -m timm_cmo.convert CHECKPOINT OUT_DIR --model NAME [--num-classes N]``."""
+    parser = argparse.ArgumentParser(
+        prog='python -m timm_cmo.convert',
+        description='Convert a CMO / LDAM-DRW checkpoint into a timm folder (config.json + model.safetensors).')
+    parser.add_argument('checkpoint', help='checkpoint saved by the paper code (.pth.tar / .pth)')
+    parser.add_argument('out_dir', help='output folder, load with timm.create_model("local-dir:OUT_DIR", pretrained=True)')
+    parser.add_argument('--model', required=True, help='timm model name, e.g. resnet32_cifar, resnet50')
+    parser.add_argument('--num-classes', type=int, default=None, help='expected classes (default: from checkpoint)')
+    args = parser.parse_args(argv)
+
+    try:
+        convert_checkpoint(args.checkpoint, args.out_dir, args.model, num_classes=args.num_classes)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Cosine-normalised classifier head (LDAM's ``NormedLinear``) and the ``head_norm`` model argument.
+
+``NormedLinear`` keeps the layout of the LDAM-DRW / CMO code so that their checkpoints load unchanged:
+``weight`` has shape ``(in_features, out_features)`` and there is no bias. Its logits are cosine
+similarities in ``[-1, 1]``; LDAM/CMO scale them inside the loss (``s=30``).
+
+:func:`add_head_norm_arg` patches a timm model class so that ``timm.create_model(name, head_norm=True)``
+builds it with a ``NormedLinear`` classifier. ``import timm_cmo`` applies it to timm's ``ResNet``
+(``resnet50``, ``resnet101``, ``resnet152``, ``wide_resnet50_2``, ...). The factory records
+``head_norm`` in ``model._model_args``, so ``save_for_hf`` / ``push_to_hf_hub`` export it in
+``config.json`` and ``create_model('local-dir:...' / 'hf-hub:...')`` rebuilds the same head.
+"""
+import functools
+import inspect
+from typing import Any, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import get_device_dtype
+
+__all__ = ['NormedLinear', 'is_head_norm', 'add_head_norm_arg', 'patch_timm_resnet']
+
+_PATCH_FLAG = '_timm_cmo_head_norm'
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: ``normalize(x, dim=-1) @ normalize(weight, dim=0)``, no bias.
+
+    Args:
+        in_features: Input feature size.
+        out_features: Number of classes.
+
+    Shapes: ``weight`` (in_features, out_features); input (..., in_features) -> output (..., out_features),
+    values in [-1, 1].
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LDAM init: uniform(-1, 1), then every column (class vector) renormed to norm 1."""
+        with torch.no_grad():
+            self.weight.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(F.normalize(x, dim=-1), F.normalize(self.weight, dim=0))
+
+    def extra_repr(self) -> str:
+        return f'in_features={self.in_features}, out_features={self.out_features}, bias=False'
+
+
+def is_head_norm(model: nn.Module) -> bool:
+    """True if the model's classifier (``get_classifier()``, else ``fc``) is a :class:`NormedLinear`."""
+    if isinstance(model, NormedLinear):
+        return True
+    classifier = None
+    get_classifier = getattr(model, 'get_classifier', None)
+    if callable(get_classifier):
+        try:
+            classifier = get_classifier()
+        except Exception:  # feature wrappers and odd models
+            classifier = None
+    if classifier is None:
+        classifier = getattr(model, 'fc', None)
+    return isinstance(classifier, NormedLinear)
+
+
+def _set_normed_head(model: nn.Module, classifier: str) -> None:
+    """Replace ``model.<classifier>`` by a NormedLinear sized from the model (no-op when num_classes <= 0)."""
+    if model.num_classes <= 0:
+        return
+    in_features = getattr(model, 'head_hidden_size', None) or model.num_features
+    old = getattr(model, classifier)
+    head = NormedLinear(in_features, model.num_classes, **get_device_dtype(model))
+    head.train(old.training if isinstance(old, nn.Module) else model.training)
+    setattr(model, classifier, head)
+
+
+def add_head_norm_arg(model_cls: Type[nn.Module], classifier: str = 'fc') -> Type[nn.Module]:
+    """Make ``model_cls`` accept ``head_norm: bool = False`` (idempotent, patches the class in place).
+
+    With ``head_norm=True`` the classifier attribute ``classifier`` is replaced by a
+    ``NormedLinear(head_hidden_size or num_features, num_classes)`` after the original ``__init__``,
+    ``model.head_norm`` is set, and ``reset_classifier`` keeps a normalised head.
+    The class must have ``num_classes``, ``num_features`` and ``reset_classifier`` (timm convention).
+    """
+    init = model_cls.__dict__.get('__init__')
+    if init is None or getattr(init, _PATCH_FLAG, False):
+        if init is None:
+            raise TypeError(f'{model_cls.__name__} does not define __init__ itself, patch its base class.')
+        return model_cls
+    orig_init = init
+    orig_reset = model_cls.reset_classifier
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args: Any, head_norm: bool = False, **kwargs: Any) -> None:
+        orig_init(self, *args, **kwargs)
+        self.head_norm = bool(head_norm)
+        if self.head_norm:
+            _set_normed_head(self, classifier)
+
+    @functools.wraps(orig_reset)
+    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        orig_reset(self, num_classes, *args, **kwargs)
+        if getattr(self, 'head_norm', False):
+            _set_normed_head(self, classifier)
+
+    # advertise the new argument in the signature (wraps() would show the original one)
+    sig = inspect.signature(orig_init)
+    params = list(sig.parameters.values())
+    new_param = inspect.Parameter('head_norm', inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)
+    var_kw = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params.insert(var_kw[0] if var_kw else len(params), new_param)
+    __init__.__signature__ = sig.replace(parameters=params)
+
+    setattr(__init__, _PATCH_FLAG, True)
+    setattr(reset_classifier, _PATCH_FLAG, True)
+    model_cls.__init__ = __init__
+    model_cls.reset_classifier = reset_classifier
+    return model_cls
+
+
+def patch_timm_resnet() -> None:
+    """Add ``head_norm`` to timm's ``ResNet`` (resnet18..152, wide_resnet50_2, ...). Idempotent."""
+    from timm.models.resnet import ResNet
+    add_head_norm_arg(ResNet, classifier='fc')
