@@ -1,0 +1,285 @@
+""" Long-tailed datasets.
+
+``create_lt_dataset`` builds any source the paper uses (torchvision CIFAR, an image folder or tar
+of class folders, a list file) through timm's dataset factory and readers, optionally makes the
+training split long-tailed with the paper's exponential profile, and returns a
+:class:`LongTailDataset` exposing ``targets`` and ``class_counts``.
+"""
+import logging
+import os
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch.utils.data
+from timm.data import ImageDataset, create_dataset
+
+from .reader_image_list import ReaderImageList
+
+_logger = logging.getLogger(__name__)
+
+_TRAIN_SPLITS = ('train', 'training')
+_EVAL_SPLIT_FILES = ('test', 'val', 'validation', 'eval', 'evaluation', 'valid')
+
+
+def long_tail_counts(n_max: int, num_classes: int, imb_ratio: float) -> List[int]:
+    """Per-class image counts of the exponential long-tail profile used by the paper's code.
+
+    Class ``i`` keeps ``int(n_max * (1 / imb_ratio) ** (i / (num_classes - 1)))`` images, so the
+    first class keeps ``n_max`` and the last ``n_max / imb_ratio``.
+
+    Args:
+        n_max: Images of the largest (first) class.
+        num_classes: Number of classes C.
+        imb_ratio: Imbalance ratio rho = n_max / n_min, >= 1.
+    """
+    if not imb_ratio >= 1:
+        raise ValueError(f'imb_ratio must be >= 1 (rho = n_max / n_min), got {imb_ratio}')
+    if num_classes < 1:
+        raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+    if num_classes == 1:
+        return [int(n_max)]
+    imb_factor = 1. / imb_ratio
+    return [int(n_max * (imb_factor ** (i / (num_classes - 1.)))) for i in range(num_classes)]
+
+
+def long_tail_indices(
+        targets: Sequence[int],
+        counts: Sequence[int],
+        seed: int = 0,
+) -> np.ndarray:
+    """Indices of a seeded long-tailed subset, chosen as the paper's code does.
+
+    For each class in index order the class's sample indices are shuffled with a
+    ``numpy.random.RandomState(seed)`` (the same stream as ``np.random.seed(seed)`` followed by
+    ``np.random.shuffle``) and the first ``counts[c]`` are kept (fewer if the class has fewer).
+    The result is grouped by class, in the paper's order.
+    """
+    targets = np.asarray(targets)
+    rs = np.random.RandomState(seed)
+    kept = []
+    for c, n in enumerate(counts):
+        idx = np.where(targets == c)[0]
+        if len(idx) == 0:
+            continue
+        rs.shuffle(idx)
+        kept.append(idx[:n])
+    return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+
+
+class ShotGroups(NamedTuple):
+    """Class indices of the many / medium / few shot groups."""
+    many: List[int]
+    medium: List[int]
+    few: List[int]
+
+
+def shot_groups(class_counts: Sequence[int], many: int = 100, few: int = 20) -> ShotGroups:
+    """Split classes by training images: many (> ``many``), medium (``few``..``many``), few (< ``few``).
+
+    The defaults are the groups of every long-tail results table (>100, 20-100, <20).
+    """
+    counts = [int(n) for n in class_counts]
+    return ShotGroups(
+        many=[c for c, n in enumerate(counts) if n > many],
+        medium=[c for c, n in enumerate(counts) if few <= n <= many],
+        few=[c for c, n in enumerate(counts) if n < few],
+    )
+
+
+def dataset_targets(dataset: Any) -> np.ndarray:
+    """Per-sample integer labels of a torchvision, timm or :class:`LongTailDataset` dataset."""
+    targets = getattr(dataset, 'targets', None)
+    if targets is None:
+        reader = getattr(dataset, 'reader', None)
+        targets = getattr(reader, 'targets', None)
+        if targets is None and hasattr(reader, 'samples'):
+            targets = [t for _, t in reader.samples]
+    if targets is None:
+        raise TypeError(
+            f'Cannot read per-sample labels from a {type(dataset).__name__}: it needs a `targets` attribute '
+            f'or a timm reader with `targets`/`samples`.')
+    return np.asarray(targets, dtype=np.int64)
+
+
+def dataset_class_names(dataset: Any) -> Optional[List[str]]:
+    """Class names in index order, where the source knows them."""
+    names = getattr(dataset, 'classes', None)
+    if names is not None:
+        return list(names)
+    reader = getattr(dataset, 'reader', None)
+    mapping = getattr(reader, 'class_to_idx', None) or getattr(reader, 'class_name_to_idx', None)
+    if mapping:
+        return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+    return None
+
+
+class LongTailDataset(torch.utils.data.Dataset):
+    """A view of a dataset restricted to ``indices``, exposing labels and class counts.
+
+    ``transform`` and ``target_transform`` read and write the wrapped dataset's, so timm's
+    ``create_loader`` (which sets ``dataset.transform``) works on it, unlike on a
+    ``torch.utils.data.Subset``.
+
+    Args:
+        dataset: A map-style dataset returning ``(image, target)``.
+        indices: The kept sample indices; all samples when None.
+        num_classes: Number of classes; defaults to the source's class count or max label + 1.
+        classes: Class names in index order.
+    """
+
+    def __init__(
+            self,
+            dataset: torch.utils.data.Dataset,
+            indices: Optional[Sequence[int]] = None,
+            num_classes: Optional[int] = None,
+            classes: Optional[List[str]] = None,
+    ):
+        all_targets = dataset_targets(dataset)
+        self.dataset = dataset
+        self.indices = np.arange(len(all_targets)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(self.indices) == 0:
+            raise ValueError(f'The dataset is empty (source {type(dataset).__name__} with {len(all_targets)} samples)')
+        self.targets = all_targets[self.indices]
+        if self.targets.min() < 0:
+            raise ValueError(f'Negative label {int(self.targets.min())} in the dataset')
+        classes = classes if classes is not None else dataset_class_names(dataset)
+        if num_classes is None:
+            num_classes = len(classes) if classes else int(all_targets.max()) + 1
+        if int(self.targets.max()) >= num_classes:
+            raise ValueError(f'Label {int(self.targets.max())} is out of range for num_classes={num_classes}')
+        self.num_classes = num_classes
+        self.classes = classes if classes else [str(c) for c in range(num_classes)]
+        self.class_counts = np.bincount(self.targets, minlength=num_classes)
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform):
+        self.dataset.transform = transform
+
+    @property
+    def target_transform(self):
+        return getattr(self.dataset, 'target_transform', None)
+
+    @target_transform.setter
+    def target_transform(self, target_transform):
+        self.dataset.target_transform = target_transform
+
+    def __getitem__(self, index: int):
+        return self.dataset[int(self.indices[index])]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False):
+        return self.dataset.filename(int(self.indices[index]), basename=basename, absolute=absolute)
+
+    def __repr__(self):
+        return (f'{type(self).__name__}({type(self.dataset).__name__}, samples={len(self)}, '
+                f'classes={self.num_classes}, max={int(self.class_counts.max())}, '
+                f'min={int(self.class_counts.min())})')
+
+
+def _resolve_root(root: str, split: str) -> str:
+    """Pick ``root/<split>`` or ``root/<split>.tar`` when root is a folder holding per-split data."""
+    if not os.path.isdir(root):
+        return root
+    names = _TRAIN_SPLITS if split in _TRAIN_SPLITS else (split,) + _EVAL_SPLIT_FILES
+    for name in names:
+        for candidate in (os.path.join(root, name), os.path.join(root, name + '.tar')):
+            if os.path.exists(candidate):
+                return candidate
+    return root
+
+
+def create_lt_dataset(
+        name: str,
+        root: str,
+        split: str = 'train',
+        imb_ratio: Optional[float] = None,
+        imb_seed: int = 0,
+        list_file: Optional[str] = None,
+        download: bool = False,
+        imb_max: Optional[int] = None,
+        **kwargs: Any,
+) -> LongTailDataset:
+    """Create a (long-tailed) dataset, in the spirit of timm's ``create_dataset``.
+
+    Sources:
+        * ``'torch/cifar10'``, ``'torch/cifar100'``: torchvision CIFAR under ``root``
+          (downloaded when ``download=True``).
+        * ``''`` (or a timm reader name): an image folder or a ``.tar`` of class folders through
+          timm's readers. A folder holding ``train``/``test`` sub-folders or ``train.tar``/``test.tar``
+          resolves to the one for ``split``.
+        * ``list_file`` given: ``relative/path.jpg <label>`` lines (ImageNet-LT / iNaturalist 2018
+          format), paths relative to ``root``. A relative ``list_file`` that does not exist as
+          given is looked up under ``root``.
+
+    Args:
+        name: Dataset name as above.
+        root: Data root folder (or tar file).
+        split: ``'train'`` or an evaluation split; only the training split is made long-tailed.
+        imb_ratio: Imbalance ratio rho = n_max / n_min; None keeps the source as it is.
+        imb_seed: Seed of the per-class random choice of kept images.
+        list_file: List file, see above.
+        download: Let torchvision download CIFAR when it is missing.
+        imb_max: Cap on the largest class (n_max = min(largest source class, imb_max)).
+        **kwargs: Passed to timm's ``create_dataset`` (e.g. ``class_map``); ``num_classes`` and
+            ``check_files`` apply to list files.
+
+    Returns:
+        A :class:`LongTailDataset` with ``targets``, ``class_counts``, ``classes``, ``num_classes``.
+    """
+    if imb_ratio is not None and not imb_ratio >= 1:
+        raise ValueError(f'imb_ratio must be >= 1 (rho = n_max / n_min), got {imb_ratio}')
+    if imb_max is not None and imb_max < 1:
+        raise ValueError(f'imb_max must be >= 1, got {imb_max}')
+    num_classes = kwargs.pop('num_classes', None)
+    check_files = kwargs.pop('check_files', True)
+    is_train = split in _TRAIN_SPLITS
+
+    if list_file is not None:
+        if not os.path.exists(list_file) and not os.path.isabs(list_file):
+            list_file = os.path.join(root, list_file)
+        if not os.path.isfile(list_file):
+            raise FileNotFoundError(f'List file {list_file!r} does not exist')
+        reader = ReaderImageList(root, list_file, check_files=check_files, num_classes=num_classes)
+        base = ImageDataset(root, reader=reader, **kwargs)
+        num_classes = reader.num_classes
+    elif name.lower().startswith('torch/'):
+        base = create_dataset(name, root=root, split=split, download=download, **kwargs)
+    else:
+        if not os.path.exists(root):
+            raise FileNotFoundError(f'Dataset root {root!r} does not exist')
+        base = create_dataset(name, root=_resolve_root(root, split), split=split, **kwargs)
+
+    full = LongTailDataset(base, num_classes=num_classes)
+    if imb_ratio is None and imb_max is None:
+        return full
+    if not is_train:
+        _logger.info(f'Split {split!r} is an evaluation split: it is not made long-tailed.')
+        return full
+
+    n_max = int(full.class_counts.max())
+    if imb_max is not None:
+        n_max = min(n_max, int(imb_max))
+    counts = long_tail_counts(n_max, full.num_classes, imb_ratio if imb_ratio is not None else 1.)
+    indices = long_tail_indices(full.targets, counts, seed=imb_seed)
+    dataset = LongTailDataset(base, indices=full.indices[indices], num_classes=full.num_classes, classes=full.classes)
+    short = [c for c, (want, have) in enumerate(zip(counts, dataset.class_counts)) if have < want]
+    if short:
+        _logger.warning(f'Classes {short} have fewer source images than the long-tail profile asks for.')
+    _logger.info(f'Long-tailed {split} set: {len(dataset)} images, class counts {dataset.class_counts.tolist()}')
+    return dataset
+
+
+def describe_counts(class_counts: Sequence[int]) -> Dict[str, Any]:
+    """Summary of a class-count vector: total, classes, max, min and imbalance ratio."""
+    counts = np.asarray(class_counts)
+    nonzero = counts[counts > 0]
+    return dict(
+        images=int(counts.sum()), classes=len(counts), max=int(counts.max()), min=int(counts.min()),
+        imb_ratio=float(nonzero.max() / nonzero.min()) if len(nonzero) else float('nan'),
+    )
