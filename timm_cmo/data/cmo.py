@@ -1,0 +1,209 @@
+""" The CMO mixing step: paste a minority foreground onto a context-rich background.
+
+``CMOMixup`` is the companion of timm's ``Mixup`` for two batches: backgrounds drawn from the data
+distribution P and foregrounds drawn from the minority-weighted distribution Q. It runs on device
+tensors, after timm's prefetcher; the random numbers (whether to mix, lambda, the box) are drawn
+on the host from a seeded numpy Generator, so mixing never waits for the device.
+"""
+from typing import NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from timm.data.mixup import one_hot
+
+MIX_MODES = ('batch', 'elem')
+
+
+class MixInfo(NamedTuple):
+    """Hard labels and mixing weight of a batch: target = lam * y_b + (1 - lam) * y_f.
+
+    ``lam`` is a float in batch mode (1.0 for an unmixed batch) and a (B,) tensor in elem mode.
+    """
+    y_b: torch.Tensor
+    y_f: torch.Tensor
+    lam: Union[float, torch.Tensor]
+
+
+def rand_bbox(
+        img_shape: Tuple[int, int],
+        lam: Union[float, np.ndarray],
+        rng: np.random.Generator,
+        count: Optional[int] = None,
+):
+    """The CutMix box of the paper's code.
+
+    Along each image axis of size S the cut is ``int(S * sqrt(1 - lam))``, its centre uniform in
+    ``[0, S)``, and the box ``[c - cut // 2, c + cut // 2)`` clipped to the image.
+
+    Args:
+        img_shape: (H, W).
+        lam: Lambda drawn from Beta(a, a), scalar or (count,).
+        rng: Host random generator.
+        count: Number of boxes (elem mode); None for one box.
+
+    Returns:
+        (y0, y1, x0, x1), ints or (count,) arrays.
+    """
+    img_h, img_w = img_shape
+    ratio = np.sqrt(1. - np.asarray(lam, dtype=np.float64))
+    cut_h = (img_h * ratio).astype(np.int64)
+    cut_w = (img_w * ratio).astype(np.int64)
+    cy = rng.integers(0, img_h, size=count)
+    cx = rng.integers(0, img_w, size=count)
+    y0 = np.clip(cy - cut_h // 2, 0, img_h)
+    y1 = np.clip(cy + cut_h // 2, 0, img_h)
+    x0 = np.clip(cx - cut_w // 2, 0, img_w)
+    x1 = np.clip(cx + cut_w // 2, 0, img_w)
+    if count is None:
+        return int(y0), int(y1), int(x0), int(x1)
+    return y0, y1, x0, x1
+
+
+def soft_target(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """One-hot (B, C) float32 targets with timm's label smoothing (off = s / C, on = 1 - s + off)."""
+    off_value = smoothing / num_classes
+    return one_hot(y, num_classes, on_value=1. - smoothing + off_value, off_value=off_value)
+
+
+class CMOMixup:
+    """Mix foreground images into background images, CutMix style (or blend them, Mixup style).
+
+    Call as ``x, target = mixer(x_bg, y_bg, x_fg, y_fg)``: with probability ``prob`` the batch (or,
+    in elem mode, each sample) is mixed: lambda ~ Beta(beta, beta), a box cut from the foreground
+    and pasted into the background, lambda re-set to the exact fraction of background pixels kept,
+    and ``target = lam * y_b + (1 - lam) * y_f`` as soft (B, num_classes) float32 targets.
+    ``x_bg`` is modified in place, as timm's ``Mixup`` does. The hard labels and lambda of the last
+    call are in :attr:`last` (a :class:`MixInfo`).
+
+    Args:
+        num_classes: Number of classes C.
+        prob: Probability of mixing a batch (batch mode) or a sample (elem mode). Default 0.5.
+        beta: Beta(beta, beta) parameter of lambda. Default 1.0.
+        mode: ``'batch'``: one box and lambda per batch, as in the paper; ``'elem'``: per sample.
+        label_smoothing: timm-style label smoothing of the soft targets. Default 0.
+        blend: Blend ``lam * x_bg + (1 - lam) * x_fg`` instead of pasting a box (the paper's
+            Mixup ablation); lambda is then the Beta draw itself.
+        seed: Seed of the host random generator; reset it with :meth:`reseed`.
+    """
+
+    def __init__(
+            self,
+            num_classes: int,
+            prob: float = 0.5,
+            beta: float = 1.0,
+            mode: str = 'batch',
+            label_smoothing: float = 0.0,
+            blend: bool = False,
+            seed: Optional[int] = None,
+    ):
+        if not 0. <= prob <= 1.:
+            raise ValueError(f'prob must be in [0, 1], got {prob}')
+        if not beta > 0:
+            raise ValueError(f'beta must be > 0, got {beta}')
+        if mode not in MIX_MODES:
+            raise ValueError(f'mode must be one of {MIX_MODES}, got {mode!r}')
+        if not 0. <= label_smoothing < 1.:
+            raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
+        if num_classes < 1:
+            raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+        self.num_classes = num_classes
+        self.prob = prob
+        self.beta = beta
+        self.mode = mode
+        self.label_smoothing = label_smoothing
+        self.blend = blend
+        self.last: Optional[MixInfo] = None
+        self.reseed(seed)
+
+    def reseed(self, seed: Optional[int]) -> None:
+        """Reset the host random generator (lambda, boxes, mixing decisions)."""
+        self.rng = np.random.default_rng(seed)
+
+    def target(self, y: torch.Tensor) -> torch.Tensor:
+        """Soft targets (B, C) of unmixed labels."""
+        return soft_target(y, self.num_classes, self.label_smoothing)
+
+    def __call__(
+            self,
+            x_bg: torch.Tensor,
+            y_bg: torch.Tensor,
+            x_fg: torch.Tensor,
+            y_fg: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mix with probability ``prob``; returns (x (B, ...), target (B, C))."""
+        if x_bg.shape != x_fg.shape:
+            raise ValueError(f'Background and foreground batches differ in shape: {tuple(x_bg.shape)} vs {tuple(x_fg.shape)}')
+        if self.mode == 'batch':
+            if self.rng.random() >= self.prob:
+                self.last = MixInfo(y_bg, y_bg, 1.)
+                return x_bg, self.target(y_bg)
+            apply = None
+        else:
+            apply = torch.from_numpy(self.rng.random(x_bg.shape[0]) < self.prob).to(x_bg.device, non_blocking=True)
+        x, target, _ = self.mix(x_bg, y_bg, x_fg, y_fg, apply=apply)
+        return x, target
+
+    def mix(
+            self,
+            x_bg: torch.Tensor,
+            y_bg: torch.Tensor,
+            x_fg: torch.Tensor,
+            y_fg: torch.Tensor,
+            apply: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Union[float, torch.Tensor]]:
+        """Mix unconditionally (batch mode) or where ``apply`` (bool (B,), elem mode) is True.
+
+        Returns:
+            (x, target, lam): lam a float (batch mode) or a (B,) float32 tensor (elem mode).
+        """
+        if self.mode == 'batch':
+            lam = self._mix_batch(x_bg, x_fg)
+        else:
+            lam = self._mix_elem(x_bg, x_fg, apply)
+            if apply is not None:
+                y_fg = torch.where(apply, y_fg, y_bg)
+        self.last = MixInfo(y_bg, y_fg, lam)
+        return x_bg, self.mixed_target(y_bg, y_fg, lam), lam
+
+    def mixed_target(self, y_b: torch.Tensor, y_f: torch.Tensor, lam: Union[float, torch.Tensor]) -> torch.Tensor:
+        """``lam * soft(y_b) + (1 - lam) * soft(y_f)``, (B, C) float32."""
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(torch.float32).unsqueeze(1)
+        return self.target(y_b) * lam + self.target(y_f) * (1. - lam)
+
+    def _mix_batch(self, x_bg: torch.Tensor, x_fg: torch.Tensor) -> float:
+        lam = float(self.rng.beta(self.beta, self.beta))
+        if self.blend:
+            x_bg.mul_(lam).add_(x_fg, alpha=1. - lam)
+            return lam
+        img_h, img_w = x_bg.shape[-2:]
+        y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam, self.rng)
+        x_bg[..., y0:y1, x0:x1] = x_fg[..., y0:y1, x0:x1]
+        return 1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w)
+
+    def _mix_elem(self, x_bg: torch.Tensor, x_fg: torch.Tensor, apply: Optional[torch.Tensor]) -> torch.Tensor:
+        batch_size = x_bg.shape[0]
+        device = x_bg.device
+        lam_np = self.rng.beta(self.beta, self.beta, size=batch_size)
+        if self.blend:
+            lam = torch.from_numpy(lam_np).to(device=device, dtype=torch.float32, non_blocking=True)
+            if apply is not None:
+                lam = torch.where(apply, lam, torch.ones_like(lam))
+            w = lam.to(x_bg.dtype).view(-1, *([1] * (x_bg.ndim - 1)))
+            x_bg.mul_(w).add_(x_fg * (1. - w))
+            return lam
+        img_h, img_w = x_bg.shape[-2:]
+        y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam_np, self.rng, count=batch_size)
+        lam_np = 1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w)
+        coords = torch.from_numpy(np.stack([y0, y1, x0, x1])).to(device, non_blocking=True)
+        rows = torch.arange(img_h, device=device)
+        cols = torch.arange(img_w, device=device)
+        in_y = (rows[None, :] >= coords[0, :, None]) & (rows[None, :] < coords[1, :, None])  # (B, H)
+        in_x = (cols[None, :] >= coords[2, :, None]) & (cols[None, :] < coords[3, :, None])  # (B, W)
+        mask = in_y[:, :, None] & in_x[:, None, :]  # (B, H, W)
+        lam = torch.from_numpy(lam_np).to(device=device, dtype=torch.float32, non_blocking=True)
+        if apply is not None:
+            mask = mask & apply[:, None, None]
+            lam = torch.where(apply, lam, torch.ones_like(lam))
+        x_bg.copy_(torch.where(mask.unsqueeze(1), x_fg, x_bg))
+        return lam

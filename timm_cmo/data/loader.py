@@ -1,0 +1,417 @@
+""" CMO in timm's data loader factory.
+
+``create_cmo_loader`` takes the arguments of ``timm.data.create_loader`` plus the CMO options. It
+lets timm build the transforms, the (distributed) background sampler and the prefetcher, then
+swaps in a batch sampler that decides, before any image is read, whether a batch is mixed and
+adds foreground indices only then: a foreground image is decoded only when it will be pasted.
+The mixing itself runs on the training device after the prefetcher.
+
+How a mixed batch travels: the batch sampler yields ``[bg_0 .. bg_{B-1}, (fg, pos) ...]``; the
+dataset wrapper tags foreground items with their batch position; the collate function returns
+the ``B`` backgrounds followed by the ``M`` foregrounds and a (2, B) target tensor holding the
+background labels and, per position, the foreground label or -1.
+"""
+import logging
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.utils.data
+from timm.data import create_loader
+from timm.data.loader import PrefetchLoader, fast_collate
+from torch.utils.data import Sampler, default_collate
+
+from .cmo import CMOMixup, MixInfo
+from .dataset import dataset_targets
+from .sampler import ClassWeightedSampler, derive_seed
+from .transforms import pad_crop_transform
+
+_logger = logging.getLogger(__name__)
+
+CMO_VARIANTS = ('cmo', 'back', 'minor', 'mixup')
+"""cmo: background ~ P, foreground ~ Q, paste; back: background ~ Q, foreground ~ P;
+minor: both ~ Q; mixup: background ~ P, foreground ~ Q, blend instead of paste."""
+
+
+def cmo_active(epoch: int, epochs: Optional[int], start_epoch: int = 3, end_epochs: int = 3) -> bool:
+    """Whether CMO mixes in (0-based) ``epoch``: ``start_epoch < epoch < epochs - end_epochs``.
+
+    With ``epochs=None`` only the start of the window applies.
+    """
+    if epoch <= start_epoch:
+        return False
+    return epochs is None or epoch < epochs - end_epochs
+
+
+def _cycle(sampler: Sampler) -> Iterator[int]:
+    while True:
+        empty = True
+        for idx in sampler:
+            empty = False
+            yield idx
+        if empty:
+            raise RuntimeError('A sampler yielded no indices')
+
+
+class CMOBatchSampler(Sampler[List]):
+    """Batches of background indices, plus tagged foreground indices for the samples to be mixed.
+
+    The number of batches and the rank's share come from ``sampler`` (timm's random or
+    distributed sampler over P). Backgrounds and foregrounds are drawn from P or Q (the
+    ``weighted_sampler``) by ``variant``. Whether a batch (or, with ``mode='elem'``, a sample)
+    is mixed is drawn here with probability ``prob`` from a generator seeded by
+    ``(seed, epoch, rank)``, so a run resumed at an epoch repeats its decisions.
+
+    Args:
+        sampler: Background order for the epoch (P).
+        weighted_sampler: Class-weighted sampler (Q).
+        batch_size: Backgrounds per batch.
+        drop_last: Drop the last incomplete batch.
+        prob: Mixing probability.
+        mode: ``'batch'`` or ``'elem'``.
+        variant: One of :data:`CMO_VARIANTS`.
+        seed: Base seed of the mixing decisions.
+        rank: Distributed rank (seeds the decisions).
+    """
+
+    def __init__(
+            self,
+            sampler: Sampler,
+            weighted_sampler: Sampler,
+            batch_size: int,
+            drop_last: bool,
+            prob: float = 0.5,
+            mode: str = 'batch',
+            variant: str = 'cmo',
+            seed: int = 0,
+            rank: int = 0,
+    ):
+        if variant not in CMO_VARIANTS:
+            raise ValueError(f'cmo_variant must be one of {CMO_VARIANTS}, got {variant!r}')
+        self.sampler = sampler
+        self.weighted_sampler = weighted_sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.prob = prob
+        self.mode = mode
+        self.variant = variant
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.active = True
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for s in (self.sampler, self.weighted_sampler):
+            if hasattr(s, 'set_epoch'):
+                s.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _batches(self) -> Iterator[List[int]]:
+        batch = []
+        for idx in self.sampler:
+            batch.append(idx)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch and not self.drop_last:
+            yield batch
+
+    def __iter__(self) -> Iterator[List]:
+        rng = np.random.default_rng(derive_seed(self.seed, self.epoch, self.rank, 1))
+        q_stream = _cycle(self.weighted_sampler)
+        bg_from_q = self.variant in ('back', 'minor')
+        if self.variant == 'back':
+            fg_stream = _cycle(self.sampler)
+        else:
+            fg_stream = q_stream
+        for batch in self._batches():
+            if bg_from_q:
+                batch = [next(q_stream) for _ in batch]
+            if not self.active:
+                yield batch
+                continue
+            n = len(batch)
+            if self.mode == 'batch':
+                positions = range(n) if rng.random() < self.prob else ()
+            else:
+                positions = np.nonzero(rng.random(n) < self.prob)[0].tolist()
+            yield batch + [(next(fg_stream), pos) for pos in positions]
+
+
+class _TaggedDataset(torch.utils.data.Dataset):
+    """Returns ``(img, target)`` for an int index and ``(img, target, pos)`` for ``(index, pos)``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            idx, pos = key
+            img, target = self.dataset[idx][:2]
+            return img, target, pos
+        return self.dataset[key]
+
+    def __len__(self):
+        return len(self.dataset)
+
+
+class CMOCollate:
+    """Collate backgrounds and tagged foregrounds with ``base`` (timm's fast or torch's default collate).
+
+    Returns ``(x, y)``: unmixed batches as the base collate does; batches with foregrounds as
+    ``x`` = B backgrounds then M foregrounds, ``y`` (2, B) = background labels and per-position
+    foreground labels (-1 where none).
+    """
+
+    def __init__(self, base: Callable):
+        self.base = base
+
+    def __call__(self, batch):
+        bg = [b for b in batch if len(b) == 2]
+        fg = [b for b in batch if len(b) == 3]
+        x_b, y_b = self.base(bg)
+        if not fg:
+            return x_b, y_b
+        x_f, y_f = self.base([(img, target) for img, target, _ in fg])
+        y = torch.full((2, len(bg)), -1, dtype=torch.long)
+        y[0] = y_b
+        y[1, torch.tensor([pos for _, _, pos in fg])] = y_f.long()
+        return torch.cat([x_b, x_f]), y
+
+
+class CMOLoader:
+    """Iterable over ``(input, target)`` training batches with CMO applied on the device.
+
+    With CMO on, targets are soft (B, num_classes) float32 in every epoch (one-hot, smoothed if
+    asked, when a batch is not mixed), and :attr:`mix_info` holds the batch's hard labels and
+    lambda for losses that need the paper's ``lam * L(x, y_b) + (1 - lam) * L(x, y_f)``.
+    With CMO off, batches are exactly those of timm's loader and ``mix_info`` is None.
+    Call :meth:`set_epoch` at the start of every epoch.
+    """
+
+    def __init__(
+            self,
+            loader: Union[torch.utils.data.DataLoader, PrefetchLoader],
+            batch_sampler: Optional[CMOBatchSampler] = None,
+            mixer: Optional[CMOMixup] = None,
+            device: Optional[torch.device] = None,
+            epochs: Optional[int] = None,
+            start_epoch: int = 3,
+            end_epochs: int = 3,
+            seed: int = 0,
+            rank: int = 0,
+    ):
+        self.loader = loader
+        self.batch_sampler = batch_sampler
+        self.mixer = mixer
+        self.device = device
+        self.epochs = epochs
+        self.start_epoch = start_epoch
+        self.end_epochs = end_epochs
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.mix_info: Optional[MixInfo] = None
+        self.set_epoch(0)
+
+    @property
+    def cmo(self) -> bool:
+        return self.mixer is not None
+
+    @property
+    def active(self) -> bool:
+        """Whether CMO mixes in the current epoch."""
+        return self.cmo and cmo_active(self.epoch, self.epochs, self.start_epoch, self.end_epochs)
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    @property
+    def sampler(self):
+        return self.batch_sampler if self.batch_sampler is not None else self.loader.sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.batch_sampler is not None:
+            self.batch_sampler.set_epoch(epoch)
+            self.batch_sampler.active = self.active
+            self.mixer.reseed(derive_seed(self.seed, epoch, self.rank, 2))
+        elif hasattr(self.loader.sampler, 'set_epoch'):
+            self.loader.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        prefetched = isinstance(self.loader, PrefetchLoader)
+        for x, y in self.loader:
+            if not prefetched and self.device is not None:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+            if self.mixer is None:
+                yield x, y
+                continue
+            if y.ndim == 1:
+                self.mix_info = MixInfo(y, y, 1.)
+                yield x, self.mixer.target(y)
+                continue
+            b = y.shape[1]
+            x_b, x_f = x[:b], x[b:]
+            y_b, y_f = y[0], y[1]
+            apply = None
+            if x_f.shape[0] < b:  # elem mode: align the M foregrounds with their positions
+                apply = y_f >= 0
+                x_f = x_f[(torch.cumsum(apply, 0) - 1).clamp_(min=0)]
+            x, target, lam = self.mixer.mix(x_b, y_b, x_f, y_f, apply=apply)
+            self.mix_info = self.mixer.last
+            yield x, target
+
+
+def create_cmo_loader(
+        dataset: torch.utils.data.Dataset,
+        input_size: Union[int, Sequence[int]],
+        batch_size: int,
+        is_training: bool = False,
+        num_classes: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        cmo: bool = False,
+        cmo_r: float = 1.0,
+        cmo_effective: bool = False,
+        cmo_prob: float = 0.5,
+        cmo_beta: float = 1.0,
+        cmo_start_epoch: int = 3,
+        cmo_end_epochs: int = 3,
+        cmo_mode: str = 'batch',
+        cmo_variant: str = 'cmo',
+        epochs: Optional[int] = None,
+        seed: int = 0,
+        train_crop_mode: Optional[str] = None,
+        crop_padding: int = 4,
+        **kwargs: Any,
+) -> Union[CMOLoader, torch.utils.data.DataLoader, PrefetchLoader]:
+    """Create a data loader like ``timm.data.create_loader``, with CMO for training.
+
+    Args:
+        dataset: A map-style dataset with per-sample labels (``targets`` or a timm reader).
+        input_size, batch_size, is_training: As in timm's ``create_loader``.
+        num_classes: Number of classes (soft targets); from ``dataset.num_classes`` when None.
+        label_smoothing: Label smoothing of the soft targets (CMO on).
+        cmo: Enable CMO.
+        cmo_r: Foreground per-sample weight n_k^-r (1: every class equally likely).
+        cmo_effective: Weight foregrounds by 1/E(k) (effective number) instead.
+        cmo_prob: Probability of mixing a batch (or a sample in elem mode). Default 0.5.
+        cmo_beta: lambda ~ Beta(beta, beta). Default 1.0.
+        cmo_start_epoch, cmo_end_epochs: CMO mixes when ``start < epoch < epochs - end``
+            (0-based epochs; default 3 and 3 as in the paper's code).
+        cmo_mode: ``'batch'`` (one box per batch) or ``'elem'`` (one box and lambda per sample).
+        cmo_variant: One of :data:`CMO_VARIANTS`.
+        epochs: Total training epochs (end of the CMO window).
+        seed: Seed of foreground draws and mixing randomness.
+        train_crop_mode: timm's ('rrc', 'rkrc', 'rkrr') or ``'pad'``: the paper's CIFAR recipe,
+            pad by ``crop_padding`` then random crop to the input size (+ timm's flips etc.).
+        crop_padding: Padding of the ``'pad'`` crop mode. Default 4.
+        **kwargs: Any other argument of ``timm.data.create_loader`` (augmentation, workers,
+            distributed, use_prefetcher, device, ...).
+
+    Returns:
+        For training, a :class:`CMOLoader` (set its epoch with ``set_epoch``); for evaluation,
+        timm's loader.
+    """
+    pad_crop = train_crop_mode == 'pad'
+    loader = create_loader(
+        dataset,
+        input_size=input_size,
+        batch_size=batch_size,
+        is_training=is_training,
+        train_crop_mode=None if pad_crop else train_crop_mode,
+        **kwargs,
+    )
+    if pad_crop and is_training and not kwargs.get('no_aug', False):
+        if kwargs.get('num_aug_splits', 0):
+            raise ValueError("train_crop_mode='pad' does not support num_aug_splits")
+        dataset.transform = pad_crop_transform(dataset.transform, input_size, padding=crop_padding)
+    if not is_training:
+        return loader
+
+    device = kwargs.get('device', torch.device('cuda'))
+    if not cmo:
+        return CMOLoader(loader, device=device, epochs=epochs)
+
+    if num_classes is None:
+        num_classes = getattr(dataset, 'num_classes', None)
+        if num_classes is None:
+            raise ValueError('num_classes is needed for CMO soft targets')
+    if cmo_variant not in CMO_VARIANTS:
+        raise ValueError(f'cmo_variant must be one of {CMO_VARIANTS}, got {cmo_variant!r}')
+    if kwargs.get('use_multi_epochs_loader', False):
+        raise ValueError('use_multi_epochs_loader is not supported with CMO')
+    if kwargs.get('input_size_choices') is not None:
+        raise ValueError('Scheduled input sizes (input_size_choices) are not supported with CMO')
+
+    prefetcher = loader if isinstance(loader, PrefetchLoader) else None
+    inner = loader.loader if prefetcher is not None else loader
+    distributed = kwargs.get('distributed', False)
+    weighted_sampler = ClassWeightedSampler(
+        dataset_targets(dataset),
+        r=cmo_r,
+        effective=cmo_effective,
+        num_samples=len(dataset),
+        seed=seed,
+        num_replicas=None if distributed else 1,
+        rank=None if distributed else 0,
+    )
+    rank = weighted_sampler.rank
+    batch_sampler = CMOBatchSampler(
+        inner.sampler,
+        weighted_sampler,
+        batch_size=batch_size,
+        drop_last=inner.drop_last,
+        prob=cmo_prob,
+        mode=cmo_mode,
+        variant=cmo_variant,
+        seed=seed,
+        rank=rank,
+    )
+    collate = inner.collate_fn
+    if collate is None or collate is fast_collate or collate is default_collate:
+        collate = CMOCollate(collate or default_collate)
+    else:
+        raise ValueError('A custom collate_fn cannot be combined with CMO')
+    cmo_inner = torch.utils.data.DataLoader(
+        _TaggedDataset(dataset),
+        batch_sampler=batch_sampler,
+        num_workers=inner.num_workers,
+        collate_fn=collate,
+        pin_memory=inner.pin_memory,
+        worker_init_fn=inner.worker_init_fn,
+        persistent_workers=inner.persistent_workers,
+    )
+    if prefetcher is not None:
+        prefetcher.loader = cmo_inner
+        cmo_loader = prefetcher
+    else:
+        cmo_loader = cmo_inner
+    mixer = CMOMixup(
+        num_classes,
+        prob=cmo_prob,
+        beta=cmo_beta,
+        mode=cmo_mode,
+        label_smoothing=label_smoothing,
+        blend=cmo_variant == 'mixup',
+    )
+    return CMOLoader(
+        cmo_loader,
+        batch_sampler=batch_sampler,
+        mixer=mixer,
+        device=device,
+        epochs=epochs,
+        start_epoch=cmo_start_epoch,
+        end_epochs=cmo_end_epochs,
+        seed=seed,
+        rank=rank,
+    )
