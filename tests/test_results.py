@@ -1,0 +1,147 @@
+"""results.py (CSV / JSON / PNG round trip, Markdown tables) and plot.py (PNG content)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from timm_cmo.data import long_tail_counts
+from timm_cmo.metrics import ClassAccuracy
+from timm_cmo.plot import BAR_COLOR, plot_per_class_accuracy
+from timm_cmo.results import read_results, results_table_markdown, to_json_safe, write_results
+
+CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+
+def evaluated(train_counts, seed=0, missing=()):
+    """A ClassAccuracy filled with random logits; classes in ``missing`` get no test samples."""
+    num_classes = len(train_counts)
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, num_classes, (40 * num_classes,), generator=g)
+    for c in missing:
+        target[target == c] = (c + 1) % num_classes
+    logits = torch.randn(len(target), num_classes, generator=g)
+    logits[torch.arange(len(target)), target] += 2 * torch.rand(len(target), generator=g)
+    metric = ClassAccuracy(num_classes)
+    metric.update(logits, target)
+    return metric
+
+
+def test_write_read_round_trip(tmp_path):
+    counts = [5000, 1000, 500, 200, 150, 120, 110, 105, 102, 101]  # all many-shot: medium/few empty
+    metric = evaluated(counts, missing=(3,))
+    summary, per_class = metric.summary(counts), metric.per_class()
+    extra = dict(model='resnet32_cifar', dataset=dict(name='torch/cifar10', imb_ratio=np.float64(50.0)),
+                 epoch=np.int64(199), best=dict(top1=float('nan'), epoch=3), config='')
+    paths = write_results(tmp_path / 'run', summary, per_class, counts, CIFAR10, extra)
+    assert set(paths) == {'csv', 'json', 'png'} and all(p.is_file() for p in paths.values())
+    assert not [p for p in (tmp_path / 'run').iterdir() if p.name.startswith('.')]  # no temp files left
+
+    with paths['csv'].open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ['class_index', 'class_name', 'train_images', 'test_images', 'top1', 'top5', 'shot_group']
+    assert len(rows) == 10 and rows[3]['class_name'] == 'cat' and rows[3]['top1'] == '' and rows[3]['test_images'] == '0'
+    assert float(rows[0]['top1']) == pytest.approx(per_class['top1'][0], abs=1e-4)
+    assert {r['shot_group'] for r in rows} == {'many'}
+
+    text = paths['json'].read_text()
+    assert 'NaN' not in text and 'Infinity' not in text
+    results = json.loads(text)
+    assert read_results(tmp_path / 'run') == results == read_results(paths['json'])
+    assert results['metrics']['medium'] is None and results['metrics']['few'] is None
+    assert results['metrics']['top1'] == pytest.approx(summary['top1'])
+    assert results['per_class']['top1'][3] is None and results['per_class']['test_images'][3] == 0
+    assert results['per_class']['train_images'] == counts and results['class_names'] == CIFAR10
+    assert results['model'] == 'resnet32_cifar' and results['epoch'] == 199 and results['best']['top1'] is None
+    assert results['dataset']['imb_ratio'] == 50.0
+
+    with Image.open(paths['png']) as img:
+        assert img.format == 'PNG' and img.mode == 'RGB'
+
+
+def test_write_results_errors(tmp_path):
+    counts = [100, 10]
+    metric = evaluated(counts)
+    with pytest.raises(ValueError, match='reserved'):
+        write_results(tmp_path, metric.summary(counts), metric.per_class(), counts, None, {'metrics': 1})
+    with pytest.raises(ValueError, match='length'):
+        write_results(tmp_path, metric.summary(counts), metric.per_class(), counts, ['a', 'b', 'c'], {})
+    with pytest.raises(FileNotFoundError, match='results.json'):
+        read_results(tmp_path / 'nope')
+
+
+def test_markdown_tables():
+    md = results_table_markdown({'metrics': dict(top1=41.234, many=70.04, medium=40., few=None,
+                                                 head=80.01, middle=None, tail=1.26)})
+    lines = md.strip().splitlines()
+    assert lines[0] == '| All | Many | Medium | Few |'
+    assert lines[2] == '| 41.2 | 70.0 | 40.0 | – |'
+    assert lines[4] == '| Head | Middle | Tail |' and lines[6] == '| 80.0 | – | 1.3 |'
+    assert results_table_markdown(dict(top1=1.0))  # metrics given directly
+
+
+def test_to_json_safe():
+    out = to_json_safe({'a': np.array([1.5, np.nan]), 'b': (np.int32(2), torch.tensor(3.0)), 3: float('inf')})
+    assert out == {'a': [1.5, None], 'b': [2, 3.0], '3': None}
+    json.dumps(out, allow_nan=False)
+
+
+def bar_pixels(img: Image.Image) -> np.ndarray:
+    return (np.asarray(img) == np.array(BAR_COLOR, dtype=np.uint8)).all(-1)
+
+
+def bar_height(bars: np.ndarray, base: int, col: int) -> int:
+    """Bar pixels in column ``col`` going up from row ``base`` without a gap."""
+    above = bars[:base + 1, col][::-1]
+    return int(np.argmin(above)) if not above.all() else len(above)
+
+
+@pytest.mark.parametrize('num_classes', [10, 1000])
+def test_plot_png(tmp_path, num_classes):
+    counts = long_tail_counts(5000 if num_classes == 10 else 1280, num_classes, 100)
+    acc = np.linspace(90, 10, num_classes)
+    acc[num_classes // 2] = np.nan  # no test images: no bar
+    path = tmp_path / 'p.png'
+    plot_per_class_accuracy(path, acc, counts, CIFAR10 if num_classes == 10 else None, title='T')
+    with Image.open(path) as img:
+        img.load()
+    assert img.format == 'PNG' and img.mode == 'RGB'
+    assert 480 <= img.width <= 2000 and 300 <= img.height <= 800
+    bars = bar_pixels(img)
+    assert bars.sum() > 1000
+    if num_classes == 10:
+        # bars stand on the plot's baseline: one run of bar pixels per bar, higher accuracy -> taller
+        base = np.flatnonzero(bars.any(1)).max()
+        cols = np.flatnonzero(bars[base])
+        segments = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)
+        assert len(segments) == 9  # class 5 has no bar
+        heights = [bar_height(bars, base, seg[len(seg) // 2]) for seg in segments]
+        assert all(a > b for a, b in zip(heights, heights[1:]))
+        assert heights[0] / heights[-1] == pytest.approx(90 / 10, rel=0.05)
+    else:
+        # left half of the plot (higher accuracy) has more bar pixels than the right half
+        cols = bars.sum(0)
+        xs = np.flatnonzero(cols > 5)
+        mid = (xs.min() + xs.max()) // 2
+        assert cols[:mid].sum() > 1.5 * cols[mid:].sum()
+    assert not [p for p in tmp_path.iterdir() if p.name != 'p.png']
+
+
+def test_plot_order_and_edge_cases(tmp_path):
+    # classes not sorted by count: the plot sorts them, so the tallest bar (class 2, most images) comes first
+    path = tmp_path / 'a.png'
+    plot_per_class_accuracy(path, [10., 50., 90.], [5, 50, 500], ['a', 'b', 'c'])
+    with Image.open(path) as img:
+        bars = bar_pixels(img.convert('RGB'))
+    base = np.flatnonzero(bars.any(1)).max()
+    cols = np.flatnonzero(bars[base])
+    heights = [bar_height(bars, base, seg[len(seg) // 2])
+               for seg in np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)]
+    assert len(heights) == 3 and heights[0] > heights[1] > heights[2]
+    plot_per_class_accuracy(tmp_path / 'b.png', [float('nan')], [0])  # one class, no samples, no images
+    with pytest.raises(ValueError):
+        plot_per_class_accuracy(tmp_path / 'c.png', [1.0, 2.0], [1])
+    with Image.open(tmp_path / 'b.png') as img:
+        assert img.size[0] >= 480

@@ -1,0 +1,281 @@
+"""Per-class accuracy plot of a long-tailed evaluation, drawn with Pillow only.
+
+:func:`plot_per_class_accuracy` writes a PNG with the classes sorted by training images along x,
+per-class top-1 accuracy as bars (left axis, 0-100 %), the training-image count per class as a line
+on a log-scaled right axis, and the many / medium / few shot groups shaded.
+"""
+import math
+import os
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .data.dataset import shot_groups
+
+__all__ = ['plot_per_class_accuracy', 'BAR_COLOR', 'COUNT_COLOR', 'GROUP_COLORS']
+
+Color = Tuple[int, int, int]
+BAR_COLOR: Color = (31, 119, 180)
+COUNT_COLOR: Color = (230, 110, 0)
+GROUP_COLORS: Dict[str, Color] = {'many': (226, 238, 226), 'medium': (253, 244, 220), 'few': (250, 226, 226)}
+_TEXT = (30, 30, 30)
+_GRID = (200, 200, 200)
+_PLOT_HEIGHT = 360
+_MAX_NAME_CHARS = 24
+_LEGEND_ROW = 20
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _text_size(font, text: str) -> Tuple[int, int]:
+    left, top, right, bottom = font.getbbox(text)
+    return right - left, bottom - top
+
+
+def _draw_text(
+        img: Image.Image,
+        xy: Tuple[float, float],
+        text: str,
+        font,
+        fill: Color = _TEXT,
+        anchor: str = 'lt',
+        angle: int = 0,
+) -> None:
+    """Draw ``text`` with its box anchored at ``xy``; anchor is (l|m|r)(t|m|b) of the (rotated) box."""
+    left, top, right, bottom = font.getbbox(text)
+    w, h = right - left, bottom - top
+    if w <= 0 or h <= 0:
+        return
+    mask = Image.new('L', (w, h), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, font=font, fill=255)
+    if angle:
+        mask = mask.rotate(angle, expand=True)
+    w, h = mask.size
+    x = xy[0] - {'l': 0, 'm': w / 2, 'r': w}[anchor[0]]
+    y = xy[1] - {'t': 0, 'm': h / 2, 'b': h}[anchor[1]]
+    img.paste(Image.new('RGB', mask.size, fill), (int(round(x)), int(round(y))), mask)
+
+
+def _nice_step(span: int, target: int = 10) -> int:
+    raw = max(1., span / target)
+    base = 10 ** math.floor(math.log10(raw))
+    return int(next(m * base for m in (1, 2, 5, 10) if m * base >= raw))
+
+
+def _fmt_count(n: float) -> str:
+    for div, suffix in ((1e6, 'M'), (1e3, 'k')):
+        if n >= div:
+            return f'{n / div:g}{suffix}'
+    return f'{n:g}'
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS - 3] + '...'
+
+
+def _legend_items(groups: Dict[str, List[int]], many: int, few: int) -> List[Tuple[str, str, Color]]:
+    bounds = {'many': f'>{many}', 'medium': f'{few}-{many}', 'few': f'<{few}'}
+    items = [('bar', 'top-1 accuracy', BAR_COLOR), ('line', 'training images', COUNT_COLOR)]
+    items += [('box', f'{name} ({bounds[name]}): {len(groups[name])} classes', GROUP_COLORS[name]) for name in groups]
+    return items
+
+
+def _legend_width(font, label: str) -> int:
+    return 20 + _text_size(font, label)[0] + 18
+
+
+def _legend_rows(items, font, max_width: int) -> List[list]:
+    """Greedy wrap of legend items into rows no wider than ``max_width``."""
+    rows, width = [[]], 0
+    for item in items:
+        w = _legend_width(font, item[1])
+        if rows[-1] and width + w > max_width:
+            rows.append([])
+            width = 0
+        rows[-1].append(item)
+        width += w
+    return rows
+
+
+def plot_per_class_accuracy(
+        path: Union[str, os.PathLike],
+        accuracy: Sequence[float],
+        train_counts: Sequence[int],
+        class_names: Optional[Sequence[str]] = None,
+        title: str = '',
+        many: int = 100,
+        few: int = 20,
+) -> None:
+    """Write a PNG of per-class top-1 accuracy against training images (atomically).
+
+    Args:
+        path: Output PNG path.
+        accuracy: (C,) per-class top-1 accuracy in % (NaN: no test samples, no bar).
+        train_counts: (C,) training images per class; classes are sorted by it, descending (stable).
+        class_names: Class names in index order, used as x labels when C <= 30 (else rank ticks).
+        title: Plot title.
+        many, few: Shot-group thresholds (many > ``many``, few < ``few`` training images).
+
+    Works for C from 1 to tens of thousands: the plot widens with C up to a cap; when there are more
+    classes than pixel columns, each 1 px bar shows the mean accuracy of the classes it covers.
+    """
+    acc = np.asarray(accuracy, dtype=np.float64)
+    counts = np.asarray(train_counts, dtype=np.int64)
+    num_classes = len(acc)
+    if num_classes < 1 or len(counts) != num_classes:
+        raise ValueError(f'accuracy ({num_classes}) and train_counts ({len(counts)}) must have the same length >= 1')
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f'{len(class_names)} class names for {num_classes} classes')
+    order = np.argsort(-counts, kind='stable')
+    acc, counts = acc[order], counts[order]
+    names = [_short(str(class_names[i])) if class_names is not None else str(i) for i in order]
+    show_names = num_classes <= 30
+
+    f_title, f_label, f_tick = _font(16), _font(13), _font(11)
+    pw = int(min(1600, max(480, 40 * num_classes if show_names else 600 + 2 * num_classes)))
+    ph = _PLOT_HEIGHT if pw <= 800 else _PLOT_HEIGHT + 60
+    slot = pw / num_classes
+    label_h = _text_size(f_tick, '0')[1]
+
+    # x labels: horizontal when they fit their slot, vertical otherwise
+    vertical = False
+    if show_names:
+        widest = max(_text_size(f_tick, n)[0] for n in names)
+        vertical = widest > slot - 4
+        x_labels_h = widest if vertical else label_h
+    else:
+        x_labels_h = label_h
+    left, right = 70, 78
+    groups = shot_groups(counts, many=many, few=few)._asdict()
+    legend = _legend_items(groups, many, few)
+    rows = _legend_rows(legend, f_tick, left + pw + right - left - 10)
+    legend_y = 16 + (_text_size(f_title, title)[1] + 12 if title else 0)
+    top = legend_y + _LEGEND_ROW * len(rows) + 10
+    bottom_margin = 8 + x_labels_h + 10 + _text_size(f_label, 'X')[1] + 12
+    width, height = left + pw + right, top + ph + bottom_margin
+    x0, y0, y1 = left, top, top + ph  # plot box: x0..x0+pw, y0 (100 %) .. y1 (0 %)
+
+    img = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(img)
+
+    def xpos(rank: float) -> float:
+        return x0 + rank * slot
+
+    # shot groups (contiguous in sorted order)
+    for name, members in groups.items():
+        if members:
+            draw.rectangle([xpos(members[0]), y0, xpos(members[-1] + 1) - 1, y1], fill=GROUP_COLORS[name])
+    for members in list(groups.values())[1:]:
+        if members and members[0] > 0:
+            draw.line([xpos(members[0]), y0, xpos(members[0]), y1], fill=(150, 150, 150), width=1)
+
+    # left axis: accuracy grid and ticks
+    for v in range(0, 101, 20):
+        y = y1 - v / 100 * ph
+        draw.line([x0, y, x0 + pw, y], fill=_GRID, width=1)
+        draw.line([x0 - 5, y, x0, y], fill=_TEXT, width=1)
+        _draw_text(img, (x0 - 8, y), str(v), f_tick, anchor='rm')
+    _draw_text(img, (16, y0 + ph / 2), 'top-1 accuracy (%)', f_label, anchor='lm', angle=90)
+
+    # bars, one per class, or per pixel column (mean over its classes) when classes outnumber pixels
+    if num_classes <= pw:
+        gap = 0.1 * slot if slot >= 4 else 0.
+        spans = [(xpos(r) + gap, xpos(r + 1) - gap) for r in range(num_classes)]
+        heights = acc
+    else:
+        column = np.arange(num_classes) * pw // num_classes
+        ok = ~np.isnan(acc)
+        total = np.bincount(column[ok], weights=acc[ok], minlength=pw)
+        n = np.bincount(column[ok], minlength=pw)
+        with np.errstate(invalid='ignore', divide='ignore'):
+            heights = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        spans = [(x0 + c, x0 + c + 1) for c in range(pw)]
+    for (a, b), h in zip(spans, heights):
+        if np.isnan(h) and b - a >= 20:
+            _draw_text(img, ((a + b) / 2, y1 - 4), 'n/a', f_tick, fill=(120, 120, 120), anchor='mb')
+        if np.isnan(h) or h <= 0:
+            continue
+        xa = int(math.floor(a))
+        xb = max(xa, int(math.ceil(b)) - 1)
+        draw.rectangle([xa, y1 - min(h, 100.) / 100 * ph, xb, y1 - 1], fill=BAR_COLOR)
+
+    # right axis: training images on a log scale
+    positive = counts[counts > 0]
+    lo_exp = int(math.floor(math.log10(positive.min()))) if len(positive) else 0
+    hi_exp = int(math.ceil(math.log10(positive.max()))) if len(positive) else 1
+    hi_exp = max(hi_exp, lo_exp + 1)
+
+    def ycount(n: float) -> float:
+        return y1 - (math.log10(max(n, 10 ** lo_exp)) - lo_exp) / (hi_exp - lo_exp) * ph
+
+    xr = x0 + pw
+    for e in range(lo_exp, hi_exp + 1):
+        draw.line([xr, ycount(10 ** e), xr + 6, ycount(10 ** e)], fill=COUNT_COLOR, width=1)
+        _draw_text(img, (xr + 9, ycount(10 ** e)), _fmt_count(10 ** e), f_tick, fill=COUNT_COLOR, anchor='lm')
+        if e < hi_exp:
+            for m in range(2, 10):
+                draw.line([xr, ycount(m * 10 ** e), xr + 3, ycount(m * 10 ** e)], fill=COUNT_COLOR, width=1)
+    _draw_text(img, (width - 14, y0 + ph / 2), 'training images (log scale)', f_label, fill=COUNT_COLOR,
+               anchor='rm', angle=270)
+    points = [(xpos(r + 0.5), ycount(n)) for r, n in enumerate(counts)]
+    if len(points) > 1:
+        draw.line(points, fill=COUNT_COLOR, width=2, joint='curve')
+    if num_classes <= 60:
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COUNT_COLOR)
+
+    # plot frame and x axis
+    draw.rectangle([x0, y0, x0 + pw, y1], outline=_TEXT, width=1)
+    ty = y1 + 8
+    if show_names:
+        for r, name in enumerate(names):
+            draw.line([xpos(r + 0.5), y1, xpos(r + 0.5), y1 + 4], fill=_TEXT, width=1)
+            if vertical:
+                _draw_text(img, (xpos(r + 0.5), ty), name, f_tick, anchor='mt', angle=90)
+            else:
+                _draw_text(img, (xpos(r + 0.5), ty), name, f_tick, anchor='mt')
+        x_title = 'classes, sorted by training images'
+    else:
+        step = _nice_step(num_classes)
+        for r in range(0, num_classes, step):
+            draw.line([xpos(r + 0.5), y1, xpos(r + 0.5), y1 + 4], fill=_TEXT, width=1)
+            _draw_text(img, (xpos(r + 0.5), ty), str(r), f_tick, anchor='mt')
+        x_title = 'class rank by training images (0 = most)'
+    _draw_text(img, (x0 + pw / 2, ty + x_labels_h + 10), x_title, f_label, anchor='mt')
+
+    # title and legend
+    if title:
+        _draw_text(img, (width / 2, 12), title, f_title, anchor='mt')
+    for r, row in enumerate(rows):
+        lx, ly = x0, legend_y + r * _LEGEND_ROW
+        for kind, label, color in row:
+            if kind == 'line':
+                draw.line([lx, ly + 7, lx + 16, ly + 7], fill=color, width=2)
+            else:
+                outline = (150, 150, 150) if kind == 'box' else None
+                draw.rectangle([lx, ly + 1, lx + 14, ly + 13], fill=color, outline=outline)
+            _draw_text(img, (lx + 20, ly + 7), label, f_tick, anchor='lm')
+            lx += _legend_width(f_tick, label)
+
+    _save_png(img, path)
+
+
+def _save_png(img: Image.Image, path: Union[str, os.PathLike]) -> None:
+    """Save atomically: write a temporary file beside ``path`` and rename it."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-', suffix='.png')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            img.save(f, format='PNG')
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,196 @@
+"""End-of-run result files: per-class CSV, ``results.json`` and the per-class accuracy plot.
+
+``results.json`` layout::
+
+    {"metrics": {"top1", "top5", "many", "medium", "few", "head", "middle", "tail", "samples"},
+     "per_class": {"top1": [C], "top5": [C], "train_images": [C], "test_images": [C], "shot_group": [C]},
+     "class_names": [C],
+     ...extra keys of the training script (model, dataset, method, epoch, command, config, best, ...)}
+
+Accuracies are in %; NaN (a class without test images) and empty groups are ``null``.
+"""
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .data.dataset import shot_groups
+from .plot import plot_per_class_accuracy
+
+__all__ = ['write_results', 'read_results', 'results_table_markdown', 'to_json_safe',
+           'RESULTS_JSON', 'RESULTS_CSV', 'RESULTS_PNG']
+
+RESULTS_JSON = 'results.json'
+RESULTS_CSV = 'per_class_accuracy.csv'
+RESULTS_PNG = 'per_class_accuracy.png'
+CSV_HEADER = ('class_index', 'class_name', 'train_images', 'test_images', 'top1', 'top5', 'shot_group')
+_RESERVED = ('metrics', 'per_class', 'class_names')
+
+PathLike = Union[str, os.PathLike]
+
+
+def to_json_safe(obj: Any) -> Any:
+    """Recursively convert numpy / torch scalars and arrays, tuples and paths to JSON types; NaN/inf -> None."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json_safe(obj.tolist())
+    if hasattr(obj, 'tolist') and callable(obj.tolist):  # numpy / torch scalars and tensors
+        return to_json_safe(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _round(value: float, digits: int = 4) -> Optional[float]:
+    return None if value is None or not math.isfinite(value) else round(float(value), digits)
+
+
+def _plot_title(extra: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    parts = []
+    if extra.get('model'):
+        parts.append(str(extra['model']))
+    dataset = extra.get('dataset')
+    if isinstance(dataset, Mapping):
+        name = dataset.get('name') or os.path.basename(str(dataset.get('data_dir') or '').rstrip('/\\'))
+        if name:
+            ratio = dataset.get('imb_ratio')
+            parts.append(f'{name} (imbalance ratio {ratio:g})' if isinstance(ratio, (int, float)) else str(name))
+    elif dataset:
+        parts.append(str(dataset))
+    top1 = summary.get('top1')
+    if isinstance(top1, (int, float)) and math.isfinite(top1):
+        parts.append(f'top-1 {top1:.2f}%')
+    return ' - '.join(parts)
+
+
+def write_results(
+        output_dir: PathLike,
+        summary: Dict[str, Any],
+        per_class: Dict[str, Any],
+        train_class_counts: Sequence[int],
+        class_names: Optional[Sequence[str]],
+        extra: Optional[Dict[str, Any]] = None,
+        many: int = 100,
+        few: int = 20,
+) -> Dict[str, Path]:
+    """Write ``per_class_accuracy.csv``, ``results.json`` and ``per_class_accuracy.png`` (each atomically).
+
+    Args:
+        output_dir: Run folder (created if needed).
+        summary: :meth:`ClassAccuracy.summary` output, stored under ``metrics``.
+        per_class: :meth:`ClassAccuracy.per_class` output: ``count``, ``top1``, ``top5``, (C,) each.
+        train_class_counts: (C,) training images per class.
+        class_names: Class names in index order; None: ``'0'..'C-1'``.
+        extra: Keys merged at the top level of ``results.json`` (must not be metrics/per_class/class_names).
+        many, few: Shot-group thresholds of the ``shot_group`` column.
+
+    Returns:
+        ``{'csv': path, 'json': path, 'png': path}``.
+    """
+    extra = dict(extra or {})
+    clash = [k for k in _RESERVED if k in extra]
+    if clash:
+        raise ValueError(f'extra must not hold the reserved keys {clash}')
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train = [int(n) for n in train_class_counts]
+    num_classes = len(train)
+    test = [int(n) for n in np.asarray(per_class['count'])]
+    top1 = [float(v) for v in np.asarray(per_class['top1'], dtype=np.float64)]
+    top5 = [float(v) for v in np.asarray(per_class['top5'], dtype=np.float64)]
+    names = [str(n) for n in class_names] if class_names is not None else [str(c) for c in range(num_classes)]
+    if not len(test) == len(top1) == len(top5) == len(names) == num_classes:
+        raise ValueError(f'Per-class arrays, class names and train_class_counts differ in length '
+                         f'({len(test)}, {len(top1)}, {len(top5)}, {len(names)}, {num_classes})')
+    group = [''] * num_classes
+    for name, classes in shot_groups(train, many=many, few=few)._asdict().items():
+        for c in classes:
+            group[c] = name
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator='\n')
+    writer.writerow(CSV_HEADER)
+    for c in range(num_classes):
+        acc = ['' if _round(v) is None else f'{_round(v):.4f}' for v in (top1[c], top5[c])]
+        writer.writerow([c, names[c], train[c], test[c], *acc, group[c]])
+    paths = {'csv': output_dir / RESULTS_CSV, 'json': output_dir / RESULTS_JSON, 'png': output_dir / RESULTS_PNG}
+    _write_atomic(paths['csv'], buf.getvalue())
+
+    results = {
+        'metrics': summary,
+        'per_class': {
+            'top1': [_round(v) for v in top1],
+            'top5': [_round(v) for v in top5],
+            'train_images': train,
+            'test_images': test,
+            'shot_group': group,
+        },
+        'class_names': names,
+        **extra,
+    }
+    text = json.dumps(to_json_safe(results), indent=2, allow_nan=False)
+    _write_atomic(paths['json'], text + '\n')
+
+    plot_per_class_accuracy(paths['png'], top1, train, class_names=names, title=_plot_title(extra, summary),
+                            many=many, few=few)
+    return paths
+
+
+def read_results(path_or_dir: PathLike) -> Dict[str, Any]:
+    """Read ``results.json`` given its path (``*.json``) or its run folder."""
+    path = Path(path_or_dir)
+    if path.is_dir() or path.suffix != '.json':
+        path = path / RESULTS_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f'Results file not found: {path}')
+    with path.open(encoding='utf-8') as f:
+        return json.load(f)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return '–'
+    return f'{float(value):.1f}'
+
+
+def _table(header: Sequence[str], values: Sequence[Any]) -> str:
+    return '\n'.join([
+        '| ' + ' | '.join(header) + ' |',
+        '|' + '|'.join([':---:'] * len(header)) + '|',
+        '| ' + ' | '.join(_fmt(v) for v in values) + ' |',
+    ])
+
+
+def results_table_markdown(results: Dict[str, Any]) -> str:
+    """Markdown tables of top-1 accuracy (%): ``| All | Many | Medium | Few |`` and ``| Head | Middle | Tail |``.
+
+    Takes a ``results.json`` dict (or its ``metrics``); one decimal, '–' for a missing value.
+    """
+    m = results.get('metrics', results)
+    return (_table(('All', 'Many', 'Medium', 'Few'), [m.get(k) for k in ('top1', 'many', 'medium', 'few')])
+            + '\n\n' + _table(('Head', 'Middle', 'Tail'), [m.get(k) for k in ('head', 'middle', 'tail')]) + '\n')
