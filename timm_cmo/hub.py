@@ -1,0 +1,456 @@
+"""Release a training run on the Hugging Face Hub.
+
+Usage::
+
+    python -m timm_cmo.hub export RUN_DIR OUT_DIR [--checkpoint last|best] [--ema] [--repo-id ORG/NAME]
+    python -m timm_cmo.hub push RUN_DIR ORG/NAME [--out-dir DIR] [--private] [--checkpoint last|best] [--ema]
+
+``export`` rebuilds the run's model from ``args.yaml``, loads ``last.pth.tar`` / ``model_best.pth.tar``
+(``weights_only``, strict) and writes a timm Hub folder: ``config.json`` (with ``head_norm``, label names and
+the run's preprocessing), ``model.safetensors``, a model card ``README.md`` and ``results.json``.
+``push`` exports to a persistent folder (default ``RUN_DIR/hub_export``) and uploads it. The token comes
+from the ``token`` argument or huggingface_hub's own login (``HF_TOKEN``, ``hf auth login``); it is never
+written anywhere. The result loads with ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``.
+"""
+import argparse
+import logging
+import math
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import yaml
+
+import timm
+from timm.models import model_entrypoint, save_for_hf
+
+from .data.dataset import shot_groups
+from .results import RESULTS_JSON, read_results, results_table_markdown
+
+__all__ = ['export', 'push', 'main', 'model_card', 'load_run_args', 'create_run_model', 'run_data_config',
+           'HubUploadError', 'CHECKPOINT_FILES', 'ARGS_FILE', 'DEFAULT_EXPORT_DIR']
+
+_logger = logging.getLogger(__name__)
+
+ARGS_FILE = 'args.yaml'
+CHECKPOINT_FILES = {'last': 'last.pth.tar', 'best': 'model_best.pth.tar'}
+DEFAULT_EXPORT_DIR = 'hub_export'
+_DATA_CONFIG_KEYS = ('input_size', 'img_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
+_STRIP_PREFIXES = ('module.', '_orig_mod.')
+_PLACEHOLDER_REPO = '<org>/<name>'
+_PROG = 'python -m timm_cmo.hub'
+
+PathLike = Union[str, os.PathLike]
+
+_LOSSES = {
+    'ce': 'cross-entropy',
+    'ldam': 'the label-distribution-aware margin loss (LDAM, Cao et al., NeurIPS 2019)',
+    'bs': 'Balanced Softmax (Ren et al., NeurIPS 2020)',
+    'focal': 'the focal loss (Lin et al., ICCV 2017)',
+    'la': 'the logit-adjusted loss (Menon et al., ICLR 2021)',
+}
+_CITATION = """@inproceedings{park2022majority,
+  title={The Majority Can Help the Minority: Context-rich Minority Oversampling for Long-tailed Classification},
+  author={Park, Seulki and Hong, Youngkyu and Heo, Byeongho and Yun, Sangdoo and Choi, Jin Young},
+  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year={2022}
+}"""
+
+
+class HubUploadError(RuntimeError):
+    """The upload failed; the local export is intact."""
+
+
+def _run_file(run_dir: Path, name: str, what: str) -> Path:
+    path = run_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f'{what} {name!r} not found in the run folder {run_dir} (looked for {path})')
+    return path
+
+
+def load_run_args(run_dir: PathLike) -> Dict[str, Any]:
+    """Read ``args.yaml`` (the training script's argparse namespace) of a run folder."""
+    path = _run_file(Path(run_dir), ARGS_FILE, 'Training arguments')
+    with path.open(encoding='utf-8') as f:
+        args = yaml.safe_load(f)
+    if not isinstance(args, dict) or not args.get('model'):
+        raise ValueError(f'{path} does not hold the training arguments (a mapping with a "model" key)')
+    return args
+
+
+def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    name = CHECKPOINT_FILES.get(checkpoint, checkpoint)
+    path = Path(name)
+    if path.is_absolute():
+        if not path.is_file():
+            raise FileNotFoundError(f'Checkpoint {str(path)!r} not found')
+        return path
+    return _run_file(run_dir, name, 'Checkpoint')
+
+
+def _load_state_dict(path: Path, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(state dict with 'module.' / '_orig_mod.' prefixes stripped, {'epoch', 'metric'})`` of a timm checkpoint.
+
+    Read with ``weights_only=True``; ``argparse.Namespace`` (timm's saver stores the run's args) is allowed.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if 'Unsupported global' in line), '')
+        raise ValueError(f'{path} holds pickled Python objects that weights_only loading refuses'
+                         f'{" (" + detail + ")" if detail else ""}') from None
+    key = 'state_dict_ema' if use_ema else 'state_dict'
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), dict):
+        found = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+        if use_ema:
+            raise ValueError(f'{path} has no EMA weights ({key!r}; found {found}): train with --model-ema '
+                             f'or export without --ema')
+        raise ValueError(f'{path} has no {key!r} (found {found})')
+    state_dict = {}
+    for k, v in ckpt[key].items():
+        for prefix in _STRIP_PREFIXES:
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        state_dict[k] = v
+    meta = {}
+    for k in ('epoch', 'metric'):
+        v = ckpt.get(k)
+        v = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            meta[k] = v
+    return state_dict, meta
+
+
+def create_run_model(args: Dict[str, Any], num_classes: Optional[int] = None) -> torch.nn.Module:
+    """Build the run's timm model (no weights): ``num_classes``, ``head_norm`` and ``in_chans`` from ``args``."""
+    kwargs: Dict[str, Any] = dict(args.get('model_kwargs') or {})
+    kwargs['num_classes'] = int(num_classes if num_classes is not None else args['num_classes'])
+    if args.get('head_norm'):
+        kwargs['head_norm'] = True
+    if args.get('in_chans'):
+        kwargs['in_chans'] = int(args['in_chans'])
+    return timm.create_model(args['model'], pretrained=False, **kwargs)
+
+
+def run_data_config(args: Dict[str, Any]) -> Dict[str, Any]:
+    """The preprocessing options set in ``args`` (input_size, mean, std, crop_pct, interpolation, ...)."""
+    out = {}
+    for key in _DATA_CONFIG_KEYS:
+        value = args.get(key)
+        if value is None or value == '':
+            continue
+        out[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def _is_plugin_model(model_name: str) -> bool:
+    """Whether ``model_name`` is one of timm-cmo's own architectures (e.g. ``resnet32_cifar``)."""
+    return model_entrypoint(model_name).__module__.split('.')[0] == __name__.split('.')[0]
+
+
+def _fmt(value: Any, spec: str = 'g') -> str:
+    if value is None or value == '' or (isinstance(value, float) and not math.isfinite(value)):
+        return '–'
+    if isinstance(value, bool):
+        return 'yes' if value else 'no'
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def _rows(rows: Sequence[Tuple[str, Any]]) -> str:
+    return '\n'.join(['| | |', '|---|---|'] + [f'| {k} | {v} |' for k, v in rows])
+
+
+def model_card(
+        args: Dict[str, Any],
+        results: Dict[str, Any],
+        repo_id: Optional[str] = None,
+        checkpoint: str = 'last',
+        use_ema: bool = False,
+        checkpoint_meta: Optional[Dict[str, Any]] = None,
+) -> str:
+    """The ``README.md`` model card of an export (front matter, method, data, recipe, results, usage)."""
+    repo_id = repo_id or _PLACEHOLDER_REPO
+    dataset = results.get('dataset') if isinstance(results.get('dataset'), dict) else {}
+    method = results.get('method') if isinstance(results.get('method'), dict) else {}
+    opt = {**args, **{k: v for k, v in method.items() if v is not None}}
+    model_name = results.get('model') or args['model']
+    head_norm = bool(args.get('head_norm'))
+    per_class = results.get('per_class') or {}
+    counts = dataset.get('class_counts') or per_class.get('train_images') or []
+    data_name = (dataset.get('name') or args.get('dataset')
+                 or os.path.basename(str(dataset.get('data_dir') or args.get('data_dir') or '').rstrip('/\\'))
+                 or 'image folder')
+    imb_ratio = dataset.get('imb_ratio', args.get('imb_ratio'))
+    positive = [n for n in counts if n > 0]
+    measured = max(positive) / min(positive) if positive else None
+
+    # method
+    loss = opt.get('loss') or 'ce'
+    loss_text = _LOSSES.get(loss, f'the {loss!r} loss')
+    reweight = opt.get('reweight') or 'none'
+    if reweight == 'drw':
+        reweight_text = (f'deferred re-weighting (DRW, Cao et al., NeurIPS 2019): class-balanced loss weights '
+                         f'from epoch {_fmt(opt.get("drw_epoch"))}')
+    elif reweight == 'cb':
+        reweight_text = 'class-balanced loss weights from the effective number of samples (Cui et al., CVPR 2019)'
+    else:
+        reweight_text = 'no loss re-weighting'
+    cmo_paper = ('Park et al., "The Majority Can Help the Minority: Context-rich Minority Oversampling for '
+                 'Long-tailed Classification", CVPR 2022')
+    if opt.get('cmo'):
+        method_text = (
+            f'Trained with Context-rich Minority Oversampling (CMO; {cmo_paper}). With probability '
+            f'{_fmt(opt.get("cmo_prob"))} a batch is mixed: a box cut from an image drawn with per-sample weight '
+            f'n_k^-r (r = {_fmt(opt.get("cmo_r"))}, which favours minority classes) is pasted CutMix-style, with '
+            f'lambda ~ Beta({_fmt(opt.get("cmo_beta"))}, {_fmt(opt.get("cmo_beta"))}), onto an image drawn from the '
+            f'original long-tailed distribution, so minority samples borrow the rich context of majority images; '
+            f'labels are mixed by area (variant `{_fmt(opt.get("cmo_variant"))}`, mode `{_fmt(opt.get("cmo_mode"))}`). '
+            f'Loss: {loss_text}, with {reweight_text}.')
+    else:
+        method_text = (f'A long-tailed baseline trained without CMO (the oversampling method of {cmo_paper}, '
+                       f'implemented by timm-cmo). Loss: {loss_text}, with {reweight_text}.')
+    if head_norm:
+        method_text += (' The classifier is a cosine-normalised `NormedLinear` head (`head_norm=True`): its logits '
+                        'are cosine similarities in [-1, 1] (the loss scales them during training).')
+
+    groups = shot_groups(counts) if counts else None
+    data_rows = [
+        ('Dataset', f'`{data_name}`'),
+        ('Imbalance ratio (n_max / n_min)', _fmt(imb_ratio) + (f' (measured {measured:.1f})' if measured else '')),
+        ('Training images', _fmt(dataset.get('train_images', sum(counts) if counts else None))),
+        ('Classes', _fmt(dataset.get('num_classes', args.get('num_classes')))
+         + (f' ({len(groups.many)} many / {len(groups.medium)} medium / {len(groups.few)} few-shot)' if groups else '')),
+        ('Images per class', f'{max(counts)} ... {min(counts)}' if counts else '–'),
+    ]
+    test_images = per_class.get('test_images')
+    if test_images:
+        data_rows.append(('Test images', _fmt(sum(test_images))))
+
+    recipe_rows = [
+        ('Architecture', f'`{args["model"]}`' + (' + `NormedLinear` head' if head_norm else '')),
+        ('Epochs', _fmt(args.get('epochs'))),
+        ('Optimizer', _fmt(args.get('opt'))),
+        ('Learning rate', _fmt(args.get('lr'))),
+        ('Weight decay', _fmt(args.get('weight_decay'))),
+        ('Schedule', _fmt(args.get('sched'))),
+        ('Batch size', _fmt(args.get('batch_size'))),
+        ('Loss / re-weighting', f'{loss} / {reweight}' + (f' (epoch {opt.get("drw_epoch")})' if reweight == 'drw' else '')),
+        ('CMO', (f'yes: prob {_fmt(opt.get("cmo_prob"))}, beta {_fmt(opt.get("cmo_beta"))}, r {_fmt(opt.get("cmo_r"))}, '
+                 f'mode {_fmt(opt.get("cmo_mode"))}, variant {_fmt(opt.get("cmo_variant"))}') if opt.get('cmo') else 'no'),
+        ('Model EMA', _fmt(bool(args.get('model_ema')))),
+    ]
+    config = results.get('config') or args.get('config')
+    if config:
+        recipe_rows.append(('Recipe file', f'`{os.path.basename(str(config))}`'))
+
+    metrics = results.get('metrics') or {}
+    weights = f'`{CHECKPOINT_FILES.get(checkpoint, checkpoint)}`' + (' (EMA weights)' if use_ema else '')
+    meta = checkpoint_meta or {}
+    if 'epoch' in meta:
+        weights += f', epoch {meta["epoch"]}'
+    results_text = [
+        f'Top-1 accuracy (%) of the run\'s final evaluation'
+        + (f' (epoch {results["epoch"]})' if results.get('epoch') is not None else '')
+        + (f' on {metrics["samples"]} test images' if metrics.get('samples') else '') + '. '
+        'Many / Medium / Few: classes with > 100 / 20-100 / < 20 training images; Head / Middle / Tail: the first 30%, '
+        'middle 40% and last 30% of the classes sorted by training images (mean per-class accuracy).',
+        '',
+        results_table_markdown(results).rstrip(),
+        '',
+        f'Top-5: {_fmt(metrics.get("top5"), ".1f")}. Exported weights: {weights}.',
+    ]
+    best = results.get('best')
+    if isinstance(best, dict) and best.get('top1') is not None:
+        results_text[-1] += f' Best top-1 during training: {_fmt(best["top1"], ".2f")} (epoch {_fmt(best.get("epoch"))}).'
+
+    if _is_plugin_model(args['model']) or head_norm:
+        why = (f'`{args["model"]}` is an architecture of the timm-cmo plugin' if _is_plugin_model(args['model'])
+               else 'the model uses the plugin\'s `head_norm` classifier')
+        import_line = 'import timm_cmo  # registers the plugin\'s models and head_norm with timm\n'
+        usage_note = f'`import timm_cmo` (`pip install timm-cmo`) is needed because {why}.'
+    else:
+        import_line = ''
+        usage_note = 'Plain timm loads this model; `import timm_cmo` is not needed.'
+    usage = (
+        '```python\nimport timm\n' + import_line +
+        f'\nmodel = timm.create_model(\'hf-hub:{repo_id}\', pretrained=True).eval()\n'
+        'data_config = timm.data.resolve_model_data_config(model)\n'
+        'transform = timm.data.create_transform(**data_config, is_training=False)\n'
+        'logits = model(transform(img).unsqueeze(0))  # img: a PIL image\n```')
+
+    title = f'{model_name} on long-tailed {data_name}' + (' with CMO' if opt.get('cmo') else '')
+    parts = [
+        '---\ntags:\n- image-classification\n- timm\n- long-tail\n- cmo\nlibrary_name: timm\nlicense: apache-2.0\n---',
+        f'# {title}',
+        '## Method\n\n' + method_text,
+        '## Dataset and imbalance\n\n' + _rows(data_rows),
+        '## Training recipe\n\n' + _rows(recipe_rows),
+    ]
+    if results.get('command'):
+        command = results['command']
+        command = ' '.join(command) if isinstance(command, (list, tuple)) else str(command)
+        parts[-1] += f'\n\nCommand:\n\n```bash\n{command}\n```'
+    parts += [
+        '## Results\n\n' + '\n'.join(results_text),
+        '## Usage\n\n' + usage_note + '\n\n' + usage,
+        '## Citation\n\n```bibtex\n' + _CITATION + '\n```',
+    ]
+    return '\n\n'.join(parts) + '\n'
+
+
+def export(
+        run_dir: PathLike,
+        out_dir: PathLike,
+        checkpoint: str = 'last',
+        use_ema: bool = False,
+        repo_id: Optional[str] = None,
+) -> Path:
+    """Export a run folder as a timm Hub folder and return ``out_dir``.
+
+    Args:
+        run_dir: Training run folder with ``args.yaml``, the checkpoint and ``results.json``.
+        out_dir: Output folder (created; files of an earlier export are replaced, each atomically).
+        checkpoint: ``'last'`` (``last.pth.tar``), ``'best'`` (``model_best.pth.tar``) or a file name / path.
+        use_ema: Export the checkpoint's ``state_dict_ema``.
+        repo_id: Hub id used in the model card's usage example (placeholder ``<org>/<name>`` when None).
+
+    Writes ``config.json``, ``model.safetensors``, ``README.md`` and ``results.json``.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f'Run folder {str(run_dir)!r} not found')
+    if out_dir.resolve() == run_dir.resolve():
+        raise ValueError('out_dir must differ from the run folder')
+    args = load_run_args(run_dir)
+    ckpt_path = _checkpoint_path(run_dir, checkpoint)
+    results_path = _run_file(run_dir, RESULTS_JSON, 'Results file')
+    results = read_results(results_path)
+    class_names = results.get('class_names')
+
+    state_dict, meta = _load_state_dict(ckpt_path, use_ema=use_ema)
+    num_classes = args.get('num_classes') or (results.get('dataset') or {}).get('num_classes') or len(class_names or [])
+    model = create_run_model(args, num_classes=num_classes)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f'{ckpt_path} does not match {args["model"]}(num_classes={num_classes}, '
+                         f'head_norm={bool(args.get("head_norm"))}): {" ".join(str(e).split())}') from None
+    model.eval()
+    model_config = {}
+    if class_names and len(class_names) == model.num_classes:
+        model_config['label_names'] = list(class_names)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    try:
+        save_for_hf(model, stage, model_config=model_config, safe_serialization=True,
+                    data_config=run_data_config(args) or None)
+        card = model_card(args, results, repo_id=repo_id, checkpoint=checkpoint, use_ema=use_ema, checkpoint_meta=meta)
+        (stage / 'README.md').write_text(card, encoding='utf-8')
+        shutil.copyfile(results_path, stage / RESULTS_JSON)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(stage.iterdir()):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    _logger.info(f'Exported {ckpt_path}{" (EMA)" if use_ema else ""} -> {out_dir}')
+    return out_dir
+
+
+def _redact(text: str, token: Optional[str]) -> str:
+    return text.replace(token, '***') if token else text
+
+
+def push(
+        run_dir: PathLike,
+        repo_id: str,
+        out_dir: Optional[PathLike] = None,
+        checkpoint: str = 'last',
+        use_ema: bool = False,
+        private: bool = False,
+        token: Optional[str] = None,
+) -> str:
+    """Export a run to ``out_dir`` (default ``<run_dir>/hub_export``) and upload it to the Hub model ``repo_id``.
+
+    Args:
+        run_dir, checkpoint, use_ema: As in :func:`export`.
+        repo_id: ``'org/name'``; the repo is created if needed.
+        out_dir: Persistent export folder, kept after the upload.
+        private: Create the repo as private.
+        token: Hub token; None uses huggingface_hub's login (``HF_TOKEN`` or the stored token). Never written.
+
+    Returns:
+        The repo URL.
+
+    Raises:
+        HubUploadError: the upload failed; the message names the intact export folder and the retry command.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / DEFAULT_EXPORT_DIR
+    export(run_dir, out_dir, checkpoint=checkpoint, use_ema=use_ema, repo_id=repo_id)
+    try:
+        api = HfApi(token=token)
+        repo_url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type='model')
+        api.upload_folder(repo_id=repo_id, folder_path=str(out_dir), repo_type='model',
+                          commit_message=f'Upload {load_run_args(run_dir)["model"]} trained with timm-cmo')
+    except Exception as e:
+        retry = [_PROG, 'push', str(run_dir), repo_id, '--out-dir', str(out_dir), '--checkpoint', checkpoint]
+        retry += ['--ema'] if use_ema else []
+        retry += ['--private'] if private else []
+        reason = _redact(' '.join(f'{type(e).__name__}: {e}'.split()), token)
+        raise HubUploadError(
+            f'Upload to {repo_id} failed ({reason}). The local export at {out_dir} is intact; '
+            f'retry with: {" ".join(retry)}') from None
+    url = str(repo_url) if isinstance(repo_url, str) else f'https://huggingface.co/{repo_id}'
+    _logger.info(f'Uploaded {out_dir} to {url}')
+    return url
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point (``export`` / ``push``); returns 0, or 1 after a one-line error on stderr."""
+    parser = argparse.ArgumentParser(prog=_PROG, description='Export a timm-cmo training run for the Hugging Face '
+                                                             'Hub, or export and upload it.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    p_export = sub.add_parser('export', help='write a Hub folder (config.json, model.safetensors, README.md)')
+    p_export.add_argument('run_dir', help='training run folder (args.yaml, last.pth.tar, results.json)')
+    p_export.add_argument('out_dir', help='output folder')
+    p_export.add_argument('--repo-id', default=None, help='Hub id for the model card usage (default <org>/<name>)')
+    p_push = sub.add_parser('push', help='export to --out-dir, then upload (token: HF_TOKEN or hf auth login)')
+    p_push.add_argument('run_dir', help='training run folder')
+    p_push.add_argument('repo_id', help='Hub model repo, ORG/NAME')
+    p_push.add_argument('--out-dir', default=None, help=f'export folder (default RUN_DIR/{DEFAULT_EXPORT_DIR})')
+    p_push.add_argument('--private', action='store_true', help='create the repo as private')
+    for p in (p_export, p_push):
+        p.add_argument('--checkpoint', default='last', choices=sorted(CHECKPOINT_FILES),
+                       help='last.pth.tar or model_best.pth.tar (default: last)')
+        p.add_argument('--ema', action='store_true', help='export the EMA weights (state_dict_ema)')
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == 'export':
+            out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, use_ema=args.ema,
+                         repo_id=args.repo_id)
+            print(f'Exported {args.run_dir} ({args.checkpoint}{", EMA" if args.ema else ""}) -> {out}')
+        else:
+            url = push(args.run_dir, args.repo_id, out_dir=args.out_dir, checkpoint=args.checkpoint,
+                       use_ema=args.ema, private=args.private)
+            print(f'Uploaded {args.run_dir} ({args.checkpoint}{", EMA" if args.ema else ""}) -> {url}')
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        print(f'{_PROG}: error: {" ".join(str(e).split())}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
