@@ -1,0 +1,278 @@
+"""train_cmo.py: recipes and config handling, the paper's schedule, end-to-end runs on real CIFAR-10 JPEGs."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import train_cmo
+from timm_cmo.models import is_head_norm
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(glob.glob(str(REPO / 'hparams' / '*.yaml')))
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
+
+
+# --- configuration ------------------------------------------------------------------------
+
+def test_recipes_cover_the_paper_settings():
+    names = {Path(r).stem for r in RECIPES}
+    for ds in ('cifar10', 'cifar100'):
+        for rho in (100, 50, 10):
+            for method in ('ce', 'ce_drw', 'ldam_drw', 'bs'):
+                assert f'{ds}_lt_r{rho}_{method}' in names
+                assert f'{ds}_lt_r{rho}_{method}_cmo' in names
+    for name in ('imagenet_lt_resnet50_ce_cmo', 'imagenet_lt_resnet50_ce_drw_cmo', 'imagenet_lt_resnet50_bs_cmo',
+                 'imagenet_lt_resnet50_bs_cmo_400ep', 'inat2018_resnet50_ce_drw_cmo', 'inat2018_resnet50_bs_cmo',
+                 'imagenet_lt_resnet101_bs_cmo', 'imagenet_lt_resnet152_bs_cmo', 'imagenet_lt_wrn50_bs_cmo'):
+        assert name in names
+
+
+@pytest.mark.parametrize('recipe', RECIPES, ids=[Path(r).stem for r in RECIPES])
+def test_recipe_parses_and_states_its_target(recipe):
+    text = Path(recipe).read_text()
+    assert 'Paper target:' in text
+    args, args_text = train_cmo.parse_args(['-c', recipe, '--data-dir', '/data'])
+    assert 'paper_top1' in yaml.safe_load(text)
+    assert args.cmo == Path(recipe).stem.endswith(('_cmo', '_cmo_400ep'))
+    assert yaml.safe_load(args_text)['model'] == args.model
+
+
+def test_yaml_keys_dashes_and_command_line_override(tmp_path):
+    cfg = tmp_path / 'r.yaml'
+    cfg.write_text('cmo: true\ncmo-r: 2.0\nloss: bs\nepochs: 7\n')
+    args, _ = train_cmo.parse_args(['-c', str(cfg), '--data-dir', 'x', '--epochs', '9'])
+    assert args.cmo and args.cmo_r == 2.0 and args.loss == 'bs' and args.epochs == 9
+
+
+@pytest.mark.parametrize('content,argv,message', [
+    ('cmo_rr: 1\n', [], "unknown key 'cmo_rr'"),
+    ('cmo_r: -1\n', [], '--cmo-r -1'),
+    ('', ['--cmo-prob', '1.5'], '--cmo-prob 1.5'),
+    ('loss: hinge\n', [], "--loss 'hinge': unknown loss"),
+    ('', ['--reweight', 'sometimes'], "--reweight 'sometimes'"),
+    ('imb_ratio: 0.5\n', [], '--imb-ratio 0.5'),
+])
+def test_bad_config_fails_before_training(tmp_path, capsys, content, argv, message):
+    cfg = tmp_path / 'bad.yaml'
+    cfg.write_text(content or '{}\n')
+    with pytest.raises(SystemExit) as e:
+        train_cmo.parse_args(['-c', str(cfg), '--data-dir', 'x'] + argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def paper_lr(epoch, base=0.1, milestones=(160, 180), rates=(0.01, 0.0001)):
+    """The paper code's adjust_learning_rate (with its e = epoch + 1)."""
+    e = epoch + 1
+    if e <= 5:
+        return base * e / 5
+    lr = base
+    for m, r in zip(milestones, rates):
+        if e > m:
+            lr = base * r
+    return lr
+
+
+@pytest.mark.parametrize('recipe,milestones,rates,epochs', [
+    ('cifar100_lt_r100_ce_cmo.yaml', (160, 180), (0.01, 0.0001), 200),
+    ('imagenet_lt_resnet50_bs_cmo.yaml', (60, 80), (0.1, 0.01), 100),
+])
+def test_schedule_is_the_papers(recipe, milestones, rates, epochs):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    args, _ = train_cmo.parse_args(['-c', str(REPO / 'hparams' / recipe), '--data-dir', 'x'])
+    opt = create_optimizer_v2(torch.nn.Linear(2, 2), opt=args.opt, lr=args.lr, momentum=args.momentum)
+    sched, num_epochs = create_scheduler_v2(opt, **scheduler_kwargs(args))
+    assert num_epochs == epochs
+    assert opt.defaults.get('nesterov') is False  # the paper's SGD
+    for epoch in range(epochs):
+        sched.step(epoch)
+        assert opt.param_groups[0]['lr'] == pytest.approx(paper_lr(epoch, args.lr, milestones, rates), rel=1e-9), epoch
+
+
+# --- end to end on real data ----------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def small_cifar(tmp_path_factory, cifar10_dir):
+    """A folder of real CIFAR-10 JPEGs: train/<class>/ 60 images each, test/<class>/ 20 each."""
+    root = tmp_path_factory.mktemp('small_cifar')
+    for split, per_class in (('train', 60), ('test', 20)):
+        with tarfile.open(cifar10_dir / f'{split}.tar') as tf:
+            members = [m for m in tf.getmembers() if m.isfile() and int(Path(m.name).stem) < per_class]
+            for m in members:
+                target = root / split / Path(m.name).parent.name / Path(m.name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tf.extractfile(m).read())
+    return root
+
+
+def base_argv(data_dir, out, exp, epochs=2, *extra):
+    return ['--data-dir', str(data_dir), '--imb-ratio', '10', '--model', 'resnet20_cifar', '--epochs', str(epochs),
+            '-b', '32', '--workers', '0', '--color-jitter', '0', '--train-crop-mode', 'pad', '--output', str(out),
+            '--experiment', exp, '--log-interval', '1', '--seed', '3', *extra]
+
+
+LDAM_CMO = ['--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0', '--loss', 'ldam', '--reweight', 'drw',
+            '--drw-epoch', '1', '--head-norm', '--cmo-prob', '1.0']
+
+
+def run_script(argv, timeout=600, **kwargs):
+    return subprocess.run([sys.executable, str(REPO / 'train_cmo.py')] + argv, capture_output=True, text=True,
+                          timeout=timeout, env=ENV, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def ldam_cmo_run(small_cifar, tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs')
+    proc = run_script(base_argv(small_cifar, out, 'ref', 3, *LDAM_CMO))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out / 'ref', proc
+
+
+def test_end_to_end_outputs(ldam_cmo_run):
+    run, proc = ldam_cmo_run
+    for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'results.json',
+                 'per_class_accuracy.csv', 'per_class_accuracy.png', 'train.log'):
+        assert (run / name).is_file(), name
+    results = json.loads((run / 'results.json').read_text())
+    m = results['metrics']
+    assert set(m) >= {'top1', 'top5', 'many', 'medium', 'few', 'head', 'middle', 'tail'}
+    assert results['dataset']['class_counts'] == [60, 46, 35, 27, 21, 16, 12, 10, 7, 6]
+    assert m['many'] is None and m['medium'] is not None and m['few'] is not None
+    assert results['method']['cmo'] and results['method']['loss'] == 'ldam'
+    assert 'train_cmo.py' in results['command'] and results['epoch'] == 2
+    rows = (run / 'per_class_accuracy.csv').read_text().strip().splitlines()
+    assert len(rows) == 11
+    assert len((run / 'summary.csv').read_text().strip().splitlines()) == 4
+    args = yaml.safe_load((run / 'args.yaml').read_text())
+    assert args['cmo'] is True and args['loss'] == 'ldam'
+    ckpt = torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 2 and 'optimizer' in ckpt
+    assert 'Train: 2' in proc.stderr and 'Eval: 2' in proc.stderr  # progress is logged
+
+
+def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, tmp_path):
+    ref_run, _ = ldam_cmo_run
+    argv = base_argv(small_cifar, tmp_path, 'killed', 3, *LDAM_CMO)
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train_cmo.py')] + argv, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=ENV)
+    summary = tmp_path / 'killed' / 'summary.csv'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if summary.exists() and len(summary.read_text().strip().splitlines()) >= 2:  # epoch 0 saved
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = tmp_path / 'killed' / 'last.pth.tar'
+    killed_epoch = torch.load(last, map_location='cpu', weights_only=True)['epoch']
+    assert killed_epoch < 2
+    done = run_script(base_argv(small_cifar, tmp_path, 'killed', 3, *LDAM_CMO) +
+                      ['--resume', str(last), '--experiment', 'killed'])
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f'Loaded checkpoint' in done.stderr
+    resumed = torch.load(last, map_location='cpu', weights_only=True)
+    reference = torch.load(ref_run / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert resumed['epoch'] == reference['epoch'] == 2
+    for k, v in reference['state_dict'].items():
+        torch.testing.assert_close(resumed['state_dict'][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # the optimizer continued with its momentum buffers
+    mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
+    mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
+    for a, b in zip(mom_ref, mom_res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_checkpoint_and_exported_model(ldam_cmo_run, small_cifar, tmp_path):
+    from timm_cmo import hub
+    run, _ = ldam_cmo_run
+    ref = json.loads((run / 'results.json').read_text())['metrics']
+    proc = run_script(['--evaluate', '--data-dir', str(small_cifar), '--imb-ratio', '10', '--model', 'resnet20_cifar',
+                       '--head-norm', '--resume', str(run / 'last.pth.tar'), '--workers', '0',
+                       '--output', str(tmp_path), '--experiment', 'eval_ckpt'])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((tmp_path / 'eval_ckpt' / 'results.json').read_text())['metrics']
+    assert got['top1'] == pytest.approx(ref['top1']) and got['few'] == pytest.approx(ref['few'])
+    assert (tmp_path / 'eval_ckpt' / 'per_class_accuracy.png').is_file()
+
+    export = hub.export(run, tmp_path / 'export')
+    proc = run_script(['--evaluate', '--data-dir', str(small_cifar), '--imb-ratio', '10', '--model',
+                       f'local-dir:{export}', '--pretrained', '--workers', '0', '--output', str(tmp_path),
+                       '--experiment', 'eval_export'])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((tmp_path / 'eval_export' / 'results.json').read_text())['metrics']
+    assert got['top1'] == pytest.approx(ref['top1'])
+
+
+def test_hub_export_loads_from_offline_cache(ldam_cmo_run, tmp_path):
+    """The exported run, placed where huggingface_hub caches a download, rebuilds through timm offline."""
+    from timm_cmo import hub
+    run, _ = ldam_cmo_run
+    export = hub.export(run, tmp_path / 'export', repo_id='timm-cmo/resnet20-cifar10-lt-ldam-drw-cmo')
+    commit = '0123456789abcdef0123456789abcdef01234567'
+    repo = tmp_path / 'hub' / 'models--timm-cmo--resnet20-cifar10-lt-ldam-drw-cmo'
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    snap = repo / 'snapshots' / commit
+    snap.mkdir(parents=True)
+    for f in export.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    code = (
+        'import torch, timm, timm_cmo\n'
+        'from timm_cmo.models import is_head_norm\n'
+        "m = timm.create_model('hf-hub:timm-cmo/resnet20-cifar10-lt-ldam-drw-cmo', pretrained=True).eval()\n"
+        "sd = torch.load(r'%s', map_location='cpu', weights_only=True)['state_dict']\n"
+        'assert is_head_norm(m)\n'
+        'assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())\n'
+        "print('OK', m.num_classes, m.pretrained_cfg.get('label_names', [])[:2])\n" % (run / 'last.pth.tar'))
+    env = dict(ENV, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'hf_home'))
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 'OK 10' in proc.stdout and 'airplane' in proc.stdout
+
+
+def test_torchrun_two_processes(small_cifar, tmp_path):
+    argv = base_argv(small_cifar, tmp_path, 'ddp', 2, '--cmo', '--cmo-start-epoch', '-1', '--loss', 'bs')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(REPO / 'train_cmo.py')] + argv + ['--device', 'cpu'],
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 'Process 1 of 2' in proc.stderr
+    run = tmp_path / 'ddp'
+    results = json.loads((run / 'results.json').read_text())
+    assert results['metrics']['samples'] == 200  # the full test set once, padding excluded
+    assert len(glob.glob(str(tmp_path / '*'))) == 1  # only rank 0 wrote an output folder
+    # each rank saw half of the training images per epoch (timm's DistributedSampler)
+    steps = [line for line in proc.stderr.splitlines() if 'Training resnet20_cifar' in line]
+    assert steps and '3 steps each' in steps[0]  # 240 images / 2 ranks / 32 per batch
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(small_cifar, tmp_path):
+    argv = base_argv(small_cifar, tmp_path, 'nan', 3, '--loss', 'ce', '--no-wd-bias-bn')
+    # a sane first epoch, then an lr that overflows: the warm-up lr is multiplied by 1e30 after epoch 0
+    proc = run_script(argv + ['--lr', '1e30', '--warmup-lr', '1e-4', '--warmup-epochs', '1'])
+    assert proc.returncode != 0
+    assert 'non-finite loss' in proc.stderr
+    last = tmp_path / 'nan' / 'last.pth.tar'
+    assert last.is_file() and 'the last good checkpoint is' in proc.stderr
+    ckpt = torch.load(last, map_location='cpu', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
+
+
+def test_data_on_device_run(small_cifar, tmp_path):
+    proc = run_script(base_argv(small_cifar, tmp_path, 'fast', 2, '--data-on-device', '--cmo', '--cmo-start-epoch',
+                                '-1', '--loss', 'bs', '--device', 'cpu'))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / 'fast' / 'results.json').read_text())
+    assert results['metrics']['samples'] == 200
+    assert 'Decoded 240 images' in proc.stderr

@@ -1,0 +1,747 @@
+#!/usr/bin/env python3
+""" timm-cmo training script: long-tailed recognition with CMO, built from timm's library parts.
+
+Single process, CPU or GPU:
+    python train_cmo.py -c hparams/cifar10_lt_r100_ce_cmo.yaml --data-dir ../data/cifar10
+Multiple GPUs (one process each):
+    torchrun --nproc_per_node=8 train_cmo.py --model resnet50 --cmo --cmo-r 1 ...
+Evaluation only:
+    python train_cmo.py --evaluate --model hf-hub:<org>/<name> --pretrained --data-dir ...
+
+YAML recipes (``-c``) hold flag names as keys (``cmo_r`` or ``cmo-r``); the command line overrides
+them. Every run writes ``args.yaml``, ``summary.csv``, checkpoints (``last.pth.tar``,
+``model_best.pth.tar``), and at the end ``results.json``, ``per_class_accuracy.csv`` and
+``per_class_accuracy.png`` into its output folder.
+
+The defaults are the paper's CIFAR-LT recipe: SGD momentum 0.9 (no Nesterov), lr 0.1, weight decay
+2e-4 on all parameters, batch 128, 200 epochs, lr x0.01 from (0-based) epoch 160 and again from 180
+(``--decay-milestones 161 181``: timm applies milestone m from epoch m - 1), and a linear warm-up
+that gives lr * (e + 1) / 5 in epochs e = 0..4 (``--warmup-epochs 4``, ``--warmup-lr`` = lr / 5).
+"""
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from datetime import datetime
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+import timm
+from timm import utils
+from timm.data import resolve_data_config
+from timm.layers import convert_sync_batchnorm
+from timm.models import create_model, load_checkpoint, model_parameters, resume_checkpoint, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+import timm_cmo
+from timm_cmo.data import CMO_VARIANTS, create_cmo_loader, create_lt_dataset, soft_target
+from timm_cmo.data.sampler import derive_seed
+from timm_cmo.losses import create_loss, list_losses
+from timm_cmo.metrics import ClassAccuracy
+
+_logger = logging.getLogger('train_cmo')
+
+LOSS_KWARGS = {'ldam': {'ldam_max_m': 'max_m', 'ldam_s': 's'}, 'focal': {'focal_gamma': 'gamma'}, 'la': {'la_tau': 'tau'}}
+REWEIGHTS = ('none', 'cb', 'drw')
+
+def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``-c`` recipe parser and the flag parser (new objects: YAML defaults never leak between parses)."""
+    config_parser = argparse.ArgumentParser(description='Training config', add_help=False)
+    config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                               help='YAML recipe whose keys are flag names; the command line overrides it')
+
+    parser = argparse.ArgumentParser(description='timm-cmo: long-tailed training with CMO')
+
+    group = parser.add_argument_group('Dataset')
+    group.add_argument('--data-dir', metavar='DIR', default='',
+                       help='data root: a folder with train/test sub-folders or train.tar/test.tar, a .tar, '
+                            'the torchvision download folder, or the root that list-file paths are relative to')
+    group.add_argument('--dataset', metavar='NAME', default='',
+                       help="'' for folders/tars/list files, torch/cifar10, torch/cifar100")
+    group.add_argument('--train-split', metavar='NAME', default='train')
+    group.add_argument('--val-split', metavar='NAME', default='validation')
+    group.add_argument('--train-list', metavar='FILE', default=None, help='ImageNet-LT/iNaturalist list of training images')
+    group.add_argument('--val-list', metavar='FILE', default=None, help='list of evaluation images')
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME')
+    group.add_argument('--dataset-download', action='store_true', default=False, help='download torchvision CIFAR')
+    group.add_argument('--imb-ratio', type=float, default=None, metavar='RHO',
+                       help='make the training split long-tailed with imbalance ratio n_max/n_min')
+    group.add_argument('--imb-seed', type=int, default=0, help='seed of the images each class keeps')
+    group.add_argument('--imb-max', type=int, default=None, metavar='N', help='cap on the largest class')
+
+    group = parser.add_argument_group('Model')
+    group.add_argument('--model', default='resnet32_cifar', type=str, metavar='MODEL',
+                       help='timm model name, or local-dir:<folder> / hf-hub:<org>/<name>')
+    group.add_argument('--pretrained', action='store_true', default=False)
+    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load weights before training')
+    group.add_argument('--resume', default='', type=str, metavar='PATH', help='resume model and optimizer state')
+    group.add_argument('--no-resume-opt', action='store_true', default=False)
+    group.add_argument('--num-classes', type=int, default=None, metavar='N', help='defaults to the dataset classes')
+    group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type')
+    group.add_argument('--img-size', type=int, default=None, metavar='N')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='N')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
+    group.add_argument('--interpolation', default='', type=str, metavar='NAME')
+    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    group.add_argument('--channels-last', action='store_true', default=False)
+    group.add_argument('--head-norm', action='store_true', default=False,
+                       help='cosine-normalised classifier (NormedLinear), for LDAM')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                       help='torch.compile the model (backend, default inductor)')
+
+    group = parser.add_argument_group('Long tail')
+    group.add_argument('--loss', default='ce', type=str, help=f'one of {", ".join(list_losses())}')
+    group.add_argument('--reweight', default='none', type=str, help='none | cb | drw')
+    group.add_argument('--drw-epoch', type=int, default=None, help='DRW start epoch (default 80%% of --epochs)')
+    group.add_argument('--cb-beta', type=float, default=0.9999, help='class-balanced beta')
+    group.add_argument('--ldam-max-m', type=float, default=0.5)
+    group.add_argument('--ldam-s', type=float, default=30.)
+    group.add_argument('--focal-gamma', type=float, default=1.0)
+    group.add_argument('--la-tau', type=float, default=1.0)
+
+    group = parser.add_argument_group('CMO')
+    group.add_argument('--cmo', action='store_true', default=False, help='context-rich minority oversampling')
+    group.add_argument('--cmo-r', type=float, default=1.0, help='foreground weight n_k^-r (1: class-balanced)')
+    group.add_argument('--cmo-effective', action='store_true', default=False,
+                       help='foreground weight 1/E(k) with the effective number')
+    group.add_argument('--cmo-prob', type=float, default=0.5)
+    group.add_argument('--cmo-beta', type=float, default=1.0)
+    group.add_argument('--cmo-start-epoch', type=int, default=3, help='CMO when start < epoch < epochs - end')
+    group.add_argument('--cmo-end-epochs', type=int, default=3)
+    group.add_argument('--cmo-mode', default='batch', type=str, help='batch | elem')
+    group.add_argument('--cmo-variant', default='cmo', type=str, help=' | '.join(CMO_VARIANTS))
+
+    group = parser.add_argument_group('Optimizer')
+    group.add_argument('--opt', default='momentum', type=str, metavar='OPTIMIZER',
+                       help="timm optimizer; 'momentum' is SGD without Nesterov as in the paper")
+    group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    group.add_argument('--weight-decay', type=float, default=2e-4)
+    group.add_argument('--wd-bias-bn', action='store_true', default=True,
+                       help='weight decay on biases and norm layers too, as the paper code does (default)')
+    group.add_argument('--no-wd-bias-bn', action='store_false', dest='wd_bias_bn',
+                       help="timm's default: no weight decay on biases and norm layers")
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
+    group.add_argument('--clip-mode', type=str, default='norm', help='norm | value | agc')
+
+    group = parser.add_argument_group('Learning rate schedule')
+    group.add_argument('--sched', type=str, default='multistep', metavar='SCHEDULER')
+    group.add_argument('--sched-on-updates', action='store_true', default=False)
+    group.add_argument('--lr', type=float, default=0.1, metavar='LR')
+    group.add_argument('--warmup-lr', type=float, default=None, metavar='LR', help='default lr / 5')
+    group.add_argument('--min-lr', type=float, default=0, metavar='LR')
+    group.add_argument('--epochs', type=int, default=200, metavar='N')
+    group.add_argument('--start-epoch', default=None, type=int, metavar='N')
+    group.add_argument('--decay-milestones', default=[161, 181], type=int, nargs='+', metavar='MILESTONES',
+                       help="timm applies milestone m from epoch m - 1: 161 181 = the paper's decays at 160, 180")
+    group.add_argument('--decay-epochs', type=float, default=90, metavar='N')
+    group.add_argument('--warmup-epochs', type=int, default=4, metavar='N')
+    group.add_argument('--warmup-prefix', action='store_true', default=False)
+    group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.01, metavar='RATE')
+
+    group = parser.add_argument_group('Augmentation and regularization')
+    group.add_argument('--no-aug', action='store_true', default=False)
+    group.add_argument('--train-crop-mode', type=str, default=None, help="'pad' (CIFAR: pad + random crop), rrc, ...")
+    group.add_argument('--crop-padding', type=int, default=4)
+    group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT')
+    group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO')
+    group.add_argument('--hflip', type=float, default=0.5)
+    group.add_argument('--vflip', type=float, default=0.)
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='0 disables')
+    group.add_argument('--train-interpolation', type=str, default='random', help="training resize interpolation ('random')")
+    group.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto augment, e.g. rand-m10-n2-mstd0.5')
+    group.add_argument('--reprob', type=float, default=0., metavar='PCT')
+    group.add_argument('--remode', type=str, default='pixel')
+    group.add_argument('--recount', type=int, default=1)
+    group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT')
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT')
+
+    group = parser.add_argument_group('Batch norm and EMA')
+    group.add_argument('--sync-bn', action='store_true', default=False)
+    group.add_argument('--dist-bn', type=str, default='reduce', help='reduce | broadcast | "" (after each epoch)')
+    group.add_argument('--model-ema', action='store_true', default=False)
+    group.add_argument('--model-ema-decay', type=float, default=0.9998)
+
+    group = parser.add_argument_group('Miscellaneous')
+    group.add_argument('--seed', type=int, default=42, metavar='S')
+    group.add_argument('--log-interval', type=int, default=50, metavar='N')
+    group.add_argument('--checkpoint-hist', type=int, default=3, metavar='N')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N')
+    group.add_argument('--amp', action='store_true', default=False)
+    group.add_argument('--amp-dtype', default='float16', type=str, help='float16 | bfloat16')
+    group.add_argument('--pin-mem', action='store_true', default=False)
+    group.add_argument('--no-prefetcher', action='store_true', default=False)
+    group.add_argument('--device', default=None, type=str, help='cuda when available, else cpu')
+    group.add_argument('--output', default='', type=str, metavar='PATH', help='parent folder of runs (./output/train)')
+    group.add_argument('--experiment', default='', type=str, metavar='NAME', help='run folder name')
+    group.add_argument('--eval-metric', default='top1', type=str)
+    group.add_argument('--eval-interval', type=int, default=1, metavar='N',
+                       help='evaluate every N epochs (and always after the last)')
+    group.add_argument('--evaluate', action='store_true', default=False, help='evaluate only')
+    group.add_argument('--data-on-device', action='store_true', default=False,
+                       help='decode the data once into device memory and augment/mix there (small datasets)')
+    group.add_argument('--push-to-hub', default='', type=str, metavar='ORG/NAME', help='upload the final model')
+    group.add_argument('--hub-private', action='store_true', default=False)
+    group.add_argument('--paper-top1', type=float, default=None, help='the paper number this recipe targets (recorded)')
+    return config_parser, parser
+
+
+def error(message: str) -> None:
+    """Exit like argparse does for a bad flag value (status 2), naming the flag."""
+    print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
+    raise SystemExit(2)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse ``-c recipe.yaml`` then the command line; validate; return (args, args as YAML text)."""
+    config_parser, parser = create_parsers()
+    args_config, remaining = config_parser.parse_known_args(argv)
+    if args_config.config:
+        with open(args_config.config, 'r') as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            error(f'{args_config.config}: expected a mapping of flag names to values')
+        known = {a.dest for a in parser._actions}
+        normalized = {}
+        for key, value in cfg.items():
+            dest = str(key).lstrip('-').replace('-', '_')
+            if dest not in known:
+                error(f'{args_config.config}: unknown key {key!r} (not a flag of train_cmo.py)')
+            normalized[dest] = value
+        parser.set_defaults(**normalized)
+    args = parser.parse_args(remaining)
+    args.config = args_config.config
+    validate_args(args)
+    return args, yaml.safe_dump(vars(args), default_flow_style=False)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject bad values before any work, naming the flag (values from YAML skip argparse's checks)."""
+    def bad(flag, value, why):
+        error(f'--{flag.replace("_", "-")} {value!r}: {why}')
+
+    if args.loss not in list_losses():
+        bad('loss', args.loss, f'unknown loss, choose from {", ".join(list_losses())}')
+    if args.reweight not in REWEIGHTS:
+        bad('reweight', args.reweight, f'choose from {", ".join(REWEIGHTS)}')
+    if args.cmo_mode not in ('batch', 'elem'):
+        bad('cmo_mode', args.cmo_mode, 'choose from batch, elem')
+    if args.cmo_variant not in CMO_VARIANTS:
+        bad('cmo_variant', args.cmo_variant, f'choose from {", ".join(CMO_VARIANTS)}')
+    if not args.cmo_r >= 0:
+        bad('cmo_r', args.cmo_r, 'must be >= 0')
+    if not 0 <= args.cmo_prob <= 1:
+        bad('cmo_prob', args.cmo_prob, 'must be in [0, 1]')
+    if not args.cmo_beta > 0:
+        bad('cmo_beta', args.cmo_beta, 'must be > 0')
+    if args.imb_ratio is not None and not args.imb_ratio >= 1:
+        bad('imb_ratio', args.imb_ratio, 'must be >= 1 (n_max / n_min)')
+    if args.imb_max is not None and args.imb_max < 1:
+        bad('imb_max', args.imb_max, 'must be >= 1')
+    if not 0 <= args.smoothing < 1:
+        bad('smoothing', args.smoothing, 'must be in [0, 1)')
+    for flag in ('epochs', 'batch_size', 'log_interval', 'eval_interval'):
+        if getattr(args, flag) < 1:
+            bad(flag, getattr(args, flag), 'must be >= 1')
+    if not args.lr > 0:
+        bad('lr', args.lr, 'must be > 0')
+    if args.drw_epoch is not None and args.drw_epoch < 0:
+        bad('drw_epoch', args.drw_epoch, 'must be >= 0')
+    if args.amp_dtype not in ('float16', 'bfloat16'):
+        bad('amp_dtype', args.amp_dtype, 'choose from float16, bfloat16')
+    if args.train_crop_mode not in (None, 'pad', 'rrc', 'rkrc', 'rkrr'):
+        bad('train_crop_mode', args.train_crop_mode, 'choose from pad, rrc, rkrc, rkrr')
+    if not args.data_dir and not args.evaluate:
+        error('--data-dir is required')
+
+
+def compute_loss(loss_fn: nn.Module, output: torch.Tensor, target: torch.Tensor, mix_info, smoothing: float,
+                 num_classes: int) -> torch.Tensor:
+    """The training loss of a batch.
+
+    A batch-mode CMO batch without label smoothing uses the paper's form
+    ``lam * L(out, y_b) + (1 - lam) * L(out, y_f)`` with hard labels (each term normalised by its
+    own class weights under DRW); otherwise the loss gets the soft targets.
+    """
+    if mix_info is not None and not torch.is_tensor(mix_info.lam) and smoothing == 0:
+        lam = mix_info.lam
+        loss = loss_fn(output, mix_info.y_b)
+        if lam < 1.:
+            loss = lam * loss + (1. - lam) * loss_fn(output, mix_info.y_f)
+        return loss
+    if target.ndim == 1 and smoothing > 0:
+        target = soft_target(target, num_classes, smoothing)
+    return loss_fn(output, target)
+
+
+def train_one_epoch(
+        epoch: int, model: nn.Module, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
+        amp_autocast=suppress, loss_scaler=None, model_ema=None, num_classes: int = 0,
+) -> Dict[str, float]:
+    model.train()
+    batch_time_m = utils.AverageMeter()
+    num_batches = len(loader)
+    num_updates = epoch * num_batches
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    last_logged_sum, last_logged_count = 0., 0
+    end = time.time()
+    for batch_idx, (input, target) in enumerate(loader):
+        last_batch = batch_idx == num_batches - 1
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            output = model(input)
+            loss = compute_loss(loss_fn, output, target, getattr(loader, 'mix_info', None), args.smoothing,
+                                num_classes)
+        optimizer.zero_grad(set_to_none=True)
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=model_parameters(model, exclude_head='agc' in args.clip_mode))
+        else:
+            loss.backward()
+            if args.clip_grad is not None:
+                utils.dispatch_clip_grad(model_parameters(model, exclude_head='agc' in args.clip_mode),
+                                         value=args.clip_grad, mode=args.clip_mode)
+            optimizer.step()
+        if model_ema is not None:
+            model_ema.update(model, step=num_updates)
+        num_updates += 1
+        loss = loss.detach()
+        nonfinite |= ~torch.isfinite(loss)
+        loss_sum += loss
+        loss_count += 1
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+        batch_time_m.update(time.time() - end)
+        end = time.time()
+        if last_batch or batch_idx % args.log_interval == 0:
+            if bool(nonfinite):  # host sync only at log points
+                raise NonFiniteLossError(f'non-finite loss in epoch {epoch}, step {batch_idx}')
+            total = loss_sum.item()
+            interval_loss = (total - last_logged_sum) / max(1, loss_count - last_logged_count)
+            last_logged_sum, last_logged_count = total, loss_count
+            if args.rank == 0:
+                lr = optimizer.param_groups[0]['lr']
+                _logger.info(
+                    f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]  '
+                    f'Loss: {interval_loss:#.4g}  '
+                    f'Time: {batch_time_m.val:.3f}s, {input.size(0) * args.world_size / batch_time_m.val:>7.1f}/s  '
+                    f'LR: {lr:.3e}')
+    avg = loss_sum.item() / max(1, loss_count)
+    if args.distributed:
+        avg = utils.reduce_tensor(torch.tensor(avg, device=device), args.world_size).item()
+    return OrderedDict(loss=avg)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, args, device, amp_autocast=suppress, num_classes: int = 0,
+             num_samples: Optional[int] = None) -> ClassAccuracy:
+    """Per-class accuracy over the evaluation set; padded duplicates of distributed loaders excluded."""
+    model.eval()
+    acc = ClassAccuracy(num_classes, device=device)
+    seen = 0
+    for input, target in loader:
+        input = input.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            output = model(input)
+        valid = None
+        if args.distributed and num_samples is not None:
+            # OrderedDistributedSampler gives rank r the samples r, r + W, ... of a padded list
+            pos = args.rank + args.world_size * (seen + torch.arange(target.shape[0], device=device))
+            valid = pos < num_samples
+        acc.update(output.float(), target, valid)
+        seen += target.shape[0]
+    acc.all_reduce()
+    return acc
+
+
+def resolve_output_dir(args) -> str:
+    if args.resume and not args.experiment:
+        return os.path.dirname(os.path.abspath(args.resume))
+    exp_name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), 'cmo' if args.cmo else 'base'])
+    return utils.get_outdir(args.output or './output/train', exp_name)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def build_datasets(args):
+    common = dict(download=args.dataset_download)
+    if args.class_map:
+        common['class_map'] = args.class_map
+    train_ds = create_lt_dataset(
+        args.dataset, args.data_dir, split=args.train_split, imb_ratio=args.imb_ratio, imb_seed=args.imb_seed,
+        imb_max=args.imb_max, list_file=args.train_list, **common)
+    eval_ds = create_lt_dataset(
+        args.dataset, args.data_dir, split=args.val_split, list_file=args.val_list,
+        num_classes=train_ds.num_classes, **common)
+    return train_ds, eval_ds
+
+
+def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_classes):
+    """``--data-on-device``: decode both splits once into device memory; augment and mix there."""
+    from timm_cmo.data.device_loader import DeviceEvalLoader, DeviceLoader, decode_to_tensor
+    unsupported = {'aa': args.aa, 'color_jitter': args.color_jitter, 'vflip': args.vflip, 'no_prefetcher': False}
+    for flag, value in unsupported.items():
+        if value:
+            error(f'--{flag.replace("_", "-")} {value!r} is not supported with --data-on-device')
+    if args.train_crop_mode not in ('pad', None) or args.no_aug:
+        error('--data-on-device augments with the pad crop (--train-crop-mode pad) and flips only')
+    img_size = tuple(data_config['input_size'][1:])
+    mean, std = data_config['mean'], data_config['std']
+    img_dtype = torch.float32
+    images, targets = decode_to_tensor(train_ds, img_size, device, num_workers=args.workers)
+    train_loader = DeviceLoader(
+        images, targets, args.batch_size, mean, std,
+        padding=args.crop_padding if args.train_crop_mode == 'pad' else 0, hflip=args.hflip,
+        num_classes=num_classes, label_smoothing=args.smoothing, cmo=args.cmo, cmo_r=args.cmo_r,
+        cmo_effective=args.cmo_effective, cmo_prob=args.cmo_prob, cmo_beta=args.cmo_beta,
+        cmo_start_epoch=args.cmo_start_epoch, cmo_end_epochs=args.cmo_end_epochs, cmo_mode=args.cmo_mode,
+        cmo_variant=args.cmo_variant, epochs=args.epochs, seed=args.seed, channels_last=args.channels_last,
+        img_dtype=img_dtype, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    eval_images, eval_targets = decode_to_tensor(eval_ds, img_size, device, num_workers=args.workers)
+    eval_loader = DeviceEvalLoader(
+        eval_images, eval_targets, args.validation_batch_size or args.batch_size, mean, std,
+        channels_last=args.channels_last, img_dtype=img_dtype)
+    return train_loader, eval_loader
+
+
+def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model_name: str) -> Dict[str, Any]:
+    """The ``extra`` of results.json: what was trained on what, how, and how it was launched."""
+    return dict(
+        model=model_name,
+        dataset=dict(
+            name=args.dataset, data_dir=args.data_dir, train_list=args.train_list, val_list=args.val_list,
+            imb_ratio=args.imb_ratio, imb_max=args.imb_max, imb_seed=args.imb_seed,
+            num_classes=train_ds.num_classes, train_images=len(train_ds),
+            class_counts=train_ds.class_counts.tolist()),
+        method=dict(
+            loss=args.loss, reweight=args.reweight, drw_epoch=args.drw_epoch, cmo=args.cmo, cmo_r=args.cmo_r,
+            cmo_effective=args.cmo_effective, cmo_prob=args.cmo_prob, cmo_beta=args.cmo_beta,
+            cmo_mode=args.cmo_mode, cmo_variant=args.cmo_variant, head_norm=args.head_norm),
+        epoch=epoch,
+        best=best,
+        paper_top1=args.paper_top1,
+        command=' '.join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        config=vars(args),
+        versions=dict(timm_cmo=timm_cmo.__version__, timm=timm.__version__, torch=torch.__version__),
+        date=datetime.now().isoformat(timespec='seconds'),
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    utils.setup_default_logging()
+    args, args_text = parse_args(argv)
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = utils.init_distributed_device(args)
+    if args.distributed:
+        _logger.info(f'Process {args.rank} of {args.world_size} on {device}.')
+    utils.random_seed(args.seed, args.rank)
+
+    amp_autocast = suppress
+    loss_scaler = None
+    if args.amp:
+        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        if device.type == 'cuda' and amp_dtype == torch.float16:
+            loss_scaler = utils.NativeScaler(device=device.type)
+
+    train_ds, eval_ds = (None, None)
+    if args.data_dir:
+        train_ds, eval_ds = build_datasets(args)
+    num_classes = args.num_classes or (train_ds.num_classes if train_ds is not None else None)
+    if train_ds is not None and num_classes != train_ds.num_classes:
+        error(f'--num-classes {num_classes} disagrees with the dataset ({train_ds.num_classes} classes)')
+
+    model = create_model(
+        args.model,
+        pretrained=args.pretrained,
+        in_chans=args.in_chans,
+        num_classes=num_classes,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        global_pool=args.gp,
+        head_norm=True if args.head_norm else None,
+        checkpoint_path=args.initial_checkpoint or None,
+    )
+    num_classes = model.num_classes
+    args.num_classes = num_classes
+    if args.loss == 'ldam' and not args.head_norm and not timm_cmo.models.is_head_norm(model) and args.rank == 0:
+        _logger.warning('LDAM is meant for a cosine-normalised head: consider --head-norm.')
+    data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
+
+    model.to(device=device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        if device.type != 'cuda':
+            error('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
+        model = convert_sync_batchnorm(model)
+
+    output_dir = None
+    if args.rank == 0 and not args.evaluate:
+        output_dir = resolve_output_dir(args)
+        write_text_atomic(os.path.join(output_dir, 'args.yaml'), args_text)
+        fh = logging.FileHandler(os.path.join(output_dir, 'train.log'))
+        fh.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+        logging.getLogger().addHandler(fh)
+        _logger.info(f'Output folder: {output_dir}')
+
+    eval_loader = None
+    if eval_ds is not None:
+        eval_loader = create_cmo_loader(
+            eval_ds,
+            input_size=data_config['input_size'],
+            batch_size=args.validation_batch_size or args.batch_size,
+            is_training=False,
+            interpolation=data_config['interpolation'],
+            mean=data_config['mean'],
+            std=data_config['std'],
+            num_workers=args.workers,
+            distributed=args.distributed,
+            crop_pct=data_config['crop_pct'],
+            pin_memory=args.pin_mem,
+            device=device,
+            use_prefetcher=not args.no_prefetcher,
+        )
+
+    if args.evaluate:
+        return run_evaluate(args, model, eval_loader, eval_ds, train_ds, device, amp_autocast, num_classes)
+
+    opt_kwargs = optimizer_kwargs(cfg=args)
+    optimizer = create_optimizer_v2(model, **opt_kwargs, filter_bias_and_bn=not args.wd_bias_bn)
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay)
+
+    start_epoch = 0
+    if args.resume:
+        start_epoch = resume_checkpoint(
+            model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=args.rank == 0)
+        if model_ema is not None:
+            load_checkpoint(model_ema.module, args.resume, use_ema=True)
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)
+    train_model = model
+    if args.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    if args.data_on_device:
+        train_loader, eval_loader = build_device_loaders(args, train_ds, eval_ds, data_config, device, num_classes)
+    else:
+        train_loader = create_cmo_loader(
+            train_ds,
+            input_size=data_config['input_size'],
+            batch_size=args.batch_size,
+            is_training=True,
+            num_classes=num_classes,
+            label_smoothing=args.smoothing,
+            cmo=args.cmo,
+            cmo_r=args.cmo_r,
+            cmo_effective=args.cmo_effective,
+            cmo_prob=args.cmo_prob,
+            cmo_beta=args.cmo_beta,
+            cmo_start_epoch=args.cmo_start_epoch,
+            cmo_end_epochs=args.cmo_end_epochs,
+            cmo_mode=args.cmo_mode,
+            cmo_variant=args.cmo_variant,
+            epochs=args.epochs,
+            seed=args.seed,
+            train_crop_mode=args.train_crop_mode,
+            crop_padding=args.crop_padding,
+            no_aug=args.no_aug,
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+            scale=args.scale,
+            ratio=args.ratio,
+            hflip=args.hflip,
+            vflip=args.vflip,
+            color_jitter=args.color_jitter or None,
+            auto_augment=args.aa,
+            interpolation=args.train_interpolation,
+            mean=data_config['mean'],
+            std=data_config['std'],
+            num_workers=args.workers,
+            distributed=args.distributed,
+            pin_memory=args.pin_mem,
+            device=device,
+            use_prefetcher=not args.no_prefetcher,
+        )
+
+    loss_kwargs = {dst: getattr(args, src) for src, dst in LOSS_KWARGS.get(args.loss, {}).items()}
+    loss_fn = create_loss(
+        args.loss, train_ds.class_counts, reweight=args.reweight, drw_epoch=args.drw_epoch, epochs=args.epochs,
+        cb_beta=args.cb_beta, **loss_kwargs).to(device)
+
+    sched_args = argparse.Namespace(**vars(args))
+    if sched_args.warmup_lr is None:
+        sched_args.warmup_lr = args.lr / 5.
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(sched_args), updates_per_epoch=len(train_loader))
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * len(train_loader))
+        else:
+            lr_scheduler.step(start_epoch)
+
+    saver = None
+    if args.rank == 0:
+        saver = utils.CheckpointSaver(
+            model=model, optimizer=optimizer, args=None, model_ema=model_ema, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=False, max_history=args.checkpoint_hist)
+        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+            saver.load_state_dict_from_checkpoint(args.resume)
+        _logger.info(
+            f'Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on '
+            f'{len(train_ds)} images, {num_classes} classes, class counts max {int(train_ds.class_counts.max())} '
+            f'min {int(train_ds.class_counts.min())}; loss {args.loss}/{args.reweight}, CMO '
+            f'{"on" if args.cmo else "off"}; epochs {start_epoch}..{num_epochs - 1}, {len(train_loader)} steps each.')
+
+    best = dict(top1=None, epoch=None)
+    eval_acc = None
+    epoch = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            # every epoch's randomness follows from (seed, epoch): a resumed run repeats it
+            utils.random_seed(derive_seed(args.seed, epoch) % (2 ** 31), args.rank)
+            train_loader.set_epoch(epoch)
+            loss_fn.set_epoch(epoch)
+            train_metrics = train_one_epoch(
+                epoch, train_model, train_loader, optimizer, loss_fn, args, device, lr_scheduler=lr_scheduler,
+                amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema, num_classes=num_classes)
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce') and not args.sync_bn:
+                utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+                if model_ema is not None:
+                    utils.distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
+            last_epoch = epoch == num_epochs - 1
+            eval_metrics = None
+            if last_epoch or (epoch + 1) % args.eval_interval == 0:
+                eval_acc = evaluate(model, eval_loader, args, device, amp_autocast, num_classes, len(eval_ds))
+                eval_metrics = eval_acc.summary(train_ds.class_counts)
+                if model_ema is not None:
+                    ema_acc = evaluate(model_ema.module, eval_loader, args, device, amp_autocast, num_classes,
+                                       len(eval_ds))
+                    eval_metrics['ema_top1'] = ema_acc.summary(train_ds.class_counts)['top1']
+                if args.rank == 0:
+                    shots = ' '.join(f'{k} {eval_metrics[k]:.2f}' for k in ('many', 'medium', 'few', 'head', 'middle', 'tail')
+                                     if eval_metrics.get(k) is not None)
+                    _logger.info(f'Eval: {epoch}  top1 {eval_metrics["top1"]:.2f}  top5 {eval_metrics["top5"]:.2f}  {shots}')
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+            if saver is not None:
+                metric = eval_metrics[args.eval_metric] if eval_metrics else None
+                saver.save_checkpoint(epoch, metric=metric)
+                if metric is not None and (best['top1'] is None or metric > best['top1']):
+                    best = dict(top1=metric, epoch=epoch)
+                summary_metrics = {k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float))}
+                utils.update_summary(epoch, train_metrics, summary_metrics,
+                                     filename=os.path.join(output_dir, 'summary.csv'),
+                                     lr=optimizer.param_groups[0]['lr'])
+    except NonFiniteLossError as e:
+        last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
+        kept = f'the last good checkpoint is {last}' if last and os.path.exists(last) else 'no checkpoint was written yet'
+        _logger.error(f'Stopping: {e}; {kept}.')
+        if args.distributed:
+            dist.destroy_process_group()
+        raise SystemExit(f'train_cmo.py: stopped on a non-finite loss ({e}); {kept}.')
+    except KeyboardInterrupt:
+        _logger.warning('Interrupted; resume with --resume <output>/last.pth.tar')
+        raise
+
+    results = None
+    if args.rank == 0 and eval_acc is not None:
+        results = finish_run(args, output_dir, train_ds, eval_acc, epoch, best, model_name=args.model)
+        if args.push_to_hub:
+            push_to_hub(output_dir, args)
+    if args.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results or {}
+
+
+def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, best, model_name: str):
+    """Write results.json, the per-class CSV and the PNG of accuracy against class size."""
+    from timm_cmo.results import write_results
+    summary = eval_acc.summary(train_ds.class_counts)
+    paths = write_results(
+        output_dir, summary, eval_acc.per_class(), train_ds.class_counts, train_ds.classes,
+        extra=describe_run(args, train_ds, epoch, best, model_name))
+    _logger.info(f'Final top1 {summary["top1"]:.2f} (many {summary["many"]}, medium {summary["medium"]}, '
+                 f'few {summary["few"]}); results in {paths["json"]}')
+    return dict(summary, output_dir=output_dir, **paths)
+
+
+def push_to_hub(output_dir: str, args) -> None:
+    from timm_cmo import hub
+    try:
+        hub.push(output_dir, args.push_to_hub, private=args.hub_private, use_ema=args.model_ema)
+    except Exception as e:  # the run's results stay on disk; the upload can be retried
+        _logger.error(f'Upload to the Hub failed: {e}')
+
+
+def run_evaluate(args, model, eval_loader, eval_ds, train_ds, device, amp_autocast, num_classes):
+    """``--evaluate``: results.json, CSV and PNG for a pretrained / hub / checkpointed model."""
+    if eval_loader is None:
+        error('--evaluate needs --data-dir (and the training split for the shot groups)')
+    if args.resume:
+        load_checkpoint(model, args.resume, use_ema=args.model_ema)
+    acc = evaluate(model, eval_loader, args, device, amp_autocast, num_classes, len(eval_ds))
+    results = {}
+    if args.rank == 0:
+        if args.output or args.experiment:
+            output_dir = utils.get_outdir(args.output or './output/eval', args.experiment or '')
+        elif args.resume:
+            output_dir = utils.get_outdir(os.path.dirname(os.path.abspath(args.resume)), 'eval')
+        else:
+            output_dir = utils.get_outdir('./output/eval', datetime.now().strftime('%Y%m%d-%H%M%S') + '-' +
+                                          safe_model_name(args.model))
+        results = finish_run(args, output_dir, train_ds, acc, epoch=-1, best={}, model_name=args.model)
+    if args.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == '__main__':
+    main()
