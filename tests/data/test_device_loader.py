@@ -1,0 +1,167 @@
+"""The data-on-device fast path has the ordinary loader's semantics: crops, flips, class draws, lambda, window."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+from torchvision import transforms
+
+from timm_cmo.data import class_sampling_probs, create_cmo_loader, create_lt_dataset
+from timm_cmo.data.device_loader import DeviceEvalLoader, DeviceLoader, decode_to_tensor, pad_crop_flip
+
+CPU = torch.device('cpu')
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def coded_image():
+    """32x32 image with R = row + 1, G = col + 1: an output pixel tells where the crop put it."""
+    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing='ij')
+    return np.stack([rows + 1, cols + 1, np.zeros_like(rows)], -1).astype(np.uint8)
+
+
+def offsets_and_flip(x):
+    """(row offset, col offset, flipped) of a pad-4 crop of the coded image, from two centre pixels; x (B, 3, 32, 32)."""
+    r = x[:, 0, 16, 16].long() - 1
+    g16, g17 = x[:, 1, 16, 16].long(), x[:, 1, 16, 17].long()
+    flipped = g17 < g16
+    oy = r - 12
+    ox = torch.where(flipped, g16 - 1 - 15 + 4, g16 - 1 - 16 + 4)
+    return oy, ox, flipped
+
+
+def test_crop_offsets_and_flips_match_torchvision():
+    img = coded_image()
+    n = 3000
+    x = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0).expand(n, 3, 32, 32).contiguous()
+    g = torch.Generator().manual_seed(0)
+    oy_d, ox_d, fl_d = offsets_and_flip(pad_crop_flip(x, 4, 0.5, g))
+    torch.manual_seed(0)
+    tv = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(0.5),
+                             transforms.PILToTensor()])
+    pil = Image.fromarray(img)
+    oy_t, ox_t, fl_t = offsets_and_flip(torch.stack([tv(pil) for _ in range(n)]))
+    for a, b in ((oy_d, oy_t), (ox_d, ox_t)):
+        assert a.min() == 0 and a.max() == 8 and b.min() == 0 and b.max() == 8
+        table = np.stack([np.bincount(a.numpy(), minlength=9), np.bincount(b.numpy(), minlength=9)])
+        assert stats.chi2_contingency(table).pvalue > 1e-3  # same law on both paths
+        assert stats.chisquare(table[0]).pvalue > 1e-3  # uniform over the 9 offsets
+    assert stats.chi2_contingency([[fl_d.sum(), n - fl_d.sum()], [fl_t.sum(), n - fl_t.sum()]]).pvalue > 1e-3
+    assert stats.binomtest(int(fl_d.sum()), n, 0.5).pvalue > 1e-3
+
+
+def test_crop_pixels_are_a_shifted_window():
+    x = torch.from_numpy(coded_image()).permute(2, 0, 1).unsqueeze(0).repeat(16, 1, 1, 1)
+    out = pad_crop_flip(x, 4, 0.0, torch.Generator().manual_seed(1))
+    oy, ox, _ = offsets_and_flip(out)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(16):
+        assert torch.equal(out[i], padded[i, :, oy[i]:oy[i] + 32, ox[i]:ox[i] + 32])
+
+
+@pytest.fixture(scope='module')
+def lt_data(cifar10_dir):
+    ds = create_lt_dataset('', str(cifar10_dir / 'train.tar'), imb_ratio=100, imb_max=300)
+    images, targets = decode_to_tensor(ds, (32, 32), CPU)
+    return ds, images, targets
+
+
+def device_loader(images, targets, **kwargs):
+    args = dict(batch_size=64, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10, cmo=True, cmo_start_epoch=-1)
+    args.update(kwargs)
+    return DeviceLoader(images, targets, **args)
+
+
+def test_decode_matches_dataset(lt_data):
+    ds, images, targets = lt_data
+    assert images.shape == (len(ds), 3, 32, 32) and images.dtype == torch.uint8
+    assert targets.tolist() == ds.targets.tolist()
+    for i in (0, 100, len(ds) - 1):
+        assert torch.equal(images[i], transforms.PILToTensor()(ds[i][0]))
+
+
+def collect(loader, epochs):
+    bg, fg, lams = [], [], []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for x, target in loader:
+            info = loader.mix_info
+            lam = torch.as_tensor(info.lam).expand(len(info.y_b))
+            bg.append(info.y_b)
+            fg.append(info.y_f[lam < 1])
+            lams.append(lam[lam < 1])
+    return torch.cat(bg).numpy(), torch.cat(fg).numpy(), torch.cat(lams).numpy()
+
+
+@pytest.mark.parametrize('variant', ['cmo', 'back', 'minor'])
+def test_class_draws_and_lambda_match_ordinary_loader(lt_data, variant, cifar10_dir):
+    ds, images, targets = lt_data
+    fast = device_loader(images, targets, cmo_prob=1.0, cmo_variant=variant)
+    bg_d, fg_d, lam_d = collect(fast, 4)
+    ordinary = create_cmo_loader(ds, (3, 32, 32), 64, is_training=True, device=CPU, num_workers=0, mean=CIFAR_MEAN,
+                                 std=CIFAR_STD, color_jitter=None, train_crop_mode='pad', cmo=True, cmo_prob=1.0,
+                                 cmo_variant=variant, cmo_start_epoch=-1)
+    bg_o, fg_o, lam_o = collect(ordinary, 4)
+    counts = ds.class_counts
+    p, q = counts / counts.sum(), class_sampling_probs(counts, 1.0)
+    for d, o, law in ((bg_d, bg_o, q if variant in ('back', 'minor') else p),
+                      (fg_d, fg_o, p if variant == 'back' else q)):
+        obs_d, obs_o = np.bincount(d, minlength=10), np.bincount(o, minlength=10)
+        keep = (obs_d + obs_o) > 10
+        assert stats.chi2_contingency(np.stack([obs_d[keep], obs_o[keep]])).pvalue > 1e-3
+        exp = law * len(d)
+        k2 = exp > 5
+        assert stats.chisquare(obs_d[k2], exp[k2] * obs_d[k2].sum() / exp[k2].sum()).pvalue > 1e-3
+    assert stats.ks_2samp(lam_d, lam_o).pvalue > 1e-3
+    assert len(fast) == len(ordinary)
+
+
+def test_epoch_window_prob_and_elem_mode(lt_data):
+    _, images, targets = lt_data
+    loader = device_loader(images, targets, cmo_prob=0.5, cmo_start_epoch=3, cmo_end_epochs=3, epochs=10)
+    mixed_epochs, mixed, batches = [], 0, 0
+    for epoch in range(10):
+        loader.set_epoch(epoch)
+        for x, t in loader:
+            is_mixed = loader.mix_info.lam < 1
+            if is_mixed and epoch not in mixed_epochs:
+                mixed_epochs.append(epoch)
+            if epoch in (4, 5, 6):
+                mixed += int(is_mixed)
+                batches += 1
+            torch.testing.assert_close(t.sum(1), torch.ones(64))
+    assert mixed_epochs == [4, 5, 6]
+    assert stats.binomtest(mixed, batches, 0.5).pvalue > 1e-3
+    elem = device_loader(images, targets, cmo_prob=0.5, cmo_mode='elem')
+    elem.set_epoch(0)
+    x, t = next(iter(elem))
+    lam = elem.mix_info.lam
+    assert lam.shape == (64,) and 10 < int((lam < 1).sum()) < 54
+
+
+def test_reproducible_and_cmo_off_gives_hard_labels(lt_data):
+    _, images, targets = lt_data
+    a, b = device_loader(images, targets, seed=5), device_loader(images, targets, seed=5)
+    for loader in (a, b):
+        loader.set_epoch(2)
+    for (xa, ta), (xb, tb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ta, tb)
+    plain = device_loader(images, targets, cmo=False)
+    plain.set_epoch(0)
+    x, y = next(iter(plain))
+    assert y.dtype == torch.int64 and y.shape == (64,)
+    # normalised like timm's prefetcher
+    assert abs(float(x.mean())) < 1.0
+
+
+def test_distributed_shares(lt_data):
+    _, images, targets = lt_data
+    shares = []
+    for rank in range(2):
+        loader = device_loader(images, targets, cmo=False, num_replicas=2, rank=rank, batch_size=32)
+        loader.set_epoch(1)
+        shares.append(loader._epoch_order().tolist())
+    assert not set(shares[0]) & set(shares[1])
+    assert len(set(shares[0]) | set(shares[1])) == len(targets)
+    ev = [DeviceEvalLoader(images, targets, 50, CIFAR_MEAN, CIFAR_STD, num_replicas=2, rank=r) for r in range(2)]
+    got = [torch.cat([y for _, y in e]) for e in ev]
+    assert torch.equal(got[0], targets[0::2]) and torch.equal(got[1], targets[1::2])
