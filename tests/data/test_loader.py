@@ -264,3 +264,21 @@ def test_torchrun_two_processes(tmp_path, cifar10_dir):
     assert not set(r0['bg']) & set(r1['bg'])
     assert len(set(r0['bg']) | set(r1['bg'])) >= r0['n'] - 2 * 16
     assert r0['fg'] != r1['fg']
+
+
+def test_workers_open_their_own_tar_handle(cifar10_dir):
+    """Reading an image in the main process opens timm's tar; forked workers must not share that handle."""
+    from timm_cmo.data.loader import reset_reader_handles
+    ds = create_lt_dataset('', str(cifar10_dir / 'test.tar'))
+    ds.indices = ds.indices[::40]  # 250 images, all classes
+    ds.targets = ds.targets[::40]
+    reference = [np.asarray(ds[i][0]) for i in range(len(ds))]  # opens the tar in this process
+    assert ds.dataset.reader.tar_state.tf is not None
+    loader = create_cmo_loader(ds, (3, 32, 32), 25, is_training=False, device=CPU, num_workers=2,
+                               use_prefetcher=False, mean=(0, 0, 0), std=(1, 1, 1), crop_pct=1.0,
+                               persistent_workers=False)
+    got = torch.cat([x for x, _ in loader])
+    expected = torch.from_numpy(np.stack(reference)).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    reset_reader_handles(ds)
+    assert ds.dataset.reader.tar_state.tf is None

@@ -12,7 +12,8 @@ the ``B`` backgrounds followed by the ``M`` foregrounds and a (2, B) target tens
 background labels and, per position, the foreground label or -1.
 """
 import logging
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+from functools import partial
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -142,8 +143,15 @@ class CMOBatchSampler(Sampler[List]):
             yield batch + [(next(fg_stream), pos) for pos in positions]
 
 
+class Foreground(NamedTuple):
+    """A foreground item and its position in the batch."""
+    img: Any
+    target: int
+    pos: int
+
+
 class _TaggedDataset(torch.utils.data.Dataset):
-    """Returns ``(img, target)`` for an int index and ``(img, target, pos)`` for ``(index, pos)``."""
+    """Returns the dataset's item for an int index and a :class:`Foreground` for ``(index, pos)``."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -152,7 +160,7 @@ class _TaggedDataset(torch.utils.data.Dataset):
         if isinstance(key, tuple):
             idx, pos = key
             img, target = self.dataset[idx][:2]
-            return img, target, pos
+            return Foreground(img, target, pos)
         return self.dataset[key]
 
     def __len__(self):
@@ -171,16 +179,41 @@ class CMOCollate:
         self.base = base
 
     def __call__(self, batch):
-        bg = [b for b in batch if len(b) == 2]
-        fg = [b for b in batch if len(b) == 3]
+        bg = [b for b in batch if not isinstance(b, Foreground)]
+        fg = [b for b in batch if isinstance(b, Foreground)]
         x_b, y_b = self.base(bg)
         if not fg:
             return x_b, y_b
-        x_f, y_f = self.base([(img, target) for img, target, _ in fg])
+        x_f, y_f = self.base([(f.img, f.target) for f in fg])
         y = torch.full((2, len(bg)), -1, dtype=torch.long)
         y[0] = y_b
-        y[1, torch.tensor([pos for _, _, pos in fg])] = y_f.long()
+        y[1, torch.tensor([f.pos for f in fg])] = y_f.long()
         return torch.cat([x_b, x_f]), y
+
+
+def reset_reader_handles(dataset: Any) -> None:
+    """Forget the file handles a timm tar reader cached in this process.
+
+    timm's tar readers keep their archive open once an image was read; worker processes forked
+    after that would share one file offset and read each other's bytes. Loader workers call this
+    first, so each opens its own handle.
+    """
+    seen = set()
+    while dataset is not None and id(dataset) not in seen:
+        seen.add(id(dataset))
+        state = getattr(getattr(dataset, 'reader', None), 'tar_state', None)
+        if state is not None:
+            for s in (state.values() if isinstance(state, dict) else [state]):
+                s.reset()
+                for child in s.children.values():
+                    child.reset()
+        dataset = getattr(dataset, 'dataset', None)
+
+
+def _worker_init(worker_id: int, base: Optional[Callable] = None) -> None:
+    reset_reader_handles(torch.utils.data.get_worker_info().dataset)
+    if base is not None:
+        base(worker_id)
 
 
 class CMOLoader:
@@ -335,6 +368,9 @@ def create_cmo_loader(
         if kwargs.get('num_aug_splits', 0):
             raise ValueError("train_crop_mode='pad' does not support num_aug_splits")
         dataset.transform = pad_crop_transform(dataset.transform, input_size, padding=crop_padding)
+    inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
+    if inner.num_workers > 0:
+        inner.worker_init_fn = partial(_worker_init, base=inner.worker_init_fn)
     if not is_training:
         return loader
 
@@ -354,7 +390,6 @@ def create_cmo_loader(
         raise ValueError('Scheduled input sizes (input_size_choices) are not supported with CMO')
 
     prefetcher = loader if isinstance(loader, PrefetchLoader) else None
-    inner = loader.loader if prefetcher is not None else loader
     distributed = kwargs.get('distributed', False)
     weighted_sampler = ClassWeightedSampler(
         dataset_targets(dataset),
