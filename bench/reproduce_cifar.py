@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+""" Run the CIFAR-10-LT recipes of hparams/ for several methods and seeds, a few runs at a time.
+
+Each run is ``train_cmo.py -c hparams/cifar10_lt_r<rho>_<method>.yaml`` with the data, seed and speed
+options given here, in its own folder under ``--out``. A finished run (results.json present) is
+skipped; an interrupted one resumes from its ``last.pth.tar``, so the driver can be restarted.
+
+    python bench/reproduce_cifar.py --data-dir ../shared/data/cifar10 --out ../runs/cifar10_lt_mini \\
+        --imb-max 1000 --methods ce ce_cmo bs bs_cmo ldam_drw ldam_drw_cmo --seeds 0 1 --parallel 2 --threads 1 \\
+        -- --data-on-device --device cpu --eval-interval 10
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data-dir', required=True, help="folder with CIFAR-10 train.tar/test.tar (or train/test)")
+    parser.add_argument('--dataset', default='', help="'' for folders/tars, torch/cifar10 for torchvision")
+    parser.add_argument('--out', required=True, help='parent folder of the runs')
+    parser.add_argument('--rho', type=int, default=100)
+    parser.add_argument('--imb-max', type=int, default=None, help='cap on the largest class (1000: mini CIFAR-10-LT)')
+    parser.add_argument('--methods', nargs='+', default=['ce', 'ce_cmo', 'bs', 'bs_cmo', 'ldam_drw', 'ldam_drw_cmo'])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0])
+    parser.add_argument('--parallel', type=int, default=2, help='runs at a time')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads per run (CPU)')
+    parser.add_argument('extra', nargs=argparse.REMAINDER, help='after --: more train_cmo.py flags for every run')
+    return parser.parse_args(argv)
+
+
+def run_name(method: str, seed: int) -> str:
+    return f'{method}-s{seed}'
+
+
+def command(args, method: str, seed: int):
+    recipe = REPO / 'hparams' / f'cifar10_lt_r{args.rho}_{method}.yaml'
+    if not recipe.is_file():
+        raise SystemExit(f'No recipe {recipe}')
+    run_dir = Path(args.out) / run_name(method, seed)
+    cmd = [sys.executable, str(REPO / 'train_cmo.py'), '-c', str(recipe), '--dataset', args.dataset,
+           '--data-dir', args.data_dir, '--seed', str(seed), '--output', args.out,
+           '--experiment', run_name(method, seed), '--workers', '0', '--checkpoint-hist', '1', '--log-interval', '100']
+    if args.imb_max:
+        cmd += ['--imb-max', str(args.imb_max)]
+    if (run_dir / 'last.pth.tar').is_file():
+        cmd += ['--resume', str(run_dir / 'last.pth.tar')]
+    extra = [a for a in args.extra if a != '--']
+    return cmd + extra, run_dir
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    queue = []
+    for seed in args.seeds:
+        for method in args.methods:
+            if (Path(args.out) / run_name(method, seed) / 'results.json').is_file():
+                print(f'done already: {run_name(method, seed)}', flush=True)
+                continue
+            queue.append((method, seed))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    running = []
+    failed = []
+    while queue or running:
+        while queue and len(running) < args.parallel:
+            method, seed = queue.pop(0)
+            cmd, run_dir = command(args, method, seed)
+            log = open(Path(args.out) / f'{run_name(method, seed)}.log', 'a')
+            print(f'{time.strftime("%H:%M:%S")} start {run_name(method, seed)}: {" ".join(cmd)}', flush=True)
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), method, seed, log,
+                            time.time()))
+        time.sleep(5)
+        for item in list(running):
+            proc, method, seed, log, start = item
+            if proc.poll() is not None:
+                running.remove(item)
+                log.close()
+                status = 'finished' if proc.returncode == 0 else f'FAILED ({proc.returncode})'
+                if proc.returncode:
+                    failed.append(run_name(method, seed))
+                print(f'{time.strftime("%H:%M:%S")} {status} {run_name(method, seed)} in {(time.time() - start) / 60:.1f} min',
+                      flush=True)
+    if failed:
+        raise SystemExit(f'failed runs: {failed}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+""" Training speed of the CIFAR-10-LT ResNet-32 recipe: ordinary loader path vs --data-on-device.
+
+Times whole training epochs of ``train_cmo.train_one_epoch`` (ResNet-32, batch 128, the recipe's
+SGD), with CMO off and on (CMO active from the first epoch), for each data path, and reports
+seconds per epoch, training images per second, the one-off decode time of the fast path, the
+projected 200-epoch time, and the peak resident memory of the process.
+
+    python bench/train_speed.py --data-dir ../shared/data/cifar10 --threads 2 --workers 2 \\
+        --out bench/results/train_speed_cpu.json
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data-dir', required=True)
+    p.add_argument('--imb-ratio', type=float, default=100)
+    p.add_argument('--imb-max', type=int, default=None)
+    p.add_argument('--paths', nargs='+', default=['ordinary', 'fast'], choices=['ordinary', 'fast'])
+    p.add_argument('--cmo', nargs='+', default=['off', 'on'], choices=['off', 'on'])
+    p.add_argument('--epochs', type=int, default=2, help='epochs timed per setting (after one warm-up epoch)')
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--workers', type=int, default=2, help='loader workers of the ordinary path')
+    p.add_argument('--device', default='cuda' if __import__('torch').cuda.is_available() else 'cpu')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--out', default='', help='write the figures as JSON here')
+    return p.parse_args(argv)
+
+
+def machine() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = platform.processor()
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{model}, {os.cpu_count()} cores'
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    from contextlib import suppress
+    from functools import partial
+
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    import timm_cmo  # noqa: F401
+    import train_cmo
+    from timm_cmo.data import create_cmo_loader, create_lt_dataset
+    from timm_cmo.data.device_loader import DeviceLoader, decode_to_tensor
+    from timm_cmo.losses import create_loss
+
+    device = torch.device(args.device)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    ds = create_lt_dataset('', args.data_dir, imb_ratio=args.imb_ratio, imb_max=args.imb_max)
+    amp = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16) if args.amp else suppress
+    run_args = SimpleNamespace(channels_last=args.channels_last, smoothing=0.0, clip_grad=None, clip_mode='norm',
+                               log_interval=10 ** 9, rank=0, world_size=1, distributed=False)
+    rows = []
+    decode_s = None
+    for path in args.paths:
+        if path == 'fast':
+            t0 = time.time()
+            images, targets = decode_to_tensor(ds, (32, 32), device)
+            decode_s = time.time() - t0
+        for cmo in args.cmo:
+            kw = dict(cmo=cmo == 'on', cmo_start_epoch=-1, num_classes=10, seed=0)
+            if path == 'fast':
+                loader = DeviceLoader(images, targets, 128, mean, std, channels_last=args.channels_last, **kw)
+            else:
+                loader = create_cmo_loader(
+                    ds, (3, 32, 32), 128, is_training=True, device=device, num_workers=args.workers, mean=mean,
+                    std=std, color_jitter=None, train_crop_mode='pad', persistent_workers=True, **kw)
+            torch.manual_seed(0)
+            model = timm.create_model('resnet32_cifar', num_classes=10).to(device)
+            if args.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            if args.compile:
+                model = torch.compile(model)
+            opt = create_optimizer_v2(model, opt='momentum', lr=0.1, momentum=0.9, weight_decay=2e-4,
+                                      filter_bias_and_bn=False)
+            loss_fn = create_loss('ce', ds.class_counts).to(device)
+            times = []
+            for epoch in range(args.epochs + 1):
+                loader.set_epoch(epoch)
+                if device.type == 'cuda':
+                    torch.cuda.synchronize()
+                t0 = time.time()
+                train_cmo.train_one_epoch(epoch, model, loader, opt, loss_fn, run_args, device, amp_autocast=amp,
+                                          num_classes=10)
+                if device.type == 'cuda':
+                    torch.cuda.synchronize()
+                times.append(time.time() - t0)
+            per_epoch = sorted(times[1:])[len(times[1:]) // 2]
+            images_per_epoch = len(loader) * 128
+            row = dict(path=path, cmo=cmo, s_per_epoch=round(per_epoch, 2), warmup_epoch_s=round(times[0], 2),
+                       images_per_s=round(images_per_epoch / per_epoch, 1),
+                       projected_200_epochs_min=round((200 * per_epoch + (decode_s if path == 'fast' else 0)) / 60, 1))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del loader
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = dict(
+        command='python bench/train_speed.py ' + ' '.join(sys.argv[1:]),
+        machine=machine(), device=str(device), threads=args.threads, workers=args.workers,
+        torch=torch.__version__, timm=timm.__version__, date=time.strftime('%Y-%m-%d'),
+        train_images=len(ds), decode_s=None if decode_s is None else round(decode_s, 1),
+        peak_rss_mib=round(peak_mib, 0),
+        peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2 ** 20, 0) if device.type == 'cuda' else None,
+        rows=rows)
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + '\n')
+
+
+if __name__ == '__main__':
+    main()
