@@ -383,6 +383,27 @@ def evaluate(model: nn.Module, loader, args, device, amp_autocast=suppress, num_
     return acc
 
 
+def compile_model(model: nn.Module, backend: str, input_size, device) -> nn.Module:
+    """``torch.compile`` the model, or keep it eager (with a warning) where compiling fails.
+
+    Compilation is lazy, so one eval-mode call on a dummy batch (the graph evaluation uses) checks
+    that the backend works here before training starts.
+    """
+    try:
+        compiled = torch.compile(model, backend=backend)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            compiled(torch.zeros((2, *input_size), device=device))
+        model.train(was_training)
+        return compiled
+    except Exception as e:  # no compiler toolchain, unsupported platform or backend
+        model.train()
+        _logger.warning(f'torch.compile (backend {backend!r}) is unavailable here, training eagerly: '
+                        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+        return model
+
+
 def resolve_output_dir(args) -> str:
     if args.resume and not args.experiment:
         return os.path.dirname(os.path.abspath(args.resume))
@@ -560,7 +581,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         start_epoch = args.start_epoch
 
     if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
+        model = compile_model(model, args.torchcompile, data_config['input_size'], device)
     train_model = model
     if args.distributed:
         train_model = nn.parallel.DistributedDataParallel(

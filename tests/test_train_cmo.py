@@ -123,7 +123,7 @@ def base_argv(data_dir, out, exp, epochs=2, *extra):
 
 
 LDAM_CMO = ['--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0', '--loss', 'ldam', '--reweight', 'drw',
-            '--drw-epoch', '1', '--head-norm', '--cmo-prob', '1.0']
+            '--drw-epoch', '1', '--head-norm', '--cmo-prob', '1.0', '--model-ema', '--model-ema-decay', '0.9']
 
 
 def run_script(argv, timeout=600, **kwargs):
@@ -184,8 +184,9 @@ def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, 
     resumed = torch.load(last, map_location='cpu', weights_only=True)
     reference = torch.load(ref_run / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert resumed['epoch'] == reference['epoch'] == 2
-    for k, v in reference['state_dict'].items():
-        torch.testing.assert_close(resumed['state_dict'][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for key in ('state_dict', 'state_dict_ema'):  # model and EMA weights
+        for k, v in reference[key].items():
+            torch.testing.assert_close(resumed[key][k], v, rtol=1e-5, atol=1e-6, msg=f'{key} {k}')
     # the optimizer continued with its momentum buffers
     mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
     mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
@@ -270,9 +271,21 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(small_cifar, tmp_path):
 
 
 def test_data_on_device_run(small_cifar, tmp_path):
+    # the compiled step falls back to eager where the backend cannot compile (here a backend that always fails)
     proc = run_script(base_argv(small_cifar, tmp_path, 'fast', 2, '--data-on-device', '--cmo', '--cmo-start-epoch',
-                                '-1', '--loss', 'bs', '--device', 'cpu'))
+                                '-1', '--loss', 'bs', '--device', 'cpu', '--channels-last', '--amp',
+                                '--amp-dtype', 'bfloat16', '--torchcompile', 'no_such_backend'))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "torch.compile (backend 'no_such_backend') is unavailable here, training eagerly" in proc.stderr
     results = json.loads((tmp_path / 'fast' / 'results.json').read_text())
     assert results['metrics']['samples'] == 200
     assert 'Decoded 240 images' in proc.stderr
+
+
+def test_torchcompile_eager_backend(small_cifar, tmp_path):
+    proc = run_script(base_argv(small_cifar, tmp_path, 'compiled', 1, '--data-on-device', '--device', 'cpu',
+                                '--torchcompile', 'eager', '--loss', 'ce'))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 'unavailable here' not in proc.stderr
+    ckpt = torch.load(tmp_path / 'compiled' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert not any(k.startswith('_orig_mod.') for k in ckpt['state_dict'])  # saved unwrapped

@@ -59,6 +59,16 @@ def rand_bbox(
     return y0, y1, x0, x1
 
 
+def host_to_device(array: np.ndarray, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Copy host random numbers to the device without making the host wait (pinned, non-blocking on CUDA)."""
+    t = torch.from_numpy(array)
+    if dtype is not None:
+        t = t.to(dtype)
+    if device.type == 'cuda':
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def soft_target(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """One-hot (B, C) float32 targets with timm's label smoothing (off = s / C, on = 1 - s + off)."""
     off_value = smoothing / num_classes
@@ -139,7 +149,7 @@ class CMOMixup:
                 return x_bg, self.target(y_bg)
             apply = None
         else:
-            apply = torch.from_numpy(self.rng.random(x_bg.shape[0]) < self.prob).to(x_bg.device, non_blocking=True)
+            apply = host_to_device(self.rng.random(x_bg.shape[0]) < self.prob, x_bg.device)
         x, target, _ = self.mix(x_bg, y_bg, x_fg, y_fg, apply=apply)
         return x, target
 
@@ -186,7 +196,7 @@ class CMOMixup:
         device = x_bg.device
         lam_np = self.rng.beta(self.beta, self.beta, size=batch_size)
         if self.blend:
-            lam = torch.from_numpy(lam_np).to(device=device, dtype=torch.float32, non_blocking=True)
+            lam = host_to_device(lam_np, device, torch.float32)
             if apply is not None:
                 lam = torch.where(apply, lam, torch.ones_like(lam))
             w = lam.to(x_bg.dtype).view(-1, *([1] * (x_bg.ndim - 1)))
@@ -195,13 +205,13 @@ class CMOMixup:
         img_h, img_w = x_bg.shape[-2:]
         y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam_np, self.rng, count=batch_size)
         lam_np = 1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w)
-        coords = torch.from_numpy(np.stack([y0, y1, x0, x1])).to(device, non_blocking=True)
+        coords = host_to_device(np.stack([y0, y1, x0, x1]), device)
         rows = torch.arange(img_h, device=device)
         cols = torch.arange(img_w, device=device)
         in_y = (rows[None, :] >= coords[0, :, None]) & (rows[None, :] < coords[1, :, None])  # (B, H)
         in_x = (cols[None, :] >= coords[2, :, None]) & (cols[None, :] < coords[3, :, None])  # (B, W)
         mask = in_y[:, :, None] & in_x[:, None, :]  # (B, H, W)
-        lam = torch.from_numpy(lam_np).to(device=device, dtype=torch.float32, non_blocking=True)
+        lam = host_to_device(lam_np, device, torch.float32)
         if apply is not None:
             mask = mask & apply[:, None, None]
             lam = torch.where(apply, lam, torch.ones_like(lam))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
-from .cmo import CMOMixup, MixInfo
+from .cmo import CMOMixup, MixInfo, host_to_device
 from .dataset import dataset_targets
 from .loader import CMO_VARIANTS, cmo_active
 from .sampler import _dist_defaults, derive_seed, sample_weights
@@ -247,7 +247,7 @@ class DeviceLoader:
                 else:
                     mask = decide.random(b) < self.cmo_prob
                     mixed = bool(mask.any())
-                    apply = torch.from_numpy(mask).to(self.device, non_blocking=True)
+                    apply = host_to_device(mask, self.device)
             if not mixed:
                 self.mix_info = MixInfo(y, y, 1.)
                 yield x, self.mixer.target(y)
