@@ -19,7 +19,6 @@ The defaults are the paper's CIFAR-LT recipe: SGD momentum 0.9 (no Nesterov), lr
 that gives lr * (e + 1) / 5 in epochs e = 0..4 (``--warmup-epochs 4``, ``--warmup-lr`` = lr / 5).
 """
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -34,7 +33,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 
 import timm

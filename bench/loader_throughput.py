@@ -20,28 +20,19 @@ shared-memory counter in a dataset wrapper (works across worker processes).
     python bench/loader_throughput.py --data-dir ../shared/data/cifar10 --workers 0 2 --repeats 3
 """
 import argparse
-import datetime
-import json
 import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.utils.data
-import timm
 from timm.data import create_loader
 from timm.data.loader import PrefetchLoader, fast_collate
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from common import REPO, default_data_dir, report_header, write_json  # noqa: E402  (also puts the repo on sys.path)
 
-import timm_cmo  # noqa: E402
+import timm_cmo  # noqa: E402,F401  (registers the plugin)
 from timm_cmo.data import CMOMixup, LongTailDataset, create_cmo_loader, create_lt_dataset, sample_weights  # noqa: E402
 from timm_cmo.data.transforms import pad_crop_transform  # noqa: E402
 
@@ -67,17 +58,6 @@ class CountingDataset(LongTailDataset):
 
     def count(self) -> int:
         return int(self.reads.sum())
-
-
-def default_data_dir() -> str:
-    env = os.environ.get('TIMM_CMO_CIFAR10')
-    if env:
-        return env
-    for p in REPO.parents:
-        c = p / 'shared' / 'data' / 'cifar10'
-        if (c / 'train.tar').is_file():
-            return str(c)
-    return str(REPO.parent / 'shared' / 'data' / 'cifar10')
 
 
 def make_dataset(tar: str, imb_ratio: float) -> CountingDataset:
@@ -157,21 +137,6 @@ def run_epoch(loader, datasets, epoch):
     return dt, n, sum(d.count() for d in datasets) - reads0
 
 
-def machine_info():
-    model = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    model = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return dict(cpu=model, cores=os.cpu_count(), torch=torch.__version__, timm=timm.__version__,
-                timm_cmo=timm_cmo.__version__, python=platform.python_version(), torch_threads=torch.get_num_threads(),
-                load_avg_at_start=[round(v, 2) for v in os.getloadavg()])
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--data-dir', default=default_data_dir(), help='Folder with CIFAR-10 train.tar (or the tar itself)')
@@ -189,11 +154,9 @@ def main(argv=None):
     np.random.seed(args.seed)
     tar = args.data_dir if args.data_dir.endswith('.tar') else os.path.join(args.data_dir, 'train.tar')
 
-    info = machine_info()
-    cli = sys.argv[1:] if argv is None else list(argv)
-    results = dict(command=' '.join(['python', os.path.relpath(__file__, os.getcwd())] + [shlex.quote(a) for a in cli]),
-                   date=datetime.date.today().isoformat(), machine=info, batch_size=args.batch_size,
+    results = dict(report_header(__file__, argv), batch_size=args.batch_size,
                    imb_ratio=args.imb_ratio, repeats=args.repeats, workers={})
+    info = results['machine']
     print(f'# {info}', flush=True)
     t_start = time.perf_counter()
     for workers in args.workers:
@@ -237,12 +200,7 @@ def main(argv=None):
               f'{s["two_loader"]["images_per_s"]:.0f} | {s["ratios"]["cmo_vs_timm"]:.2f} | '
               f'{s["ratios"]["cmo_vs_two_loader"]:.2f} | {s["timm"]["reads_per_sample"]:.2f} / '
               f'{s["cmo"]["reads_per_sample"]:.2f} / {s["two_loader"]["reads_per_sample"]:.2f} |')
-    results['load_avg_at_end'] = [round(v, 2) for v in os.getloadavg()]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, results)
     print(f'\nwrote {args.out} ({results["wall_s"]:.0f} s)')
     return results
 

@@ -13,23 +13,14 @@ Runs on the CPU (torch threads as ``--threads``), and also on CUDA when availabl
     python bench/mixing_cost.py --threads 2 1
 """
 import argparse
-import datetime
-import json
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import timm
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from common import REPO, report_header, write_json  # noqa: E402  (also puts the repo on sys.path)
 
 import timm_cmo  # noqa: E402,F401  (registers resnet32_cifar)
 from timm_cmo.data import CMOMixup  # noqa: E402
@@ -101,24 +92,6 @@ def bench_device(device, batch_size, num_classes, mix_iters, step_iters, warmup,
     return res
 
 
-def machine_info():
-    model = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    model = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = dict(cpu=model, cores=os.cpu_count(), torch=torch.__version__, timm=timm.__version__,
-                timm_cmo=timm_cmo.__version__, python=platform.python_version(), torch_threads=torch.get_num_threads(),
-                load_avg_at_start=[round(v, 2) for v in os.getloadavg()])
-    if torch.cuda.is_available():
-        info['gpu'] = torch.cuda.get_device_name(0)
-    return info
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--threads', type=int, nargs='+', default=[2], help='torch CPU threads (one CPU run per value)')
@@ -131,9 +104,7 @@ def main(argv=None):
     p.add_argument('--no-cuda', action='store_true')
     p.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'mixing_cost.json'))
     args = p.parse_args(argv)
-    cli = sys.argv[1:] if argv is None else list(argv)
-    results = dict(command=' '.join(['python', os.path.relpath(__file__, os.getcwd())] + [shlex.quote(a) for a in cli]),
-                   date=datetime.date.today().isoformat(), machine=machine_info(), batch_size=args.batch_size,
+    results = dict(report_header(__file__, argv), batch_size=args.batch_size,
                    devices={})
     print(f'# {results["machine"]}', flush=True)
     runs = [(f'cpu, {t} thread{"s" if t > 1 else ""}', torch.device('cpu'), t) for t in args.threads]
@@ -149,12 +120,7 @@ def main(argv=None):
               f'{r["mix_elem_ms"]:.3f} ms | ResNet-32 step {r["train_step_ms"]:.1f} ms | ratio mixed '
               f'{100 * r["ratio_mixed_batch"]:.3f} % (goal < 2 %), at prob 0.5 {100 * r["ratio_prob0.5"]:.3f} %, '
               f'elem {100 * r["ratio_elem"]:.3f} %', flush=True)
-    results['load_avg_at_end'] = [round(v, 2) for v in os.getloadavg()]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, results)
     print(f'wrote {args.out}')
     return results
 

@@ -11,16 +11,11 @@ projected 200-epoch time, and the peak resident memory of the process.
 """
 import argparse
 import json
-import os
-import platform
 import resource
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import report_header, write_json  # noqa: E402  (also puts the repo on sys.path)
 
 
 def parse_args(argv=None):
@@ -41,19 +36,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def machine() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    model = platform.processor()
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'{model}, {os.cpu_count()} cores'
-
-
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -64,7 +46,7 @@ def main(argv=None):
     import timm
     from timm.optim import create_optimizer_v2
 
-    import timm_cmo  # noqa: F401
+    import timm_cmo  # noqa: F401  (registers resnet32_cifar)
     import train_cmo
     from timm_cmo.data import create_cmo_loader, create_lt_dataset
     from timm_cmo.data.device_loader import DeviceLoader, decode_to_tensor
@@ -121,17 +103,14 @@ def main(argv=None):
             del loader
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = dict(
-        command='python bench/train_speed.py ' + ' '.join(sys.argv[1:]),
-        machine=machine(), device=str(device), threads=args.threads, workers=args.workers,
-        torch=torch.__version__, timm=timm.__version__, date=time.strftime('%Y-%m-%d'),
+        report_header(__file__, argv), device=str(device), threads=args.threads, workers=args.workers,
         train_images=len(ds), decode_s=None if decode_s is None else round(decode_s, 1),
         peak_rss_mib=round(peak_mib, 0),
         peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2 ** 20, 0) if device.type == 'cuda' else None,
         rows=rows)
-    print(json.dumps(report, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + '\n')
+        write_json(args.out, report)
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == '__main__':

@@ -9,13 +9,11 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 import train_cmo
-from timm_cmo.models import is_head_norm
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(glob.glob(str(REPO / 'hparams' / '*.yaml')))
@@ -180,7 +178,7 @@ def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, 
     done = run_script(base_argv(small_cifar, tmp_path, 'killed', 3, *LDAM_CMO) +
                       ['--resume', str(last), '--experiment', 'killed'])
     assert done.returncode == 0, done.stderr[-4000:]
-    assert f'Loaded checkpoint' in done.stderr
+    assert 'Loaded checkpoint' in done.stderr
     resumed = torch.load(last, map_location='cpu', weights_only=True)
     reference = torch.load(ref_run / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert resumed['epoch'] == reference['epoch'] == 2

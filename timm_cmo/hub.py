@@ -256,7 +256,7 @@ def model_card(
     if 'epoch' in meta:
         weights += f', epoch {meta["epoch"]}'
     results_text = [
-        f'Top-1 accuracy (%) of the run\'s final evaluation'
+        'Top-1 accuracy (%) of the run\'s final evaluation'
         + (f' (epoch {results["epoch"]})' if results.get('epoch') is not None else '')
         + (f' on {metrics["samples"]} test images' if metrics.get('samples') else '') + '. '
         'Many / Medium / Few: classes with > 100 / 20-100 / < 20 training images; Head / Middle / Tail: the first 30%, '

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 from timm.data import create_loader
 
 from timm_cmo.data import (

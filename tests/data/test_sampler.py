@@ -7,7 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from timm_cmo.data import ClassWeightedSampler, class_sampling_probs, long_tail_counts

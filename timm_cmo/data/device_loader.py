@@ -20,10 +20,8 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
 from .cmo import CMOMixup, MixInfo, host_to_device
-from .dataset import dataset_targets
 from .loader import CMO_VARIANTS, cmo_active
 from .sampler import _dist_defaults, derive_seed, sample_weights
-from .transforms import img_size_of
 
 _logger = logging.getLogger(__name__)
 
