@@ -44,7 +44,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import timm_cmo
-from timm_cmo.data import CMO_VARIANTS, create_cmo_loader, create_lt_dataset, soft_target
+from timm_cmo.data import CMO_VARIANTS, CMOConfig, create_cmo_loader, create_lt_dataset, soft_target
 from timm_cmo.data.sampler import derive_seed
 from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.metrics import ClassAccuracy
@@ -446,10 +446,9 @@ def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_class
     train_loader = DeviceLoader(
         images, targets, args.batch_size, mean, std,
         padding=args.crop_padding if args.train_crop_mode == 'pad' else 0, hflip=args.hflip,
-        num_classes=num_classes, label_smoothing=args.smoothing, cmo=args.cmo, cmo_r=args.cmo_r,
-        cmo_effective=args.cmo_effective, cmo_prob=args.cmo_prob, cmo_beta=args.cmo_beta,
-        cmo_start_epoch=args.cmo_start_epoch, cmo_end_epochs=args.cmo_end_epochs, cmo_mode=args.cmo_mode,
-        cmo_variant=args.cmo_variant, epochs=args.epochs, seed=args.seed, channels_last=args.channels_last,
+        num_classes=num_classes, label_smoothing=args.smoothing,
+        cmo=CMOConfig.from_flags(**vars(args)) if args.cmo else None,
+        epochs=args.epochs, seed=args.seed, channels_last=args.channels_last,
         img_dtype=img_dtype, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
     eval_images, eval_targets = decode_to_tensor(eval_ds, img_size, device, num_workers=args.workers)
     eval_loader = DeviceEvalLoader(
@@ -596,14 +595,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             num_classes=num_classes,
             label_smoothing=args.smoothing,
             cmo=args.cmo,
-            cmo_r=args.cmo_r,
-            cmo_effective=args.cmo_effective,
-            cmo_prob=args.cmo_prob,
-            cmo_beta=args.cmo_beta,
-            cmo_start_epoch=args.cmo_start_epoch,
-            cmo_end_epochs=args.cmo_end_epochs,
-            cmo_mode=args.cmo_mode,
-            cmo_variant=args.cmo_variant,
+            **{k: v for k, v in vars(args).items() if k.startswith('cmo_')},
             epochs=args.epochs,
             seed=args.seed,
             train_crop_mode=args.train_crop_mode,

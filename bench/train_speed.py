@@ -48,7 +48,7 @@ def main(argv=None):
 
     import timm_cmo  # noqa: F401  (registers resnet32_cifar)
     import train_cmo
-    from timm_cmo.data import create_cmo_loader, create_lt_dataset
+    from timm_cmo.data import CMOConfig, create_cmo_loader, create_lt_dataset
     from timm_cmo.data.device_loader import DeviceLoader, decode_to_tensor
     from timm_cmo.losses import create_loss
 
@@ -66,13 +66,14 @@ def main(argv=None):
             images, targets = decode_to_tensor(ds, (32, 32), device)
             decode_s = time.time() - t0
         for cmo in args.cmo:
-            kw = dict(cmo=cmo == 'on', cmo_start_epoch=-1, num_classes=10, seed=0)
             if path == 'fast':
-                loader = DeviceLoader(images, targets, 128, mean, std, channels_last=args.channels_last, **kw)
+                loader = DeviceLoader(images, targets, 128, mean, std, channels_last=args.channels_last, num_classes=10,
+                                      cmo=CMOConfig(start_epoch=-1) if cmo == 'on' else None, seed=0)
             else:
                 loader = create_cmo_loader(
                     ds, (3, 32, 32), 128, is_training=True, device=device, num_workers=args.workers, mean=mean,
-                    std=std, color_jitter=None, train_crop_mode='pad', persistent_workers=True, **kw)
+                    std=std, color_jitter=None, train_crop_mode='pad', persistent_workers=True, cmo=cmo == 'on',
+                    cmo_start_epoch=-1, num_classes=10, seed=0)
             torch.manual_seed(0)
             model = timm.create_model('resnet32_cifar', num_classes=10).to(device)
             if args.channels_last:

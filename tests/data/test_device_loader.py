@@ -6,7 +6,7 @@ from PIL import Image
 from scipy import stats
 from torchvision import transforms
 
-from timm_cmo.data import class_sampling_probs, create_cmo_loader, create_lt_dataset
+from timm_cmo.data import CMOConfig, class_sampling_probs, create_cmo_loader, create_lt_dataset
 from timm_cmo.data.device_loader import DeviceEvalLoader, DeviceLoader, decode_to_tensor, pad_crop_flip
 
 CPU = torch.device('cpu')
@@ -65,8 +65,11 @@ def lt_data(cifar10_dir):
     return ds, images, targets
 
 
-def device_loader(images, targets, **kwargs):
-    args = dict(batch_size=64, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10, cmo=True, cmo_start_epoch=-1)
+def device_loader(images, targets, cmo=True, **kwargs):
+    flags = dict(cmo_start_epoch=-1)
+    flags.update({k: kwargs.pop(k) for k in list(kwargs) if k.startswith('cmo_')})
+    args = dict(batch_size=64, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10,
+                cmo=CMOConfig.from_flags(**flags) if cmo else None)
     args.update(kwargs)
     return DeviceLoader(images, targets, **args)
 

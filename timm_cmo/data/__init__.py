@@ -1,10 +1,10 @@
 """Long-tailed datasets, class-weighted sampling and the CMO loader."""
-from .cmo import CMOMixup, MixInfo, rand_bbox, soft_target
+from .cmo import CMO_VARIANTS, CMOConfig, CMOMixup, MixInfo, cmo_active, rand_bbox, soft_target
 from .dataset import (
     LongTailDataset, ShotGroups, create_lt_dataset, dataset_class_names, dataset_targets, long_tail_counts,
     long_tail_indices, shot_groups,
 )
-from .loader import CMO_VARIANTS, CMOBatchSampler, CMOCollate, CMOLoader, cmo_active, create_cmo_loader
+from .loader import CMOBatchSampler, CMOCollate, CMOLoader, create_cmo_loader
 from .reader_image_list import ListFileError, ReaderImageList, parse_list_file
 from .sampler import ClassWeightedSampler, class_sampling_probs, class_weights, sample_weights
 from .transforms import pad_crop_transform

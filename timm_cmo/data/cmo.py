@@ -5,13 +5,85 @@ distribution P and foregrounds drawn from the minority-weighted distribution Q. 
 tensors, after timm's prefetcher; the random numbers (whether to mix, lambda, the box) are drawn
 on the host from a seeded numpy Generator, so mixing never waits for the device.
 """
-from typing import NamedTuple, Optional, Tuple, Union
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from timm.data.mixup import one_hot
 
 MIX_MODES = ('batch', 'elem')
+CMO_VARIANTS = ('cmo', 'back', 'minor', 'mixup')
+"""cmo: background ~ P, foreground ~ Q, paste; back: background ~ Q, foreground ~ P;
+minor: both ~ Q; mixup: background ~ P, foreground ~ Q, blend instead of paste."""
+
+
+def cmo_active(epoch: int, epochs: Optional[int], start_epoch: int = 3, end_epochs: int = 3) -> bool:
+    """Whether CMO mixes in (0-based) ``epoch``: ``start_epoch < epoch < epochs - end_epochs``.
+
+    With ``epochs=None`` only the start of the window applies.
+    """
+    if epoch <= start_epoch:
+        return False
+    return epochs is None or epoch < epochs - end_epochs
+
+
+@dataclass(frozen=True)
+class CMOConfig:
+    """The CMO options, named like the ``--cmo-*`` flags without the prefix.
+
+    Args:
+        r: Foreground per-sample weight n_k^-r (1: every class equally likely). Default 1.
+        effective: Weight foregrounds by 1/E(k) (effective number) instead.
+        prob: Probability of mixing a batch (or a sample in elem mode). Default 0.5.
+        beta: lambda ~ Beta(beta, beta). Default 1.
+        start_epoch, end_epochs: CMO mixes when ``start < epoch < epochs - end`` (0-based). Default 3, 3.
+        mode: ``'batch'`` (one box per batch, as the paper) or ``'elem'`` (one per sample).
+        variant: One of :data:`CMO_VARIANTS`.
+    """
+    r: float = 1.0
+    effective: bool = False
+    prob: float = 0.5
+    beta: float = 1.0
+    start_epoch: int = 3
+    end_epochs: int = 3
+    mode: str = 'batch'
+    variant: str = 'cmo'
+
+    def __post_init__(self):
+        if not self.r >= 0:
+            raise ValueError(f'cmo r must be >= 0, got {self.r}')
+        if not 0. <= self.prob <= 1.:
+            raise ValueError(f'cmo prob must be in [0, 1], got {self.prob}')
+        if not self.beta > 0:
+            raise ValueError(f'cmo beta must be > 0, got {self.beta}')
+        if self.mode not in MIX_MODES:
+            raise ValueError(f'cmo mode must be one of {MIX_MODES}, got {self.mode!r}')
+        if self.variant not in CMO_VARIANTS:
+            raise ValueError(f'cmo variant must be one of {CMO_VARIANTS}, got {self.variant!r}')
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> 'CMOConfig':
+        """From ``cmo_r=..., cmo_prob=...`` keywords (other keywords are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k[4:]: v for k, v in flags.items() if k.startswith('cmo_') and k[4:] in names})
+
+    @property
+    def background_from_q(self) -> bool:
+        """Backgrounds drawn class-weighted (the 'back' and 'minor' ablations)."""
+        return self.variant in ('back', 'minor')
+
+    @property
+    def foreground_from_p(self) -> bool:
+        """Foregrounds drawn from the data distribution (the 'back' ablation)."""
+        return self.variant == 'back'
+
+    def active(self, epoch: int, epochs: Optional[int]) -> bool:
+        return cmo_active(epoch, epochs, self.start_epoch, self.end_epochs)
+
+    def mixer(self, num_classes: int, label_smoothing: float = 0.0) -> 'CMOMixup':
+        return CMOMixup(num_classes, prob=self.prob, beta=self.beta, mode=self.mode,
+                        label_smoothing=label_smoothing, blend=self.variant == 'mixup')
 
 
 class MixInfo(NamedTuple):

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
-from .cmo import CMOMixup, MixInfo, host_to_device
-from .loader import CMO_VARIANTS, cmo_active
+from .cmo import CMOConfig, MixInfo, host_to_device
 from .sampler import _dist_defaults, derive_seed, sample_weights
 
 _logger = logging.getLogger(__name__)
@@ -109,7 +108,9 @@ class DeviceLoader:
         padding: Pad-crop padding (0 disables the crop). Default 4.
         hflip: Horizontal flip probability. Default 0.5.
         num_classes: Number of classes (soft targets).
-        cmo ... cmo_variant, epochs, label_smoothing: as :func:`~timm_cmo.data.loader.create_cmo_loader`.
+        label_smoothing: Label smoothing of the soft targets (CMO on).
+        cmo: The CMO options; None for CMO off.
+        epochs: Total training epochs (end of the CMO window).
         seed: Seed of every random stream.
         num_replicas, rank: Distributed split (defaults from the process group).
         drop_last: Drop the last incomplete batch. Default True.
@@ -129,15 +130,7 @@ class DeviceLoader:
             hflip: float = 0.5,
             num_classes: Optional[int] = None,
             label_smoothing: float = 0.0,
-            cmo: bool = False,
-            cmo_r: float = 1.0,
-            cmo_effective: bool = False,
-            cmo_prob: float = 0.5,
-            cmo_beta: float = 1.0,
-            cmo_start_epoch: int = 3,
-            cmo_end_epochs: int = 3,
-            cmo_mode: str = 'batch',
-            cmo_variant: str = 'cmo',
+            cmo: Optional[CMOConfig] = None,
             epochs: Optional[int] = None,
             seed: int = 0,
             num_replicas: Optional[int] = None,
@@ -149,8 +142,6 @@ class DeviceLoader:
             re_mode: str = 'const',
             re_count: int = 1,
     ):
-        if cmo_variant not in CMO_VARIANTS:
-            raise ValueError(f'cmo_variant must be one of {CMO_VARIANTS}, got {cmo_variant!r}')
         self.images = images
         self.targets = targets
         self.device = images.device
@@ -165,29 +156,23 @@ class DeviceLoader:
         self.seed = seed
         self.epochs = epochs
         self.cmo = cmo
-        self.cmo_prob = cmo_prob
-        self.cmo_mode = cmo_mode
-        self.cmo_variant = cmo_variant
-        self.cmo_start_epoch = cmo_start_epoch
-        self.cmo_end_epochs = cmo_end_epochs
         channels = images.shape[1]
         self.mean = torch.tensor(mean, device=self.device, dtype=img_dtype).view(1, channels, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device, dtype=img_dtype).view(1, channels, 1, 1) * 255
         self.random_erasing = RandomErasing(
             re_prob, mode=re_mode, max_count=re_count, device=self.device) if re_prob > 0 else None
         self.mixer = None
-        if cmo:
-            self.weights = sample_weights(targets.cpu().numpy(), r=cmo_r, effective=cmo_effective).to(
+        if cmo is not None:
+            self.weights = sample_weights(targets.cpu().numpy(), r=cmo.r, effective=cmo.effective).to(
                 self.device, torch.float32)
-            self.mixer = CMOMixup(self.num_classes, prob=cmo_prob, beta=cmo_beta, mode=cmo_mode,
-                                  label_smoothing=label_smoothing, blend=cmo_variant == 'mixup')
+            self.mixer = cmo.mixer(self.num_classes, label_smoothing)
         self.num_samples = math.ceil(len(targets) / self.num_replicas)
         self.epoch = 0
         self.mix_info: Optional[MixInfo] = None
 
     @property
     def active(self) -> bool:
-        return self.cmo and cmo_active(self.epoch, self.epochs, self.cmo_start_epoch, self.cmo_end_epochs)
+        return self.cmo is not None and self.cmo.active(self.epoch, self.epochs)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -226,7 +211,7 @@ class DeviceLoader:
         decide = np.random.default_rng(derive_seed(self.seed, self.epoch, self.rank, 1))
         n_all = len(self.targets)
         active = self.active
-        bg_from_q = active and self.cmo_variant in ('back', 'minor')
+        bg_from_q = active and self.cmo.background_from_q
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             b = idx.shape[0]
@@ -240,17 +225,17 @@ class DeviceLoader:
             apply = None
             mixed = False
             if active:
-                if self.cmo_mode == 'batch':
-                    mixed = decide.random() < self.cmo_prob
+                if self.cmo.mode == 'batch':
+                    mixed = decide.random() < self.cmo.prob
                 else:
-                    mask = decide.random(b) < self.cmo_prob
+                    mask = decide.random(b) < self.cmo.prob
                     mixed = bool(mask.any())
                     apply = host_to_device(mask, self.device)
             if not mixed:
                 self.mix_info = MixInfo(y, y, 1.)
                 yield x, self.mixer.target(y)
                 continue
-            if self.cmo_variant == 'back':
+            if self.cmo.foreground_from_p:
                 fg_idx = torch.randint(0, n_all, (b,), device=self.device, generator=draw_gen)
             else:
                 fg_idx = torch.multinomial(self.weights, b, replacement=True, generator=draw_gen)

@@ -22,27 +22,12 @@ from timm.data import create_loader
 from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import Sampler, default_collate
 
-from .cmo import CMOMixup, MixInfo
+from .cmo import CMOConfig, CMOMixup, MixInfo
 from .dataset import dataset_targets
 from .sampler import ClassWeightedSampler, derive_seed
 from .transforms import pad_crop_transform
 
 _logger = logging.getLogger(__name__)
-
-CMO_VARIANTS = ('cmo', 'back', 'minor', 'mixup')
-"""cmo: background ~ P, foreground ~ Q, paste; back: background ~ Q, foreground ~ P;
-minor: both ~ Q; mixup: background ~ P, foreground ~ Q, blend instead of paste."""
-
-
-def cmo_active(epoch: int, epochs: Optional[int], start_epoch: int = 3, end_epochs: int = 3) -> bool:
-    """Whether CMO mixes in (0-based) ``epoch``: ``start_epoch < epoch < epochs - end_epochs``.
-
-    With ``epochs=None`` only the start of the window applies.
-    """
-    if epoch <= start_epoch:
-        return False
-    return epochs is None or epoch < epochs - end_epochs
-
 
 def _cycle(sampler: Sampler) -> Iterator[int]:
     while True:
@@ -59,8 +44,8 @@ class CMOBatchSampler(Sampler[List]):
 
     The number of batches and the rank's share come from ``sampler`` (timm's random or
     distributed sampler over P). Backgrounds and foregrounds are drawn from P or Q (the
-    ``weighted_sampler``) by ``variant``. Whether a batch (or, with ``mode='elem'``, a sample)
-    is mixed is drawn here with probability ``prob`` from a generator seeded by
+    ``weighted_sampler``) by ``config.variant``. Whether a batch (or, in elem mode, a sample)
+    is mixed is drawn here with probability ``config.prob`` from a generator seeded by
     ``(seed, epoch, rank)``, so a run resumed at an epoch repeats its decisions.
 
     Args:
@@ -68,9 +53,7 @@ class CMOBatchSampler(Sampler[List]):
         weighted_sampler: Class-weighted sampler (Q).
         batch_size: Backgrounds per batch.
         drop_last: Drop the last incomplete batch.
-        prob: Mixing probability.
-        mode: ``'batch'`` or ``'elem'``.
-        variant: One of :data:`CMO_VARIANTS`.
+        config: The CMO options.
         seed: Base seed of the mixing decisions.
         rank: Distributed rank (seeds the decisions).
     """
@@ -81,21 +64,15 @@ class CMOBatchSampler(Sampler[List]):
             weighted_sampler: Sampler,
             batch_size: int,
             drop_last: bool,
-            prob: float = 0.5,
-            mode: str = 'batch',
-            variant: str = 'cmo',
+            config: CMOConfig = CMOConfig(),
             seed: int = 0,
             rank: int = 0,
     ):
-        if variant not in CMO_VARIANTS:
-            raise ValueError(f'cmo_variant must be one of {CMO_VARIANTS}, got {variant!r}')
         self.sampler = sampler
         self.weighted_sampler = weighted_sampler
         self.batch_size = batch_size
         self.drop_last = drop_last
-        self.prob = prob
-        self.mode = mode
-        self.variant = variant
+        self.config = config
         self.seed = seed
         self.rank = rank
         self.epoch = 0
@@ -122,24 +99,21 @@ class CMOBatchSampler(Sampler[List]):
             yield batch
 
     def __iter__(self) -> Iterator[List]:
+        cfg = self.config
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, self.rank, 1))
         q_stream = _cycle(self.weighted_sampler)
-        bg_from_q = self.variant in ('back', 'minor')
-        if self.variant == 'back':
-            fg_stream = _cycle(self.sampler)
-        else:
-            fg_stream = q_stream
+        fg_stream = _cycle(self.sampler) if cfg.foreground_from_p else q_stream
         for batch in self._batches():
-            if bg_from_q:
+            if cfg.background_from_q:
                 batch = [next(q_stream) for _ in batch]
             if not self.active:
                 yield batch
                 continue
             n = len(batch)
-            if self.mode == 'batch':
-                positions = range(n) if rng.random() < self.prob else ()
+            if cfg.mode == 'batch':
+                positions = range(n) if rng.random() < cfg.prob else ()
             else:
-                positions = np.nonzero(rng.random(n) < self.prob)[0].tolist()
+                positions = np.nonzero(rng.random(n) < cfg.prob)[0].tolist()
             yield batch + [(next(fg_stream), pos) for pos in positions]
 
 
@@ -233,8 +207,6 @@ class CMOLoader:
             mixer: Optional[CMOMixup] = None,
             device: Optional[torch.device] = None,
             epochs: Optional[int] = None,
-            start_epoch: int = 3,
-            end_epochs: int = 3,
             seed: int = 0,
             rank: int = 0,
     ):
@@ -243,8 +215,6 @@ class CMOLoader:
         self.mixer = mixer
         self.device = device
         self.epochs = epochs
-        self.start_epoch = start_epoch
-        self.end_epochs = end_epochs
         self.seed = seed
         self.rank = rank
         self.epoch = 0
@@ -258,7 +228,7 @@ class CMOLoader:
     @property
     def active(self) -> bool:
         """Whether CMO mixes in the current epoch."""
-        return self.cmo and cmo_active(self.epoch, self.epochs, self.start_epoch, self.end_epochs)
+        return self.cmo and self.batch_sampler.config.active(self.epoch, self.epochs)
 
     @property
     def dataset(self):
@@ -329,6 +299,8 @@ def create_cmo_loader(
 ) -> Union[CMOLoader, torch.utils.data.DataLoader, PrefetchLoader]:
     """Create a data loader like ``timm.data.create_loader``, with CMO for training.
 
+    The ``cmo_*`` arguments are the fields of :class:`~timm_cmo.data.cmo.CMOConfig`.
+
     Args:
         dataset: A map-style dataset with per-sample labels (``targets`` or a timm reader).
         input_size, batch_size, is_training: As in timm's ``create_loader``.
@@ -342,7 +314,7 @@ def create_cmo_loader(
         cmo_start_epoch, cmo_end_epochs: CMO mixes when ``start < epoch < epochs - end``
             (0-based epochs; default 3 and 3 as in the paper's code).
         cmo_mode: ``'batch'`` (one box per batch) or ``'elem'`` (one box and lambda per sample).
-        cmo_variant: One of :data:`CMO_VARIANTS`.
+        cmo_variant: One of :data:`~timm_cmo.data.cmo.CMO_VARIANTS`.
         epochs: Total training epochs (end of the CMO window).
         seed: Seed of foreground draws and mixing randomness.
         train_crop_mode: timm's ('rrc', 'rkrc', 'rkrr') or ``'pad'``: the paper's CIFAR recipe,
@@ -355,6 +327,8 @@ def create_cmo_loader(
         For training, a :class:`CMOLoader` (set its epoch with ``set_epoch``); for evaluation,
         timm's loader.
     """
+    config = CMOConfig(r=cmo_r, effective=cmo_effective, prob=cmo_prob, beta=cmo_beta, start_epoch=cmo_start_epoch,
+                       end_epochs=cmo_end_epochs, mode=cmo_mode, variant=cmo_variant)
     pad_crop = train_crop_mode == 'pad'
     loader = create_loader(
         dataset,
@@ -382,8 +356,6 @@ def create_cmo_loader(
         num_classes = getattr(dataset, 'num_classes', None)
         if num_classes is None:
             raise ValueError('num_classes is needed for CMO soft targets')
-    if cmo_variant not in CMO_VARIANTS:
-        raise ValueError(f'cmo_variant must be one of {CMO_VARIANTS}, got {cmo_variant!r}')
     if kwargs.get('use_multi_epochs_loader', False):
         raise ValueError('use_multi_epochs_loader is not supported with CMO')
     if kwargs.get('input_size_choices') is not None:
@@ -393,8 +365,8 @@ def create_cmo_loader(
     distributed = kwargs.get('distributed', False)
     weighted_sampler = ClassWeightedSampler(
         dataset_targets(dataset),
-        r=cmo_r,
-        effective=cmo_effective,
+        r=config.r,
+        effective=config.effective,
         num_samples=len(dataset),
         seed=seed,
         num_replicas=None if distributed else 1,
@@ -406,9 +378,7 @@ def create_cmo_loader(
         weighted_sampler,
         batch_size=batch_size,
         drop_last=inner.drop_last,
-        prob=cmo_prob,
-        mode=cmo_mode,
-        variant=cmo_variant,
+        config=config,
         seed=seed,
         rank=rank,
     )
@@ -431,22 +401,12 @@ def create_cmo_loader(
         cmo_loader = prefetcher
     else:
         cmo_loader = cmo_inner
-    mixer = CMOMixup(
-        num_classes,
-        prob=cmo_prob,
-        beta=cmo_beta,
-        mode=cmo_mode,
-        label_smoothing=label_smoothing,
-        blend=cmo_variant == 'mixup',
-    )
     return CMOLoader(
         cmo_loader,
         batch_sampler=batch_sampler,
-        mixer=mixer,
+        mixer=config.mixer(num_classes, label_smoothing),
         device=device,
         epochs=epochs,
-        start_epoch=cmo_start_epoch,
-        end_epochs=cmo_end_epochs,
         seed=seed,
         rank=rank,
     )
