@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p.add_argument('--imb-max', type=int, default=None)
     p.add_argument('--paths', nargs='+', default=['ordinary', 'fast'], choices=['ordinary', 'fast'])
     p.add_argument('--cmo', nargs='+', default=['off', 'on'], choices=['off', 'on'])
-    p.add_argument('--epochs', type=int, default=2, help='epochs timed per setting (after one warm-up epoch)')
+    p.add_argument('--epochs', type=int, default=3, help='epochs timed per setting (after one warm-up epoch)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--workers', type=int, default=2, help='loader workers of the ordinary path')
     p.add_argument('--device', default='cuda' if __import__('torch').cuda.is_available() else 'cpu')
@@ -58,8 +58,8 @@ def main(argv=None):
     amp = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16) if args.amp else suppress
     run_args = SimpleNamespace(channels_last=args.channels_last, smoothing=0.0, clip_grad=None, clip_mode='norm',
                                log_interval=10 ** 9, rank=0, world_size=1, distributed=False)
-    rows = []
     decode_s = None
+    settings = []
     for path in args.paths:
         if path == 'fast':
             t0 = time.time()
@@ -83,25 +83,30 @@ def main(argv=None):
             opt = create_optimizer_v2(model, opt='momentum', lr=0.1, momentum=0.9, weight_decay=2e-4,
                                       filter_bias_and_bn=False)
             loss_fn = create_loss('ce', ds.class_counts).to(device)
-            times = []
-            for epoch in range(args.epochs + 1):
-                loader.set_epoch(epoch)
-                if device.type == 'cuda':
-                    torch.cuda.synchronize()
-                t0 = time.time()
-                train_cmo.train_one_epoch(epoch, model, loader, opt, loss_fn, run_args, device, amp_autocast=amp,
-                                          num_classes=10)
-                if device.type == 'cuda':
-                    torch.cuda.synchronize()
-                times.append(time.time() - t0)
-            per_epoch = sorted(times[1:])[len(times[1:]) // 2]
-            images_per_epoch = len(loader) * 128
-            row = dict(path=path, cmo=cmo, s_per_epoch=round(per_epoch, 2), warmup_epoch_s=round(times[0], 2),
-                       images_per_s=round(images_per_epoch / per_epoch, 1),
-                       projected_200_epochs_min=round((200 * per_epoch + (decode_s if path == 'fast' else 0)) / 60, 1))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del loader
+            settings.append(dict(path=path, cmo=cmo, loader=loader, model=model, opt=opt, loss_fn=loss_fn, times=[]))
+
+    # one warm-up epoch each, then the timed epochs interleaved across the settings (drift hits all alike)
+    for epoch in range(args.epochs + 1):
+        for st in settings:
+            st['loader'].set_epoch(epoch)
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            t0 = time.time()
+            train_cmo.train_one_epoch(epoch, st['model'], st['loader'], st['opt'], st['loss_fn'], run_args, device,
+                                      amp_autocast=amp, num_classes=10)
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            st['times'].append(time.time() - t0)
+            print(f"epoch {epoch} {st['path']} cmo {st['cmo']}: {st['times'][-1]:.1f}s", flush=True)
+    rows = []
+    for st in settings:
+        timed = sorted(st['times'][1:])
+        per_epoch = timed[len(timed) // 2]
+        images_per_epoch = len(st['loader']) * 128
+        rows.append(dict(
+            path=st['path'], cmo=st['cmo'], s_per_epoch=round(per_epoch, 2), epochs_s=[round(t, 2) for t in st['times']],
+            images_per_s=round(images_per_epoch / per_epoch, 1),
+            projected_200_epochs_min=round((200 * per_epoch + (decode_s if st['path'] == 'fast' else 0)) / 60, 1)))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = dict(
         report_header(__file__, argv), device=str(device), threads=args.threads, workers=args.workers,
