@@ -21,6 +21,7 @@ that gives lr * (e + 1) / 5 in epochs e = 0..4 (``--warmup-epochs 4``, ``--warmu
 import argparse
 import logging
 import os
+import resource
 import shlex
 import sys
 import time
@@ -50,6 +51,7 @@ from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.metrics import ClassAccuracy
 
 _logger = logging.getLogger('train_cmo')
+_START = time.time()
 
 LOSS_KWARGS = {'ldam': {'ldam_max_m': 'max_m', 'ldam_s': 's'}, 'focal': {'focal_gamma': 'gamma'}, 'la': {'la_tau': 'tau'}}
 REWEIGHTS = ('none', 'cb', 'drw')
@@ -457,6 +459,15 @@ def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_class
     return train_loader, eval_loader
 
 
+def cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), 'CPU')
+    except OSError:
+        model = 'CPU'
+    return f'{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+
+
 def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model_name: str) -> Dict[str, Any]:
     """The ``extra`` of results.json: what was trained on what, how, and how it was launched."""
     return dict(
@@ -476,6 +487,11 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model_name: s
         command=' '.join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:]),
         config=vars(args),
         versions=dict(timm_cmo=timm_cmo.__version__, timm=timm.__version__, torch=torch.__version__),
+        resources=dict(
+            wall_min=round((time.time() - _START) / 60, 1),
+            peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2 ** 20) if torch.cuda.is_available() else None,
+            device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()),
         date=datetime.now().isoformat(timespec='seconds'),
     )
 

@@ -149,6 +149,7 @@ def test_end_to_end_outputs(ldam_cmo_run):
     assert m['many'] is None and m['medium'] is not None and m['few'] is not None
     assert results['method']['cmo'] and results['method']['loss'] == 'ldam'
     assert 'train_cmo.py' in results['command'] and results['epoch'] == 2
+    assert results['resources']['peak_rss_mib'] > 100 and results['resources']['wall_min'] > 0
     rows = (run / 'per_class_accuracy.csv').read_text().strip().splitlines()
     assert len(rows) == 11
     assert len((run / 'summary.csv').read_text().strip().splitlines()) == 4
