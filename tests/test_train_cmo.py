@@ -124,15 +124,17 @@ LDAM_CMO = ['--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0', '--loss
             '--drw-epoch', '1', '--head-norm', '--cmo-prob', '1.0', '--model-ema', '--model-ema-decay', '0.9']
 
 
-def run_script(argv, timeout=600, **kwargs):
+def run_script(argv, timeout=600, env=None, **kwargs):
     return subprocess.run([sys.executable, str(REPO / 'train_cmo.py')] + argv, capture_output=True, text=True,
-                          timeout=timeout, env=ENV, **kwargs)
+                          timeout=timeout, env=env or ENV, **kwargs)
 
 
 @pytest.fixture(scope='module')
 def ldam_cmo_run(small_cifar, tmp_path_factory):
     out = tmp_path_factory.mktemp('runs')
-    proc = run_script(base_argv(small_cifar, out, 'ref', 3, *LDAM_CMO))
+    # --push-to-hub with the Hub unreachable: the run still succeeds and keeps the export
+    env = dict(ENV, HF_HUB_OFFLINE='1', HF_HOME=str(out / 'hf_home'))
+    proc = run_script(base_argv(small_cifar, out, 'ref', 3, *LDAM_CMO) + ['--push-to-hub', 'timm-cmo/test-run'], env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out / 'ref', proc
 
@@ -158,6 +160,9 @@ def test_end_to_end_outputs(ldam_cmo_run):
     ckpt = torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 2 and 'optimizer' in ckpt
     assert 'Train: 2' in proc.stderr and 'Eval: 2' in proc.stderr  # progress is logged
+    assert 'Upload to the Hub failed' in proc.stderr and 'is intact' in proc.stderr
+    export = run / 'hub_export'
+    assert (export / 'model.safetensors').is_file() and 'timm-cmo/test-run' in (export / 'README.md').read_text()
 
 
 def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, tmp_path):
