@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg_value, is_model, save_for_hf
 
 from .models import is_head_norm
@@ -29,6 +30,10 @@ __all__ = ['convert_checkpoint', 'load_checkpoint_state_dict', 'main']
 _STATE_DICT_KEYS = ('state_dict', 'model', 'state_dict_ema')
 _STRIP_PREFIXES = ('module.', '_orig_mod.')
 _PAPER_CLASSIFIER = 'linear'
+PAPER_IMAGENET_EVAL = dict(
+    input_size=(3, 224, 224), crop_pct=0.875, interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN,
+    std=IMAGENET_DEFAULT_STD)
+"""The evaluation preprocessing of the paper's ImageNet-LT / iNaturalist models (resize 256, centre crop 224)."""
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -188,7 +193,10 @@ def convert_checkpoint(
     model.eval()
 
     out_dir = Path(out_dir)
-    save_for_hf(model, out_dir, safe_serialization=True)
+    # CIFAR models keep their own 32x32 config; the paper's ImageNet-LT / iNaturalist models were
+    # evaluated at 224 after a 256 resize, which differs from timm's defaults for these architectures
+    small_input = model.pretrained_cfg.get('input_size', (3, 224, 224))[-1] <= 32
+    save_for_hf(model, out_dir, safe_serialization=True, data_config=None if small_input else PAPER_IMAGENET_EVAL)
 
     info = [f'model={model_name}', f'num_classes={model.num_classes}',
             f'head={"NormedLinear" if is_head_norm(model) else type(model.get_classifier()).__name__}']

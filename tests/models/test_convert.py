@@ -155,6 +155,12 @@ def test_convert_torchvision_layout_resnet18(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), src.eval()(x))
     assert model.num_classes == 12 and isinstance(model.fc, torch.nn.Linear)
+    # the paper's ImageNet-LT / iNaturalist evaluation preprocessing travels with the weights
+    cfg = json.loads((tmp_path / 'out' / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['input_size'] == [3, 224, 224] and cfg['crop_pct'] == 0.875 and cfg['interpolation'] == 'bilinear'
+    assert 'test_input_size' not in cfg
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert data_cfg['input_size'] == (3, 224, 224) and data_cfg['crop_pct'] == 0.875
 
 
 def test_convert_normed_timm_resnet18(tmp_path):
