@@ -48,6 +48,7 @@ import timm_cmo
 from timm_cmo.data import CMO_VARIANTS, CMOConfig, create_cmo_loader, create_lt_dataset, soft_target
 from timm_cmo.data.sampler import derive_seed
 from timm_cmo.losses import create_loss, list_losses
+from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
 
 _logger = logging.getLogger('train_cmo')
@@ -478,7 +479,9 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model_name: s
             num_classes=train_ds.num_classes, train_images=len(train_ds),
             class_counts=train_ds.class_counts.tolist()),
         method=dict(
-            loss=args.loss, reweight=args.reweight, drw_epoch=args.drw_epoch, cmo=args.cmo, cmo_r=args.cmo_r,
+            loss=args.loss, reweight=args.reweight,
+            drw_epoch=resolve_drw_epoch(args.drw_epoch, args.epochs) if args.reweight == 'drw' else None,
+            cmo=args.cmo, cmo_r=args.cmo_r,
             cmo_effective=args.cmo_effective, cmo_prob=args.cmo_prob, cmo_beta=args.cmo_beta,
             cmo_mode=args.cmo_mode, cmo_variant=args.cmo_variant, head_norm=args.head_norm),
         epoch=epoch,

@@ -162,7 +162,10 @@ def test_end_to_end_outputs(ldam_cmo_run):
     assert 'Train: 2' in proc.stderr and 'Eval: 2' in proc.stderr  # progress is logged
     assert 'Upload to the Hub failed' in proc.stderr and 'is intact' in proc.stderr
     export = run / 'hub_export'
-    assert (export / 'model.safetensors').is_file() and 'timm-cmo/test-run' in (export / 'README.md').read_text()
+    card = (export / 'README.md').read_text()
+    assert (export / 'model.safetensors').is_file() and 'timm-cmo/test-run' in card
+    assert 'ldam / drw (epoch 1)' in card and 'Recipe file' not in card and "'experiment'" not in card
+    assert results['method']['drw_epoch'] == 1
 
 
 def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, tmp_path):

@@ -246,7 +246,8 @@ def model_card(
                  f'mode {_fmt(opt.get("cmo_mode"))}, variant {_fmt(opt.get("cmo_variant"))}') if opt.get('cmo') else 'no'),
         ('Model EMA', _fmt(bool(args.get('model_ema')))),
     ]
-    config = results.get('config') or args.get('config')
+    # the recipe file is args.yaml's `config` (results.json's `config` is the whole run configuration)
+    config = args.get('config') or (results.get('config') if isinstance(results.get('config'), str) else None)
     if config:
         recipe_rows.append(('Recipe file', f'`{os.path.basename(str(config))}`'))
 
