@@ -296,3 +296,31 @@ def test_torchcompile_eager_backend(small_cifar, tmp_path):
     assert 'unavailable here' not in proc.stderr
     ckpt = torch.load(tmp_path / 'compiled' / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert not any(k.startswith('_orig_mod.') for k in ckpt['state_dict'])  # saved unwrapped
+
+
+def test_compute_loss_uses_the_papers_cmo_form():
+    """Batch-mode CMO with DRW weights: lam * L(y_b) + (1 - lam) * L(y_f), each term normalised by its own weights."""
+    import torch.nn.functional as F
+    from timm_cmo.data import MixInfo
+    from timm_cmo.losses import class_balanced_weights, create_loss
+    counts = [500, 120, 30, 6]
+    loss_fn = create_loss('ce', counts, reweight='drw', drw_epoch=0)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 4, generator=g)
+    y_b, y_f = torch.randint(0, 4, (16,), generator=g), torch.randint(0, 4, (16,), generator=g)
+    w = class_balanced_weights(counts)
+    expected = 0.3 * F.cross_entropy(logits, y_b, weight=w) + 0.7 * F.cross_entropy(logits, y_f, weight=w)
+    soft = 0.3 * F.one_hot(y_b, 4).float() + 0.7 * F.one_hot(y_f, 4).float()
+    got = train_cmo.compute_loss(loss_fn, logits, soft, MixInfo(y_b, y_f, 0.3), smoothing=0.0, num_classes=4)
+    torch.testing.assert_close(got, expected)
+    # an unmixed batch of a CMO loader: the hard labels
+    got = train_cmo.compute_loss(loss_fn, logits, F.one_hot(y_b, 4).float(), MixInfo(y_b, y_b, 1.0), 0.0, 4)
+    torch.testing.assert_close(got, F.cross_entropy(logits, y_b, weight=w))
+    # per-sample lambdas (elem mode) or label smoothing: the soft targets
+    lam = torch.rand(16, generator=g)
+    soft = lam[:, None] * F.one_hot(y_b, 4) + (1 - lam[:, None]) * F.one_hot(y_f, 4)
+    got = train_cmo.compute_loss(loss_fn, logits, soft, MixInfo(y_b, y_f, lam), 0.0, 4)
+    torch.testing.assert_close(got, loss_fn(logits, soft))
+    # CMO off with label smoothing: timm's smoothed one-hot targets
+    got = train_cmo.compute_loss(loss_fn, logits, y_b, None, 0.1, 4)
+    torch.testing.assert_close(got, loss_fn(logits, F.one_hot(y_b, 4) * 0.9 + 0.1 / 4))
