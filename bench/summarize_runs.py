@@ -47,7 +47,7 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
     counts = any_run['dataset']['class_counts']
     lines = [
         '| method | seed | top-1 | head | middle | tail | ' + ' | '.join(f'{n} ({c})' for n, c in zip(names, counts))
-        + ' | paper |',
+        + ' | paper (recipe target) |',
         '|---|---|---|---|---|---|' + '---|' * len(names) + '---|',
     ]
     means = {}
