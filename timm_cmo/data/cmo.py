@@ -18,6 +18,16 @@ CMO_VARIANTS = ('cmo', 'back', 'minor', 'mixup')
 minor: both ~ Q; mixup: background ~ P, foreground ~ Q, blend instead of paste."""
 
 
+def check_mix_options(prob: float, beta: float, mode: str) -> None:
+    """Raise ``ValueError`` naming a mixing probability, Beta parameter or mode out of range."""
+    if not 0. <= prob <= 1.:
+        raise ValueError(f'prob must be in [0, 1], got {prob}')
+    if not beta > 0:
+        raise ValueError(f'beta must be > 0, got {beta}')
+    if mode not in MIX_MODES:
+        raise ValueError(f'mode must be one of {MIX_MODES}, got {mode!r}')
+
+
 def cmo_active(epoch: int, epochs: Optional[int], start_epoch: int = 3, end_epochs: int = 3) -> bool:
     """Whether CMO mixes in (0-based) ``epoch``: ``start_epoch < epoch < epochs - end_epochs``.
 
@@ -52,15 +62,10 @@ class CMOConfig:
 
     def __post_init__(self):
         if not self.r >= 0:
-            raise ValueError(f'cmo r must be >= 0, got {self.r}')
-        if not 0. <= self.prob <= 1.:
-            raise ValueError(f'cmo prob must be in [0, 1], got {self.prob}')
-        if not self.beta > 0:
-            raise ValueError(f'cmo beta must be > 0, got {self.beta}')
-        if self.mode not in MIX_MODES:
-            raise ValueError(f'cmo mode must be one of {MIX_MODES}, got {self.mode!r}')
+            raise ValueError(f'r must be >= 0, got {self.r}')
+        check_mix_options(self.prob, self.beta, self.mode)
         if self.variant not in CMO_VARIANTS:
-            raise ValueError(f'cmo variant must be one of {CMO_VARIANTS}, got {self.variant!r}')
+            raise ValueError(f'variant must be one of {CMO_VARIANTS}, got {self.variant!r}')
 
     @classmethod
     def from_flags(cls, **flags: Any) -> 'CMOConfig':
@@ -178,12 +183,7 @@ class CMOMixup:
             blend: bool = False,
             seed: Optional[int] = None,
     ):
-        if not 0. <= prob <= 1.:
-            raise ValueError(f'prob must be in [0, 1], got {prob}')
-        if not beta > 0:
-            raise ValueError(f'beta must be > 0, got {beta}')
-        if mode not in MIX_MODES:
-            raise ValueError(f'mode must be one of {MIX_MODES}, got {mode!r}')
+        check_mix_options(prob, beta, mode)
         if not 0. <= label_smoothing < 1.:
             raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
         if num_classes < 1:
