@@ -13,6 +13,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def run_name(method: str, seed: int) -> str:
+    """Folder name of one reproduction run: ``<method>-s<seed>``."""
+    return f'{method}-s{seed}'
+
+
 def default_data_dir() -> str:
     """$TIMM_CMO_CIFAR10, else ``shared/data/cifar10`` in a folder above the repository."""
     env = os.environ.get('TIMM_CMO_CIFAR10')

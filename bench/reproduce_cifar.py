@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, run_name
 
 
 def parse_args(argv=None):
@@ -32,10 +32,6 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=1, help='torch threads per run (CPU)')
     parser.add_argument('extra', nargs=argparse.REMAINDER, help='after --: more train_cmo.py flags for every run')
     return parser.parse_args(argv)
-
-
-def run_name(method: str, seed: int) -> str:
-    return f'{method}-s{seed}'
 
 
 def command(args, method: str, seed: int):

@@ -5,8 +5,10 @@
 
 Prints (and with ``--copy-to`` writes ``table.md``) a Markdown table of the final-epoch top-1,
 head / middle / tail and per-class accuracy per method and seed, the mean over seeds, and the gain
-of each "+ CMO" method over the same method without CMO. ``--copy-to`` also copies each run's
-results.json, summary.csv and per-class CSV (a few KB each).
+of each "+ CMO" method over the same method without CMO, and the time and peak memory of each run.
+``--copy-to`` also copies each run's results.json, summary.csv, args.yaml and per-class CSV (a few KB
+each) and draws ``per_class_<method>.png``: per-class accuracy of each method with and without CMO
+(mean over seeds) against the training images per class.
 """
 import argparse
 import json
@@ -16,6 +18,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
+
+from common import run_name  # (also puts the repo on sys.path)
+from timm_cmo.plot import plot_per_class_accuracy  # noqa: E402
 
 KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml')
 NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS'}
@@ -62,7 +67,7 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
         means[method] = {k: statistics.mean(r['metrics'][k] for r in seeds.values()) for k in keys}
         means[method]['seeds'] = sorted(seeds)
         if len(seeds) > 1:
-            per_class = [statistics.mean(vals) for vals in zip(*(r['per_class']['top1'] for r in seeds.values()))]
+            per_class = mean_per_class(seeds)
             lines.append(f'| **{label(method)}** | mean of {len(seeds)} | **{fmt(means[method]["top1"])}** | '
                          f'{fmt(means[method]["head"])} | {fmt(means[method]["middle"])} | {fmt(means[method]["tail"])} | '
                          + ' | '.join(fmt(a) for a in per_class) + ' | |')
@@ -78,13 +83,41 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
                      for k in ('top1', 'head', 'middle', 'tail')}
             lines.append(f'| {label(method)} vs {label(base)} (seeds {", ".join(map(str, common))}) | '
                          + ' | '.join(f'{gains[k]:+.1f}' for k in ('top1', 'head', 'middle', 'tail')) + ' |')
+    lines += ['', '| run | wall time (min) | peak RSS (MiB) | device |', '|---|---|---|---|']
+    for method in order:
+        for seed, r in sorted(runs[method].items()):
+            res = r.get('resources') or {}
+            lines.append(f'| {run_name(method, seed)} | {fmt(res.get("wall_min"))} | {fmt(res.get("peak_rss_mib"))} | '
+                         f'{res.get("device", "–")} |')
     return lines
+
+
+def mean_per_class(seeds: Dict[int, dict]) -> List[float]:
+    return [statistics.mean(vals) for vals in zip(*(r['per_class']['top1'] for r in seeds.values()))]
+
+
+def plot_pairs(runs: Dict[str, Dict[int, dict]], out: Path, title: str = '') -> List[Path]:
+    """One PNG per method: per-class accuracy without and with CMO, each the mean over its seeds."""
+    paths = []
+    for base in sorted(m for m in runs if not m.endswith('_cmo')):
+        series = {}
+        for method in (base, base + '_cmo'):
+            if method in runs:
+                seeds = runs[method]
+                series[f'{label(method)} ({len(seeds)} seed{"s" if len(seeds) > 1 else ""})'] = mean_per_class(seeds)
+        any_run = next(iter(runs[base].values()))
+        path = out / f'per_class_{base}.png'
+        plot_per_class_accuracy(path, series, any_run['dataset']['class_counts'], any_run['class_names'],
+                                title=f'{title}{" " if title else ""}{" vs ".join(series)}')
+        paths.append(path)
+    return paths
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('runs', help='folder holding the <method>-s<seed> run folders')
-    p.add_argument('--copy-to', default='', help='keep the small result files and table.md here')
+    p.add_argument('--copy-to', default='', help='keep the small result files, table.md and the PNGs here')
+    p.add_argument('--title', default='', help='prefix of the plot titles, e.g. "mini CIFAR-10-LT:"')
     args = p.parse_args(argv)
     root = Path(args.runs)
     runs = load_runs(root)
@@ -96,13 +129,14 @@ def main(argv=None):
         out = Path(args.copy_to)
         for method, seeds in runs.items():
             for seed in seeds:
-                src = root / f'{method}-s{seed}'
+                src = root / run_name(method, seed)
                 dst = out / src.name
                 dst.mkdir(parents=True, exist_ok=True)
                 for name in KEEP:
                     if (src / name).is_file():
                         shutil.copy2(src / name, dst / name)
         (out / 'table.md').write_text('\n'.join(lines) + '\n')
+        plot_pairs(runs, out, args.title)
 
 
 if __name__ == '__main__':

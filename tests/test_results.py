@@ -9,7 +9,7 @@ from PIL import Image
 
 from timm_cmo.data import long_tail_counts
 from timm_cmo.metrics import ClassAccuracy
-from timm_cmo.plot import BAR_COLOR, plot_per_class_accuracy
+from timm_cmo.plot import BAR_COLOR, SERIES_COLORS, plot_per_class_accuracy
 from timm_cmo.results import read_results, results_table_markdown, to_json_safe, write_results
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
@@ -88,8 +88,8 @@ def test_to_json_safe():
     json.dumps(out, allow_nan=False)
 
 
-def bar_pixels(img: Image.Image) -> np.ndarray:
-    return (np.asarray(img) == np.array(BAR_COLOR, dtype=np.uint8)).all(-1)
+def bar_pixels(img: Image.Image, color=BAR_COLOR) -> np.ndarray:
+    return (np.asarray(img) == np.array(color, dtype=np.uint8)).all(-1)
 
 
 def bar_height(bars: np.ndarray, base: int, col: int) -> int:
@@ -145,3 +145,37 @@ def test_plot_order_and_edge_cases(tmp_path):
         plot_per_class_accuracy(tmp_path / 'c.png', [1.0, 2.0], [1])
     with Image.open(tmp_path / 'b.png') as img:
         assert img.size[0] >= 480
+
+
+def bar_segments(bars: np.ndarray, base: int):
+    """(first column, height) of each bar standing on row ``base``."""
+    cols = np.flatnonzero(bars[base])
+    segments = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1) if len(cols) else []
+    return [(int(seg[0]), bar_height(bars, base, seg[len(seg) // 2])) for seg in segments]
+
+
+def test_plot_several_runs(tmp_path):
+    counts = long_tail_counts(5000, 10, 100)
+    with_cmo = np.linspace(90, 18, 10)
+    without = with_cmo / 2
+    without[3] = np.nan
+    path = tmp_path / 'two.png'
+    plot_per_class_accuracy(path, {'CE': without, 'CE + CMO': with_cmo}, counts, CIFAR10, title='CE vs CE + CMO')
+    with Image.open(path) as img:
+        first, second = bar_pixels(img, SERIES_COLORS[0]), bar_pixels(img, SERIES_COLORS[1])
+    base = max(np.flatnonzero(first.any(1)).max(), np.flatnonzero(second.any(1)).max())
+    a, b = bar_segments(first, base), bar_segments(second, base)
+    assert len(a) == 9 and len(b) == 10  # NaN: no bar
+    b_without_3 = b[:3] + b[4:]
+    # each run's bar sits right of the first run's bar of the same class, and is twice as tall
+    for (xa, ha), (xb, hb) in zip(a, b_without_3):
+        assert 0 < xb - xa < 50
+        assert hb / ha == pytest.approx(2, rel=0.08)
+    # many classes: both runs still drawn, side by side per pixel group
+    path = tmp_path / 'many.png'
+    plot_per_class_accuracy(path, {'x': np.full(2000, 40.), 'y': np.full(2000, 80.)}, long_tail_counts(500, 2000, 50))
+    with Image.open(path) as img:
+        first, second = bar_pixels(img, SERIES_COLORS[0]), bar_pixels(img, SERIES_COLORS[1])
+    assert first.sum() > 1000 and second.sum() == pytest.approx(2 * first.sum(), rel=0.05)
+    with pytest.raises(ValueError, match='7 runs'):
+        plot_per_class_accuracy(tmp_path / 'x.png', {str(i): [1.0] for i in range(7)}, [1])

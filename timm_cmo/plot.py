@@ -2,22 +2,25 @@
 
 :func:`plot_per_class_accuracy` writes a PNG with the classes sorted by training images along x,
 per-class top-1 accuracy as bars (left axis, 0-100 %), the training-image count per class as a line
-on a log-scaled right axis, and the many / medium / few shot groups shaded.
+on a log-scaled right axis, and the many / medium / few shot groups shaded. Several runs (e.g. a method
+with and without CMO) can share one plot as side-by-side bars.
 """
 import math
 import os
 import tempfile
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.dataset import shot_groups
 
-__all__ = ['plot_per_class_accuracy', 'BAR_COLOR', 'COUNT_COLOR', 'GROUP_COLORS']
+__all__ = ['plot_per_class_accuracy', 'BAR_COLOR', 'SERIES_COLORS', 'COUNT_COLOR', 'GROUP_COLORS']
 
 Color = Tuple[int, int, int]
 BAR_COLOR: Color = (31, 119, 180)
+SERIES_COLORS: Tuple[Color, ...] = (BAR_COLOR, (44, 160, 44), (148, 103, 189), (140, 86, 75), (23, 190, 207),
+                                    (188, 189, 34))
 COUNT_COLOR: Color = (230, 110, 0)
 GROUP_COLORS: Dict[str, Color] = {'many': (226, 238, 226), 'medium': (253, 244, 220), 'few': (250, 226, 226)}
 _TEXT = (30, 30, 30)
@@ -80,9 +83,12 @@ def _short(name: str) -> str:
     return name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS - 3] + '...'
 
 
-def _legend_items(groups: Dict[str, List[int]], many: int, few: int) -> List[Tuple[str, str, Color]]:
+def _legend_items(
+        series: Sequence[str], groups: Dict[str, List[int]], many: int, few: int,
+) -> List[Tuple[str, str, Color]]:
     bounds = {'many': f'>{many}', 'medium': f'{few}-{many}', 'few': f'<{few}'}
-    items = [('bar', 'top-1 accuracy', BAR_COLOR), ('line', 'training images', COUNT_COLOR)]
+    items = [('bar', label, color) for label, color in zip(series, SERIES_COLORS)]
+    items += [('line', 'training images', COUNT_COLOR)]
     items += [('box', f'{name} ({bounds[name]}): {len(groups[name])} classes', GROUP_COLORS[name]) for name in groups]
     return items
 
@@ -106,7 +112,7 @@ def _legend_rows(items, font, max_width: int) -> List[list]:
 
 def plot_per_class_accuracy(
         path: Union[str, os.PathLike],
-        accuracy: Sequence[float],
+        accuracy: Union[Sequence[float], Mapping[str, Sequence[float]]],
         train_counts: Sequence[int],
         class_names: Optional[Sequence[str]] = None,
         title: str = '',
@@ -117,7 +123,8 @@ def plot_per_class_accuracy(
 
     Args:
         path: Output PNG path.
-        accuracy: (C,) per-class top-1 accuracy in % (NaN: no test samples, no bar).
+        accuracy: (C,) per-class top-1 accuracy in % (NaN: no test samples, no bar), or a mapping
+            ``{label: (C,) accuracy}`` of up to 6 runs drawn as side-by-side bars in one colour each.
         train_counts: (C,) training images per class; classes are sorted by it, descending (stable).
         class_names: Class names in index order, used as x labels when C <= 30 (else rank ticks).
         title: Plot title.
@@ -126,20 +133,28 @@ def plot_per_class_accuracy(
     Works for C from 1 to tens of thousands: the plot widens with C up to a cap; when there are more
     classes than pixel columns, each 1 px bar shows the mean accuracy of the classes it covers.
     """
-    acc = np.asarray(accuracy, dtype=np.float64)
+    if isinstance(accuracy, Mapping):
+        labels = [str(k) for k in accuracy]
+        acc = np.asarray([np.asarray(v, dtype=np.float64) for v in accuracy.values()], dtype=np.float64)
+        if not 1 <= len(labels) <= len(SERIES_COLORS):
+            raise ValueError(f'accuracy has {len(labels)} runs; 1 to {len(SERIES_COLORS)} can be drawn')
+    else:
+        labels = ['top-1 accuracy']
+        acc = np.asarray(accuracy, dtype=np.float64)[None]
     counts = np.asarray(train_counts, dtype=np.int64)
-    num_classes = len(acc)
+    num_series, num_classes = acc.shape
     if num_classes < 1 or len(counts) != num_classes:
         raise ValueError(f'accuracy ({num_classes}) and train_counts ({len(counts)}) must have the same length >= 1')
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f'{len(class_names)} class names for {num_classes} classes')
     order = np.argsort(-counts, kind='stable')
-    acc, counts = acc[order], counts[order]
+    acc, counts = acc[:, order], counts[order]
     names = [_short(str(class_names[i])) if class_names is not None else str(i) for i in order]
     show_names = num_classes <= 30
 
     f_title, f_label, f_tick = _font(16), _font(13), _font(11)
-    pw = int(min(1600, max(480, 40 * num_classes if show_names else 600 + 2 * num_classes)))
+    pw = int(min(1600, max(480, (40 + 12 * (num_series - 1)) * num_classes if show_names
+                           else 600 + 2 * num_series * num_classes)))
     ph = _PLOT_HEIGHT if pw <= 800 else _PLOT_HEIGHT + 60
     slot = pw / num_classes
     label_h = _text_size(f_tick, '0')[1]
@@ -154,7 +169,7 @@ def plot_per_class_accuracy(
         x_labels_h = label_h
     left, right = 70, 78
     groups = shot_groups(counts, many=many, few=few)._asdict()
-    legend = _legend_items(groups, many, few)
+    legend = _legend_items(labels, groups, many, few)
     rows = _legend_rows(legend, f_tick, left + pw + right - left - 10)
     legend_y = 16 + (_text_size(f_title, title)[1] + 12 if title else 0)
     top = legend_y + _LEGEND_ROW * len(rows) + 10
@@ -184,27 +199,32 @@ def plot_per_class_accuracy(
         _draw_text(img, (x0 - 8, y), str(v), f_tick, anchor='rm')
     _draw_text(img, (16, y0 + ph / 2), 'top-1 accuracy (%)', f_label, anchor='lm', angle=90)
 
-    # bars, one per class, or per pixel column (mean over its classes) when classes outnumber pixels
-    if num_classes <= pw:
-        gap = 0.1 * slot if slot >= 4 else 0.
-        spans = [(xpos(r) + gap, xpos(r + 1) - gap) for r in range(num_classes)]
+    # bars: one group per class, or per pixel column group (mean over its classes) when classes outnumber
+    # pixels; a group holds one bar per run
+    num_cols = num_classes if num_classes * num_series <= pw else pw // num_series
+    column = np.arange(num_classes) * num_cols // num_classes
+    if num_cols == num_classes:
         heights = acc
     else:
-        column = np.arange(num_classes) * pw // num_classes
         ok = ~np.isnan(acc)
-        total = np.bincount(column[ok], weights=acc[ok], minlength=pw)
-        n = np.bincount(column[ok], minlength=pw)
+        total = np.stack([np.bincount(column[k], weights=a[k], minlength=num_cols) for a, k in zip(acc, ok)])
+        n = np.stack([np.bincount(column[k], minlength=num_cols) for k in ok])
         with np.errstate(invalid='ignore', divide='ignore'):
             heights = np.where(n > 0, total / np.maximum(n, 1), np.nan)
-        spans = [(x0 + c, x0 + c + 1) for c in range(pw)]
-    for (a, b), h in zip(spans, heights):
-        if np.isnan(h) and b - a >= 20:
-            _draw_text(img, ((a + b) / 2, y1 - 4), 'n/a', f_tick, fill=(120, 120, 120), anchor='mb')
-        if np.isnan(h) or h <= 0:
-            continue
-        xa = int(math.floor(a))
-        xb = max(xa, int(math.ceil(b)) - 1)
-        draw.rectangle([xa, y1 - min(h, 100.) / 100 * ph, xb, y1 - 1], fill=BAR_COLOR)
+    col_w = pw / num_cols
+    gap = 0.1 * col_w if col_w >= 4 * num_series else 0.
+    bar_w = (col_w - 2 * gap) / num_series
+    for s, color in zip(range(num_series), SERIES_COLORS):
+        for c in range(num_cols):
+            a = x0 + c * col_w + gap + s * bar_w
+            b, h = a + bar_w, heights[s, c]
+            if np.isnan(h) and b - a >= 20:
+                _draw_text(img, ((a + b) / 2, y1 - 4), 'n/a', f_tick, fill=(120, 120, 120), anchor='mb')
+            if np.isnan(h) or h <= 0:
+                continue
+            xa = int(math.floor(a))
+            xb = max(xa, int(math.ceil(b)) - 1)
+            draw.rectangle([xa, y1 - min(h, 100.) / 100 * ph, xb, y1 - 1], fill=color)
 
     # right axis: training images on a log scale
     positive = counts[counts > 0]
