@@ -87,8 +87,10 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
     for method in order:
         for seed, r in sorted(runs[method].items()):
             res = r.get('resources') or {}
-            lines.append(f'| {run_name(method, seed)} | {fmt(res.get("wall_min"))} | {fmt(res.get("peak_rss_mib"))} | '
-                         f'{res.get("device", "–")} |')
+            resumed = ' (after resume: last part only)' if '--resume' in r.get('command', '') else ''
+            rss = res.get('peak_rss_mib')
+            lines.append(f'| {run_name(method, seed)} | {fmt(res.get("wall_min"))}{resumed} | '
+                         f'{"–" if rss is None else f"{rss:,}"} | {res.get("device", "–")} |')
     return lines
 
 
