@@ -177,5 +177,7 @@ def test_plot_several_runs(tmp_path):
     with Image.open(path) as img:
         first, second = bar_pixels(img, SERIES_COLORS[0]), bar_pixels(img, SERIES_COLORS[1])
     assert first.sum() > 1000 and second.sum() == pytest.approx(2 * first.sum(), rel=0.05)
+    with pytest.raises(ValueError, match="different lengths: {'a': 2, 'b': 1}"):
+        plot_per_class_accuracy(tmp_path / 'x.png', {'a': [1.0, 2.0], 'b': [1.0]}, [1, 2])
     with pytest.raises(ValueError, match='7 runs'):
         plot_per_class_accuracy(tmp_path / 'x.png', {str(i): [1.0] for i in range(7)}, [1])

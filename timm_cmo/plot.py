@@ -135,9 +135,12 @@ def plot_per_class_accuracy(
     """
     if isinstance(accuracy, Mapping):
         labels = [str(k) for k in accuracy]
-        acc = np.asarray([np.asarray(v, dtype=np.float64) for v in accuracy.values()], dtype=np.float64)
         if not 1 <= len(labels) <= len(SERIES_COLORS):
             raise ValueError(f'accuracy has {len(labels)} runs; 1 to {len(SERIES_COLORS)} can be drawn')
+        runs = [np.asarray(v, dtype=np.float64) for v in accuracy.values()]
+        if len({len(a) for a in runs}) > 1:
+            raise ValueError(f'runs of different lengths: {dict(zip(labels, map(len, runs)))}')
+        acc = np.stack(runs)
     else:
         labels = ['top-1 accuracy']
         acc = np.asarray(accuracy, dtype=np.float64)[None]
