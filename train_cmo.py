@@ -21,7 +21,6 @@ that gives lr * (e + 1) / 5 in epochs e = 0..4 (``--warmup-epochs 4``, ``--warmu
 import argparse
 import logging
 import os
-import resource
 import shlex
 import sys
 import time
@@ -50,6 +49,7 @@ from timm_cmo.data.sampler import derive_seed
 from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
+from timm_cmo.results import cpu_model, peak_rss_mib, write_results
 
 _logger = logging.getLogger('train_cmo')
 _START = time.time()
@@ -461,12 +461,7 @@ def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_class
 
 
 def cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), 'CPU')
-    except OSError:
-        model = 'CPU'
-    return f'{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+    return f'{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
 
 
 def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model_name: str) -> Dict[str, Any]:
@@ -492,7 +487,7 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model_name: s
         versions=dict(timm_cmo=timm_cmo.__version__, timm=timm.__version__, torch=torch.__version__),
         resources=dict(
             wall_min=round((time.time() - _START) / 60, 1),
-            peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            peak_rss_mib=round(peak_rss_mib()),
             peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2 ** 20) if torch.cuda.is_available() else None,
             device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()),
         date=datetime.now().isoformat(timespec='seconds'),
@@ -732,7 +727,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, best, model_name: str):
     """Write results.json, the per-class CSV and the PNG of accuracy against class size."""
-    from timm_cmo.results import write_results
     summary = eval_acc.summary(train_ds.class_counts)
     paths = write_results(
         output_dir, summary, eval_acc.per_class(), train_ds.class_counts, train_ds.classes,

@@ -36,13 +36,8 @@ def machine_info() -> Dict[str, Any]:
     import torch
 
     import timm_cmo
-    model = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model)
-    except OSError:
-        pass
-    info = dict(cpu=model, cores=os.cpu_count(), torch=torch.__version__, timm=timm.__version__,
+    from timm_cmo.results import cpu_model
+    info = dict(cpu=cpu_model(platform.processor() or platform.machine()), cores=os.cpu_count(), torch=torch.__version__, timm=timm.__version__,
                 timm_cmo=timm_cmo.__version__, python=platform.python_version(), torch_threads=torch.get_num_threads(),
                 load_avg_at_start=[round(v, 2) for v in os.getloadavg()])
     if torch.cuda.is_available():

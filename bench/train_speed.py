@@ -11,7 +11,6 @@ projected 200-epoch time, and the peak resident memory of the process.
 """
 import argparse
 import json
-import resource
 import time
 from types import SimpleNamespace
 
@@ -51,6 +50,7 @@ def main(argv=None):
     from timm_cmo.data import CMOConfig, create_cmo_loader, create_lt_dataset
     from timm_cmo.data.device_loader import DeviceLoader, decode_to_tensor
     from timm_cmo.losses import create_loss
+    from timm_cmo.results import peak_rss_mib
 
     device = torch.device(args.device)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -107,11 +107,10 @@ def main(argv=None):
             path=st['path'], cmo=st['cmo'], s_per_epoch=round(per_epoch, 2), epochs_s=[round(t, 2) for t in st['times']],
             images_per_s=round(images_per_epoch / per_epoch, 1),
             projected_200_epochs_min=round((200 * per_epoch + (decode_s if st['path'] == 'fast' else 0)) / 60, 1)))
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = dict(
         report_header(__file__, argv), device=str(device), threads=args.threads, workers=args.workers,
         train_images=len(ds), decode_s=None if decode_s is None else round(decode_s, 1),
-        peak_rss_mib=round(peak_mib, 0),
+        peak_rss_mib=round(peak_rss_mib(), 0),
         peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2 ** 20, 0) if device.type == 'cuda' else None,
         rows=rows)
     if args.out:

@@ -10,7 +10,9 @@ from PIL import Image
 from timm_cmo.data import long_tail_counts
 from timm_cmo.metrics import ClassAccuracy
 from timm_cmo.plot import BAR_COLOR, SERIES_COLORS, plot_per_class_accuracy
-from timm_cmo.results import read_results, results_table_markdown, to_json_safe, write_results
+from timm_cmo.results import (
+    cpu_model, peak_rss_mib, read_results, results_table_markdown, to_json_safe, write_results,
+)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 
@@ -181,3 +183,15 @@ def test_plot_several_runs(tmp_path):
         plot_per_class_accuracy(tmp_path / 'x.png', {'a': [1.0, 2.0], 'b': [1.0]}, [1, 2])
     with pytest.raises(ValueError, match='7 runs'):
         plot_per_class_accuracy(tmp_path / 'x.png', {str(i): [1.0] for i in range(7)}, [1])
+
+
+def test_cpu_model_and_peak_memory(monkeypatch):
+    block = np.ones(300 * 2 ** 20, dtype=np.uint8)  # 300 MiB, touched
+    assert int(block[-1]) == 1 and peak_rss_mib() >= 300
+    name = cpu_model()
+    assert isinstance(name, str) and name
+
+    def no_proc(*args, **kwargs):
+        raise OSError('no /proc here')
+    monkeypatch.setattr('builtins.open', no_proc)
+    assert cpu_model('fallback') == 'fallback'

@@ -23,7 +23,7 @@ import numpy as np
 from .data.dataset import shot_groups
 from .plot import plot_per_class_accuracy
 
-__all__ = ['write_results', 'read_results', 'results_table_markdown', 'to_json_safe',
+__all__ = ['write_results', 'read_results', 'results_table_markdown', 'to_json_safe', 'cpu_model', 'peak_rss_mib',
            'RESULTS_JSON', 'RESULTS_CSV', 'RESULTS_PNG']
 
 RESULTS_JSON = 'results.json'
@@ -33,6 +33,21 @@ CSV_HEADER = ('class_index', 'class_name', 'train_images', 'test_images', 'top1'
 _RESERVED = ('metrics', 'per_class', 'class_names')
 
 PathLike = Union[str, os.PathLike]
+
+
+def cpu_model(default: str = 'CPU') -> str:
+    """The CPU's model name from /proc/cpuinfo, or ``default`` where there is none."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), default)
+    except OSError:
+        return default
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def to_json_safe(obj: Any) -> Any:
