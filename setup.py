@@ -19,6 +19,7 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['timm_cmo', 'timm_cmo.*']),
+    package_data={'timm_cmo': ['hparams/*.yaml']},  # timm_cmo/hparams links to the top-level hparams/
     py_modules=['train_cmo'],
     python_requires='>=3.9',
     install_requires=[
@@ -34,6 +35,7 @@ setup(
     },
     entry_points={
         'console_scripts': [
+            'timm-cmo-train=train_cmo:cli',
             'timm-cmo-convert=timm_cmo.convert:main',
             'timm-cmo-preview=timm_cmo.preview:main',
             'timm-cmo-hub=timm_cmo.hub:main',

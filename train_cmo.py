@@ -3,13 +3,14 @@
 
 Single process, CPU or GPU:
     python train_cmo.py -c hparams/cifar10_lt_r100_ce_cmo.yaml --data-dir ../data/cifar10
+    timm-cmo-train -c cifar10_lt_r100_ce_cmo --data-dir ../data/cifar10   (recipes by name after pip install)
 Multiple GPUs (one process each):
     torchrun --nproc_per_node=8 train_cmo.py --model resnet50 --cmo --cmo-r 1 ...
 Evaluation only:
     python train_cmo.py --evaluate --model hf-hub:<org>/<name> --pretrained --data-dir ...
 
 YAML recipes (``-c``) hold flag names as keys (``cmo_r`` or ``cmo-r``); the command line overrides
-them. Every run writes ``args.yaml``, ``summary.csv``, checkpoints (``last.pth.tar``,
+them. Every run writes ``args.yaml``, ``train.log``, ``summary.csv``, checkpoints (``last.pth.tar``,
 ``model_best.pth.tar``), and at the end ``results.json``, ``per_class_accuracy.csv`` and
 ``per_class_accuracy.png`` into its output folder.
 
@@ -19,6 +20,7 @@ The defaults are the paper's CIFAR-LT recipe: SGD momentum 0.9 (no Nesterov), lr
 that gives lr * (e + 1) / 5 in epochs e = 0..4 (``--warmup-epochs 4``, ``--warmup-lr`` = lr / 5).
 """
 import argparse
+import difflib
 import logging
 import os
 import shlex
@@ -39,23 +41,39 @@ import timm
 from timm import utils
 from timm.data import resolve_data_config
 from timm.layers import convert_sync_batchnorm
-from timm.models import create_model, load_checkpoint, model_parameters, resume_checkpoint, safe_model_name
+from timm.models import create_model, model_parameters, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import timm_cmo
-from timm_cmo.data import CMO_VARIANTS, CMOConfig, create_cmo_loader, create_lt_dataset, soft_target
+from timm_cmo.checkpoint import (
+    LAST, CheckpointError, CheckpointSaver, NonFiniteStateError, find_resume_checkpoint, remove_stale_temporaries,
+    state_dict_from_checkpoint)
+from timm_cmo.data import CMO_VARIANTS, CMOConfig, MixInfo, create_cmo_loader, create_lt_dataset
+from timm_cmo.data.cmo import cmo_active
+from timm_cmo.data.remix import RemixMixup
 from timm_cmo.data.sampler import derive_seed
+from timm_cmo.files import FileWriteError, write_text_atomic
 from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
-from timm_cmo.results import cpu_model, peak_rss_mib, write_results
+from timm_cmo.recipes import resolve_recipe
+from timm_cmo.results import SummaryWriter, cpu_model, peak_rss_mib, write_results
 
 _logger = logging.getLogger('train_cmo')
 _START = time.time()
 
 LOSS_KWARGS = {'ldam': {'ldam_max_m': 'max_m', 'ldam_s': 's'}, 'focal': {'focal_gamma': 'gamma'}, 'la': {'la_tau': 'tau'}}
 REWEIGHTS = ('none', 'cb', 'drw')
+MODEL_PREFIXES = ('hf-hub:', 'local-dir:', 'hf_hub:', 'timm/')
+# flags that may differ between a run and its resumption: how it runs, not what it trains
+RESUME_MAY_CHANGE = frozenset({
+    'config', 'data_dir', 'dataset_download', 'val_split', 'val_list', 'resume', 'no_resume_opt',
+    'allow_config_change', 'start_epoch', 'initial_checkpoint', 'pretrained', 'validation_batch_size',
+    'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
+    'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
+    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn'})
+
 
 def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The ``-c`` recipe parser and the flag parser (new objects: YAML defaults never leak between parses)."""
@@ -81,6 +99,10 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='make the training split long-tailed with imbalance ratio n_max/n_min')
     group.add_argument('--imb-seed', type=int, default=0, help='seed of the images each class keeps')
     group.add_argument('--imb-max', type=int, default=None, metavar='N', help='cap on the largest class')
+    group.add_argument('--drop-last', action='store_true', default=True,
+                       help="drop the last incomplete training batch (timm's default)")
+    group.add_argument('--no-drop-last', action='store_false', dest='drop_last',
+                       help="keep the last incomplete training batch, as the paper's loaders do")
 
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='resnet32_cifar', type=str, metavar='MODEL',
@@ -89,7 +111,11 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load weights before training')
     group.add_argument('--resume', default='', type=str, metavar='PATH', help='resume model and optimizer state')
     group.add_argument('--no-resume-opt', action='store_true', default=False)
+    group.add_argument('--allow-config-change', action='store_true', default=False,
+                       help='resume even where the checkpoint was trained with other data, model, loss, lr or seed')
     group.add_argument('--num-classes', type=int, default=None, metavar='N', help='defaults to the dataset classes')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
+                       help='extra model arguments, e.g. num_experts=3 for the RIDE models')
     group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type')
     group.add_argument('--img-size', type=int, default=None, metavar='N')
     group.add_argument('--in-chans', type=int, default=None, metavar='N')
@@ -127,6 +153,17 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--cmo-end-epochs', type=int, default=3)
     group.add_argument('--cmo-mode', default='batch', type=str, help='batch | elem')
     group.add_argument('--cmo-variant', default='cmo', type=str, help=' | '.join(CMO_VARIANTS))
+
+    group = parser.add_argument_group('Other oversampling')
+    group.add_argument('--ros', action='store_true', default=False,
+                       help='random oversampling: draw training images with per-sample weight n_k^-r')
+    group.add_argument('--ros-r', type=float, default=1.0, help='ROS weight exponent (1: class-balanced, 0.5: sqrt)')
+    group.add_argument('--remix', action='store_true', default=False,
+                       help='Remix: mix each batch with itself, labels rebalanced towards the minority (not with --cmo)')
+    group.add_argument('--remix-kappa', type=float, default=3.0, help='Remix count-ratio threshold (> 1)')
+    group.add_argument('--remix-tau', type=float, default=0.5, help='Remix lambda threshold in (0, 1)')
+    group.add_argument('--remix-alpha', type=float, default=1.0, help='Remix lambda ~ Beta(alpha, alpha)')
+    group.add_argument('--remix-mode', type=str, default='mixup', help='mixup | cutmix')
 
     group = parser.add_argument_group('Optimizer')
     group.add_argument('--opt', default='momentum', type=str, metavar='OPTIMIZER',
@@ -194,6 +231,8 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--device', default=None, type=str, help='cuda when available, else cpu')
     group.add_argument('--output', default='', type=str, metavar='PATH', help='parent folder of runs (./output/train)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME', help='run folder name')
+    group.add_argument('--overwrite', action='store_true', default=False,
+                       help='start a new run in an existing, non-empty run folder (its files are replaced)')
     group.add_argument('--eval-metric', default='top1', type=str)
     group.add_argument('--eval-interval', type=int, default=1, metavar='N',
                        help='evaluate every N epochs (and always after the last)')
@@ -217,24 +256,33 @@ class NonFiniteLossError(RuntimeError):
 
 
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
-    """Parse ``-c recipe.yaml`` then the command line; validate; return (args, args as YAML text)."""
+    """Parse ``-c recipe`` (a YAML file or a packaged recipe's name) then the command line; validate;
+    return (args, args as YAML text)."""
     config_parser, parser = create_parsers()
     args_config, remaining = config_parser.parse_known_args(argv)
+    config = ''
     if args_config.config:
-        with open(args_config.config, 'r') as f:
-            cfg = yaml.safe_load(f) or {}
+        try:
+            config = resolve_recipe(args_config.config)
+        except FileNotFoundError as e:
+            error(str(e))
+        try:
+            with open(config, 'r') as f:
+                cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            error(f'{config}: not valid YAML: {" ".join(str(e).split())}')
         if not isinstance(cfg, dict):
-            error(f'{args_config.config}: expected a mapping of flag names to values')
+            error(f'{config}: expected a mapping of flag names to values')
         known = {a.dest for a in parser._actions}
         normalized = {}
         for key, value in cfg.items():
             dest = str(key).lstrip('-').replace('-', '_')
             if dest not in known:
-                error(f'{args_config.config}: unknown key {key!r} (not a flag of train_cmo.py)')
+                error(f'{config}: unknown key {key!r} (not a flag of train_cmo.py)')
             normalized[dest] = value
         parser.set_defaults(**normalized)
     args = parser.parse_args(remaining)
-    args.config = args_config.config
+    args.config = config
     validate_args(args)
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
@@ -248,16 +296,21 @@ def validate_args(args: argparse.Namespace) -> None:
         bad('loss', args.loss, f'unknown loss, choose from {", ".join(list_losses())}')
     if args.reweight not in REWEIGHTS:
         bad('reweight', args.reweight, f'choose from {", ".join(REWEIGHTS)}')
-    if args.cmo_mode not in ('batch', 'elem'):
-        bad('cmo_mode', args.cmo_mode, 'choose from batch, elem')
-    if args.cmo_variant not in CMO_VARIANTS:
-        bad('cmo_variant', args.cmo_variant, f'choose from {", ".join(CMO_VARIANTS)}')
-    if not args.cmo_r >= 0:
-        bad('cmo_r', args.cmo_r, 'must be >= 0')
-    if not 0 <= args.cmo_prob <= 1:
-        bad('cmo_prob', args.cmo_prob, 'must be in [0, 1]')
-    if not args.cmo_beta > 0:
-        bad('cmo_beta', args.cmo_beta, 'must be > 0')
+    try:
+        CMOConfig.from_flags(**vars(args))  # the CMO options are checked where they are defined
+    except ValueError as e:
+        field = str(e).split()[0]
+        bad(f'cmo_{field}', getattr(args, f'cmo_{field}', None), str(e))
+    if args.ros and not args.ros_r >= 0:
+        bad('ros_r', args.ros_r, 'must be >= 0')
+    if args.remix:
+        if args.cmo:
+            error('--remix and --cmo are two ways of mixing: choose one')
+        try:  # the Remix options are checked where they are defined
+            RemixMixup(2, [1, 1], **remix_kwargs(args))
+        except ValueError as e:
+            field = str(e).split()[0]
+            bad(f'remix_{field}', getattr(args, f'remix_{field}', None), str(e))
     if args.imb_ratio is not None and not args.imb_ratio >= 1:
         bad('imb_ratio', args.imb_ratio, 'must be >= 1 (n_max / n_min)')
     if args.imb_max is not None and args.imb_max < 1:
@@ -275,32 +328,79 @@ def validate_args(args: argparse.Namespace) -> None:
         bad('amp_dtype', args.amp_dtype, 'choose from float16, bfloat16')
     if args.train_crop_mode not in (None, 'pad', 'rrc', 'rkrc', 'rkrr'):
         bad('train_crop_mode', args.train_crop_mode, 'choose from pad, rrc, rkrc, rkrr')
+    if not isinstance(args.model_kwargs, dict):
+        bad('model_kwargs', args.model_kwargs, 'expected key=value pairs (a mapping in YAML)')
+    if not args.model.startswith(MODEL_PREFIXES) and not timm.is_model(args.model):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
+        bad('model', args.model, 'unknown model' + (f'; did you mean {", ".join(close)}?' if close else
+                                                    ' (timm.list_models() lists the known ones)'))
+    if args.data_on_device:
+        unsupported = {'aa': args.aa, 'color_jitter': args.color_jitter, 'vflip': args.vflip, 'no_aug': args.no_aug}
+        for flag, value in unsupported.items():
+            if value:
+                bad(flag, value, 'not supported with --data-on-device')
+        if args.train_crop_mode != 'pad':
+            bad('train_crop_mode', args.train_crop_mode,
+                "--data-on-device augments with the paper's CIFAR pad crop only: add --train-crop-mode pad "
+                "(timm's random-resized crop, used without it, runs in the ordinary loader)")
+    if args.resume and args.initial_checkpoint:
+        error('--resume and --initial-checkpoint: pass one (--resume continues a run, --initial-checkpoint '
+              'starts a new one from weights)')
     if not args.data_dir and not args.evaluate:
         error('--data-dir is required')
 
 
-def compute_loss(loss_fn: nn.Module, output: torch.Tensor, target: torch.Tensor, mix_info, smoothing: float,
-                 num_classes: int) -> torch.Tensor:
-    """The training loss of a batch.
+def remix_kwargs(args) -> Dict[str, Any]:
+    return dict(kappa=args.remix_kappa, tau=args.remix_tau, alpha=args.remix_alpha, mode=args.remix_mode)
 
-    A batch-mode CMO batch without label smoothing uses the paper's form
-    ``lam * L(out, y_b) + (1 - lam) * L(out, y_f)`` with hard labels (each term normalised by its
-    own class weights under DRW); otherwise the loss gets the soft targets.
+
+def method_epochs(args) -> Dict[str, Optional[int]]:
+    """How many of the run's epochs mix with CMO and apply DRW weights (None where off)."""
+    drw_epoch = resolve_drw_epoch(args.drw_epoch, args.epochs) if args.reweight == 'drw' else None
+    return dict(
+        cmo_epochs=sum(cmo_active(e, args.epochs, args.cmo_start_epoch, args.cmo_end_epochs)
+                       for e in range(args.epochs)) if args.cmo else None,
+        drw_epochs=max(0, args.epochs - drw_epoch) if drw_epoch is not None else None,
+    )
+
+
+def warn_inactive_methods(args) -> None:
+    """Say so at the start when a short run never enters the CMO window or reaches the DRW epoch."""
+    used = method_epochs(args)
+    if used['cmo_epochs'] == 0:
+        _logger.warning(
+            f'--cmo is on but no epoch of this run mixes: CMO mixes when {args.cmo_start_epoch} < epoch < '
+            f'{args.epochs} - {args.cmo_end_epochs} (--cmo-start-epoch, --cmo-end-epochs, --epochs).')
+    if used['drw_epochs'] == 0:
+        _logger.warning(
+            f'--reweight drw switches at epoch {resolve_drw_epoch(args.drw_epoch, args.epochs)}, after the last '
+            f'epoch ({args.epochs - 1}): the class weights never apply.')
+
+
+def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Optional[MixInfo]) -> torch.Tensor:
+    """The training loss of a batch: ``loss_fn(output, target, mix=mix_info)``.
+
+    A batch the loader mixed (CMO) or smoothed gets the loss of its mix, the paper's per-term form
+    ``lam * L(y_b) + (1 - lam) * L(y_f)`` (see :mod:`timm_cmo.losses.long_tail`), exactly what the
+    README's library loop computes. Multi-expert outputs ``(logits, expert logits)`` go whole to
+    losses that use them (``ride``), else their ensemble logits do.
     """
-    if mix_info is not None and not torch.is_tensor(mix_info.lam) and smoothing == 0:
-        lam = mix_info.lam
-        loss = loss_fn(output, mix_info.y_b)
-        if lam < 1.:
-            loss = lam * loss + (1. - lam) * loss_fn(output, mix_info.y_f)
-        return loss
-    if target.ndim == 1 and smoothing > 0:
-        target = soft_target(target, num_classes, smoothing)
+    if isinstance(output, tuple) and not getattr(loss_fn, 'needs_experts', False):
+        output = output[0]
+    if mix_info is not None:
+        return loss_fn(output, target, mix=mix_info)
     return loss_fn(output, target)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(max(0., seconds)))
+    h, rem = divmod(seconds, 3600)
+    return f'{h}:{rem // 60:02d}:{rem % 60:02d}'
 
 
 def train_one_epoch(
         epoch: int, model: nn.Module, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
-        amp_autocast=suppress, loss_scaler=None, model_ema=None, num_classes: int = 0,
+        amp_autocast=suppress, loss_scaler=None, model_ema=None,
 ) -> Dict[str, float]:
     model.train()
     batch_time_m = utils.AverageMeter()
@@ -310,15 +410,14 @@ def train_one_epoch(
     loss_count = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     last_logged_sum, last_logged_count = 0., 0
-    end = time.time()
+    start = end = time.time()
     for batch_idx, (input, target) in enumerate(loader):
         last_batch = batch_idx == num_batches - 1
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
             output = model(input)
-            loss = compute_loss(loss_fn, output, target, getattr(loader, 'mix_info', None), args.smoothing,
-                                num_classes)
+            loss = compute_loss(loss_fn, output, target, getattr(loader, 'mix_info', None))
         optimizer.zero_grad(set_to_none=True)
         if loss_scaler is not None:
             loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -348,11 +447,12 @@ def train_one_epoch(
             last_logged_sum, last_logged_count = total, loss_count
             if args.rank == 0:
                 lr = optimizer.param_groups[0]['lr']
+                eta = (end - start) / (batch_idx + 1) * (num_batches - batch_idx - 1)
                 _logger.info(
                     f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]  '
                     f'Loss: {interval_loss:#.4g}  '
                     f'Time: {batch_time_m.val:.3f}s, {input.size(0) * args.world_size / batch_time_m.val:>7.1f}/s  '
-                    f'LR: {lr:.3e}')
+                    f'LR: {lr:.3e}  ETA: {format_seconds(eta)}')
     avg = loss_sum.item() / max(1, loss_count)
     if args.distributed:
         avg = utils.reduce_tensor(torch.tensor(avg, device=device), args.world_size).item()
@@ -361,12 +461,17 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, args, device, amp_autocast=suppress, num_classes: int = 0,
-             num_samples: Optional[int] = None) -> ClassAccuracy:
-    """Per-class accuracy over the evaluation set; padded duplicates of distributed loaders excluded."""
+             num_samples: Optional[int] = None, label: str = 'Eval') -> ClassAccuracy:
+    """Per-class accuracy and calibration over the evaluation set; padded duplicates of distributed loaders
+    excluded. A cosine-normalised head's logits are scaled by ``--ldam-s`` for the calibration (as the loss
+    scales them in training)."""
     model.eval()
-    acc = ClassAccuracy(num_classes, device=device)
+    logit_scale = args.ldam_s if timm_cmo.models.is_head_norm(model) else 1.
+    acc = ClassAccuracy(num_classes, device=device, logit_scale=logit_scale)
     seen = 0
-    for input, target in loader:
+    num_batches = len(loader)
+    start = time.time()
+    for batch_idx, (input, target) in enumerate(loader):
         input = input.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         if args.channels_last:
@@ -380,6 +485,10 @@ def evaluate(model: nn.Module, loader, args, device, amp_autocast=suppress, num_
             valid = pos < num_samples
         acc.update(output.float(), target, valid)
         seen += target.shape[0]
+        if args.rank == 0 and batch_idx % args.log_interval == 0 and batch_idx + 1 < num_batches:
+            elapsed = time.time() - start
+            _logger.info(f'{label}: [{batch_idx:>4d}/{num_batches}]  '
+                         f'ETA: {format_seconds(elapsed / (batch_idx + 1) * (num_batches - batch_idx - 1))}')
     acc.all_reduce()
     return acc
 
@@ -406,18 +515,25 @@ def compile_model(model: nn.Module, backend: str, input_size, device) -> nn.Modu
 
 
 def resolve_output_dir(args) -> str:
+    """The run folder (not created): ``--output``/``--experiment``, or the folder of ``--resume``."""
     if args.resume and not args.experiment:
         return os.path.dirname(os.path.abspath(args.resume))
     exp_name = args.experiment or '-'.join([
         datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), 'cmo' if args.cmo else 'base'])
-    return utils.get_outdir(args.output or './output/train', exp_name)
+    return os.path.join(args.output or './output/train', exp_name)
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
+def check_output_dir(args, output_dir: str) -> bool:
+    """Refuse to start a new run in a non-empty run folder (unless ``--overwrite``); True when resuming into it."""
+    resuming_here = bool(args.resume) and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir)
+    if resuming_here or not os.path.isdir(output_dir):
+        return resuming_here
+    files = sorted(f for f in os.listdir(output_dir) if not f.startswith('.'))
+    if files and not args.overwrite:
+        error(f'the run folder {output_dir} already holds a run ({", ".join(files[:4])}'
+              f'{", ..." if len(files) > 4 else ""}): resume it with --resume {os.path.join(output_dir, LAST)}, '
+              f'pick another --experiment, or pass --overwrite to replace it')
+    return False
 
 
 def build_datasets(args):
@@ -436,23 +552,19 @@ def build_datasets(args):
 def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_classes):
     """``--data-on-device``: decode both splits once into device memory; augment and mix there."""
     from timm_cmo.data.device_loader import DeviceEvalLoader, DeviceLoader, decode_to_tensor
-    unsupported = {'aa': args.aa, 'color_jitter': args.color_jitter, 'vflip': args.vflip, 'no_prefetcher': False}
-    for flag, value in unsupported.items():
-        if value:
-            error(f'--{flag.replace("_", "-")} {value!r} is not supported with --data-on-device')
-    if args.train_crop_mode not in ('pad', None) or args.no_aug:
-        error('--data-on-device augments with the pad crop (--train-crop-mode pad) and flips only')
     img_size = tuple(data_config['input_size'][1:])
     mean, std = data_config['mean'], data_config['std']
     img_dtype = torch.float32
     images, targets = decode_to_tensor(train_ds, img_size, device, num_workers=args.workers)
     train_loader = DeviceLoader(
-        images, targets, args.batch_size, mean, std,
-        padding=args.crop_padding if args.train_crop_mode == 'pad' else 0, hflip=args.hflip,
+        images, targets, args.batch_size, mean, std, padding=args.crop_padding, hflip=args.hflip,
         num_classes=num_classes, label_smoothing=args.smoothing,
         cmo=CMOConfig.from_flags(**vars(args)) if args.cmo else None,
-        epochs=args.epochs, seed=args.seed, channels_last=args.channels_last,
-        img_dtype=img_dtype, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+        epochs=args.epochs, seed=args.seed, drop_last=args.drop_last, ros_r=args.ros_r if args.ros else None,
+        channels_last=args.channels_last, img_dtype=img_dtype, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount,
+        remix=RemixMixup(num_classes, train_ds.class_counts, label_smoothing=args.smoothing, **remix_kwargs(args))
+        if args.remix else None)
     eval_images, eval_targets = decode_to_tensor(eval_ds, img_size, device, num_workers=args.workers)
     eval_loader = DeviceEvalLoader(
         eval_images, eval_targets, args.validation_batch_size or args.batch_size, mean, std,
@@ -460,26 +572,188 @@ def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_class
     return train_loader, eval_loader
 
 
+def build_train_loader(args, train_ds, data_config, device, num_classes):
+    """The ordinary training loader: timm's transforms, the epoch plan, CMO / ROS."""
+    return create_cmo_loader(
+        train_ds,
+        input_size=data_config['input_size'],
+        batch_size=args.batch_size,
+        is_training=True,
+        num_classes=num_classes,
+        label_smoothing=args.smoothing,
+        cmo=args.cmo,
+        **{k: v for k, v in vars(args).items() if k.startswith('cmo_')},
+        epochs=args.epochs,
+        seed=args.seed,
+        train_crop_mode=args.train_crop_mode,
+        crop_padding=args.crop_padding,
+        drop_last=args.drop_last,
+        ros_r=args.ros_r if args.ros else None,
+        remix=args.remix,
+        **{f'remix_{k}': v for k, v in remix_kwargs(args).items()},
+        no_aug=args.no_aug,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter or None,
+        auto_augment=args.aa,
+        interpolation=args.train_interpolation,
+        mean=data_config['mean'],
+        std=data_config['std'],
+        num_workers=args.workers,
+        distributed=args.distributed,
+        pin_memory=args.pin_mem,
+        device=device,
+        use_prefetcher=not args.no_prefetcher,
+    )
+
+
 def cpu_name() -> str:
     return f'{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
 
 
-def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model_name: str) -> Dict[str, Any]:
+def run_record(run_config: Dict[str, Any], train_ds) -> Dict[str, Any]:
+    """What a checkpoint records of its run: the training-defining flags and the training class counts."""
+    return dict(config=run_config, class_counts=[int(n) for n in train_ds.class_counts],
+                num_classes=int(train_ds.num_classes))
+
+
+def open_resume(args) -> Tuple[str, Dict[str, Any]]:
+    """Find and read the ``--resume`` checkpoint, or exit naming the file and the problem (nothing written yet)."""
+    try:
+        path, ckpt = find_resume_checkpoint(args.resume)
+    except (FileNotFoundError, CheckpointError) as e:
+        error(f'--resume: {e}')
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict):
+        found = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+        error(f'--resume: {path} is not a training checkpoint (no state_dict; it holds {found})')
+    if not args.evaluate and (not isinstance(ckpt.get('epoch'), int) or isinstance(ckpt.get('epoch'), bool)):
+        error(f'--resume: {path} records no epoch, so it is not a checkpoint of a run to continue; to start a new '
+              f'run from its weights use --initial-checkpoint {path}')
+    return path, ckpt
+
+
+def check_resume_config(args, run_config: Dict[str, Any], resume: Tuple[str, Dict[str, Any]], train_ds) -> None:
+    """Refuse a resume whose data, model, loss, schedule or seed differ from the checkpoint's run, naming them."""
+    path, ckpt = resume
+    recorded = ckpt.get('run')
+    if not isinstance(recorded, dict) or not isinstance(recorded.get('config'), dict):
+        _logger.warning(f'{path} records no run configuration (an older checkpoint): the resumed settings are not '
+                        f'checked against it.')
+        return
+    before = recorded['config']
+    diffs = [f'--{k.replace("_", "-")} {before[k]!r} -> {run_config[k]!r}'
+             for k in sorted(set(before) & set(run_config)) if before[k] != run_config[k]]
+    counts = [int(n) for n in train_ds.class_counts]
+    if recorded.get('class_counts') is not None and list(recorded['class_counts']) != counts:
+        old = recorded['class_counts']
+        diffs.append(f'training images per class {_brief(old)} ({sum(old)} images) -> {_brief(counts)} '
+                     f'({sum(counts)} images)')
+    if not diffs:
+        return
+    message = f'{path} was trained with other settings: {"; ".join(diffs)}'
+    if not args.allow_config_change:
+        error(f'--resume: {message}. Pass --allow-config-change to resume with the new ones.')
+    _logger.warning(f'--allow-config-change: {message}. Continuing with the new settings.')
+
+
+def _brief(values: List[int], n: int = 6) -> str:
+    return '[' + ', '.join(map(str, values[:n])) + (', ...]' if len(values) > n else ']')
+
+
+def load_model_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, use_ema: bool = False) -> None:
+    """Load a checkpoint's (EMA) weights strictly, or exit naming the missing, unexpected and mismatched keys."""
+    key = 'state_dict_ema' if use_ema else 'state_dict'
+    try:
+        state_dict, _ = state_dict_from_checkpoint(ckpt, path, keys=(key,))
+    except CheckpointError as e:
+        error(f'--resume: {e}' + (' (train with --model-ema for EMA weights)' if use_ema else ''))
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f'{k} {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model'
+              for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append('shape mismatch: ' + '; '.join(shapes[:5]) + (' ...' if len(shapes) > 5 else ''))
+        if missing:
+            parts.append(f'missing keys ({len(missing)}): {", ".join(missing[:8])}' + (' ...' if len(missing) > 8 else ''))
+        if unexpected:
+            parts.append(f'unexpected keys ({len(unexpected)}): {", ".join(unexpected[:8])}'
+                         + (' ...' if len(unexpected) > 8 else ''))
+        error(f'--resume: {path} does not fit --model {ckpt.get("arch") or "?"} -> {_model_desc(model)}: '
+              + ' | '.join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _model_desc(model: nn.Module) -> str:
+    head = ', head_norm' if timm_cmo.models.is_head_norm(model) else ''
+    return f'{type(model).__name__}({getattr(model, "num_classes", "?")} classes{head})'
+
+
+def restore_training_state(resume, model, optimizer, loss_scaler, model_ema, args) -> int:
+    """Load weights, optimizer, AMP scaler and EMA of ``--resume``; return the epoch to start from.
+
+    The optimizer keeps the checkpoint's per-parameter state (momentum) and takes its hyper-parameters
+    (lr, weight decay, ...) from this run's flags, so an allowed lr change applies.
+    """
+    path, ckpt = resume
+    load_model_weights(model, ckpt, path)
+    if not args.no_resume_opt:
+        if not isinstance(ckpt.get('optimizer'), dict):
+            error(f'--resume: {path} has no optimizer state (pass --no-resume-opt to continue without it)')
+        fresh = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError) as e:
+            error(f'--resume: the optimizer state of {path} does not fit --opt {args.opt}: {e}')
+        for group, hyper in zip(optimizer.param_groups, fresh):
+            group.pop('initial_lr', None)
+            group.update(hyper)
+        if loss_scaler is not None and loss_scaler.state_dict_key in ckpt:
+            loss_scaler.load_state_dict(ckpt[loss_scaler.state_dict_key])
+    if model_ema is not None:
+        if isinstance(ckpt.get('state_dict_ema'), dict):
+            load_model_weights(model_ema.module, ckpt, path, use_ema=True)
+        else:
+            _logger.warning(f'{path} has no EMA weights: the EMA restarts from the model weights.')
+            model_ema.set(model)
+    if args.rank == 0:
+        _logger.info(f'Loaded checkpoint {path} (epoch {ckpt["epoch"]})')
+    return int(ckpt['epoch']) + 1
+
+
+def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Module,
+                 counts_source: Optional[str] = 'training split') -> Dict[str, Any]:
     """The ``extra`` of results.json: what was trained on what, how, and how it was launched."""
+    from timm_cmo.hub import model_build
     return dict(
-        model=model_name,
+        model=args.model,
+        model_build=model_build(model),
         dataset=dict(
             name=args.dataset, data_dir=args.data_dir, train_list=args.train_list, val_list=args.val_list,
             imb_ratio=args.imb_ratio, imb_max=args.imb_max, imb_seed=args.imb_seed,
-            num_classes=train_ds.num_classes, train_images=len(train_ds),
-            class_counts=train_ds.class_counts.tolist()),
+            num_classes=train_ds.num_classes,
+            train_images=int(sum(train_ds.class_counts)) if train_ds.class_counts is not None else None,
+            class_counts=[int(n) for n in train_ds.class_counts] if train_ds.class_counts is not None else None,
+            class_counts_from=counts_source),
         method=dict(
             loss=args.loss, reweight=args.reweight,
             drw_epoch=resolve_drw_epoch(args.drw_epoch, args.epochs) if args.reweight == 'drw' else None,
             cmo=args.cmo, cmo_r=args.cmo_r,
             cmo_effective=args.cmo_effective, cmo_prob=args.cmo_prob, cmo_beta=args.cmo_beta,
-            cmo_mode=args.cmo_mode, cmo_variant=args.cmo_variant, head_norm=args.head_norm),
+            cmo_start_epoch=args.cmo_start_epoch, cmo_end_epochs=args.cmo_end_epochs,
+            cmo_mode=args.cmo_mode, cmo_variant=args.cmo_variant, head_norm=args.head_norm,
+            ros=args.ros, ros_r=args.ros_r if args.ros else None,
+            remix=args.remix, **({f'remix_{k}': v for k, v in remix_kwargs(args).items()} if args.remix else {}),
+            **method_epochs(args)),
         epoch=epoch,
+        epochs=args.epochs,
         best=best,
         paper_top1=args.paper_top1,
         command=' '.join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -494,9 +768,15 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model_name: s
     )
 
 
+def _metrics_line(metrics: Dict[str, Any]) -> str:
+    return '  '.join(f'{k} {metrics[k]:.2f}' for k in ('top1', 'top5', 'many', 'medium', 'few', 'head', 'middle', 'tail',
+                                                      'ece', 'nll') if isinstance(metrics.get(k), (int, float)))
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     utils.setup_default_logging()
     args, args_text = parse_args(argv)
+    run_config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = utils.init_distributed_device(args)
@@ -512,6 +792,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if device.type == 'cuda' and amp_dtype == torch.float16:
             loss_scaler = utils.NativeScaler(device=device.type)
 
+    # everything that can fail on bad input is checked before the first file is written
+    resume = open_resume(args) if args.resume else None
     train_ds, eval_ds = (None, None)
     if args.data_dir:
         train_ds, eval_ds = build_datasets(args)
@@ -529,6 +811,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         global_pool=args.gp,
         head_norm=True if args.head_norm else None,
         checkpoint_path=args.initial_checkpoint or None,
+        **args.model_kwargs,
     )
     num_classes = model.num_classes
     args.num_classes = num_classes
@@ -539,57 +822,47 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     model.to(device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn:
-        if device.type != 'cuda':
-            error('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
-        model = convert_sync_batchnorm(model)
 
+    if args.evaluate:
+        return run_evaluate(args, model, eval_ds, train_ds, data_config, device, amp_autocast, num_classes, resume)
+
+    if resume is not None:
+        check_resume_config(args, run_config, resume, train_ds)
     output_dir = None
-    if args.rank == 0 and not args.evaluate:
+    resuming_here = False
+    if args.rank == 0:
         output_dir = resolve_output_dir(args)
-        write_text_atomic(os.path.join(output_dir, 'args.yaml'), args_text)
+        resuming_here = check_output_dir(args, output_dir)
+
+    opt_kwargs = optimizer_kwargs(cfg=args)
+    optimizer = create_optimizer_v2(model, **opt_kwargs, filter_bias_and_bn=not args.wd_bias_bn)
+    model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    start_epoch = 0
+    if resume is not None:
+        start_epoch = restore_training_state(resume, model, optimizer, loss_scaler, model_ema, args)
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+
+    if args.rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        removed = remove_stale_temporaries(output_dir)
+        args_path = os.path.join(output_dir, 'args.yaml')
+        if not (resuming_here and os.path.exists(args_path)):  # a resumed run keeps its original record
+            write_text_atomic(args_path, args_text)
         fh = logging.FileHandler(os.path.join(output_dir, 'train.log'))
         fh.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
         logging.getLogger().addHandler(fh)
         _logger.info(f'Output folder: {output_dir}')
-
-    eval_loader = None
-    if eval_ds is not None:
-        eval_loader = create_cmo_loader(
-            eval_ds,
-            input_size=data_config['input_size'],
-            batch_size=args.validation_batch_size or args.batch_size,
-            is_training=False,
-            interpolation=data_config['interpolation'],
-            mean=data_config['mean'],
-            std=data_config['std'],
-            num_workers=args.workers,
-            distributed=args.distributed,
-            crop_pct=data_config['crop_pct'],
-            pin_memory=args.pin_mem,
-            device=device,
-            use_prefetcher=not args.no_prefetcher,
-        )
-
-    if args.evaluate:
-        return run_evaluate(args, model, eval_loader, eval_ds, train_ds, device, amp_autocast, num_classes)
-
-    opt_kwargs = optimizer_kwargs(cfg=args)
-    optimizer = create_optimizer_v2(model, **opt_kwargs, filter_bias_and_bn=not args.wd_bias_bn)
-
-    model_ema = None
-    if args.model_ema:
-        model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay)
-
-    start_epoch = 0
-    if args.resume:
-        start_epoch = resume_checkpoint(
-            model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=args.rank == 0)
-        if model_ema is not None:
-            load_checkpoint(model_ema.module, args.resume, use_ema=True)
-    if args.start_epoch is not None:
-        start_epoch = args.start_epoch
+        if resume is not None:
+            _logger.info(f'Resuming from {resume[0]} at epoch {start_epoch}: '
+                         f'{" ".join(shlex.quote(a) for a in sys.argv)}')
+        for tmp in removed:
+            _logger.info(f'Removed the partial file {tmp} of an interrupted save.')
+        warn_inactive_methods(args)
+    if args.distributed and args.sync_bn:
+        if device.type != 'cuda':
+            error('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
+        model = convert_sync_batchnorm(model)
 
     if args.torchcompile:
         model = compile_model(model, args.torchcompile, data_config['input_size'], device)
@@ -601,38 +874,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.data_on_device:
         train_loader, eval_loader = build_device_loaders(args, train_ds, eval_ds, data_config, device, num_classes)
     else:
-        train_loader = create_cmo_loader(
-            train_ds,
-            input_size=data_config['input_size'],
-            batch_size=args.batch_size,
-            is_training=True,
-            num_classes=num_classes,
-            label_smoothing=args.smoothing,
-            cmo=args.cmo,
-            **{k: v for k, v in vars(args).items() if k.startswith('cmo_')},
-            epochs=args.epochs,
-            seed=args.seed,
-            train_crop_mode=args.train_crop_mode,
-            crop_padding=args.crop_padding,
-            no_aug=args.no_aug,
-            re_prob=args.reprob,
-            re_mode=args.remode,
-            re_count=args.recount,
-            scale=args.scale,
-            ratio=args.ratio,
-            hflip=args.hflip,
-            vflip=args.vflip,
-            color_jitter=args.color_jitter or None,
-            auto_augment=args.aa,
-            interpolation=args.train_interpolation,
-            mean=data_config['mean'],
-            std=data_config['std'],
-            num_workers=args.workers,
-            distributed=args.distributed,
-            pin_memory=args.pin_mem,
-            device=device,
-            use_prefetcher=not args.no_prefetcher,
-        )
+        train_loader = build_train_loader(args, train_ds, data_config, device, num_classes)
+        eval_loader = build_eval_loader(args, eval_ds, data_config, device)
 
     loss_kwargs = {dst: getattr(args, src) for src, dst in LOSS_KWARGS.get(args.loss, {}).items()}
     loss_fn = create_loss(
@@ -650,31 +893,37 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         else:
             lr_scheduler.step(start_epoch)
 
-    saver = None
+    saver = summary = None
     if args.rank == 0:
-        saver = utils.CheckpointSaver(
-            model=model, optimizer=optimizer, args=None, model_ema=model_ema, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=False, max_history=args.checkpoint_hist)
-        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
-            saver.load_state_dict_from_checkpoint(args.resume)
+        saver = CheckpointSaver(
+            output_dir, model, optimizer, model_ema=model_ema, amp_scaler=loss_scaler, metric_name=args.eval_metric,
+            max_history=args.checkpoint_hist, arch=args.model, run=run_record(run_config, train_ds))
+        if resume is not None and resuming_here:
+            saver.load_state(resume[1])
+        summary = SummaryWriter(os.path.join(output_dir, 'summary.csv'), ema=model_ema is not None)
+        summary.truncate(start_epoch)
         _logger.info(
             f'Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on '
             f'{len(train_ds)} images, {num_classes} classes, class counts max {int(train_ds.class_counts.max())} '
             f'min {int(train_ds.class_counts.min())}; loss {args.loss}/{args.reweight}, CMO '
-            f'{"on" if args.cmo else "off"}; epochs {start_epoch}..{num_epochs - 1}, {len(train_loader)} steps each.')
+            f'{"on" if args.cmo else "off"}{", ROS r=%g" % args.ros_r if args.ros else ""}'
+            f'{", Remix" if args.remix else ""}; '
+            f'epochs {start_epoch}..{num_epochs - 1}, {len(train_loader)} steps each.')
 
-    best = dict(top1=None, epoch=None)
     eval_acc = None
     epoch = start_epoch - 1
+    epoch_times = []
     try:
         for epoch in range(start_epoch, num_epochs):
+            epoch_start = time.time()
             # every epoch's randomness follows from (seed, epoch): a resumed run repeats it
             utils.random_seed(derive_seed(args.seed, epoch) % (2 ** 31), args.rank)
             train_loader.set_epoch(epoch)
             loss_fn.set_epoch(epoch)
+            lr = optimizer.param_groups[0]['lr']
             train_metrics = train_one_epoch(
                 epoch, train_model, train_loader, optimizer, loss_fn, args, device, lr_scheduler=lr_scheduler,
-                amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema, num_classes=num_classes)
+                amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema)
             if args.distributed and args.dist_bn in ('broadcast', 'reduce') and not args.sync_bn:
                 utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
                 if model_ema is not None:
@@ -686,37 +935,33 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 eval_metrics = eval_acc.summary(train_ds.class_counts)
                 if model_ema is not None:
                     ema_acc = evaluate(model_ema.module, eval_loader, args, device, amp_autocast, num_classes,
-                                       len(eval_ds))
+                                       len(eval_ds), label='Eval EMA')
                     eval_metrics['ema_top1'] = ema_acc.summary(train_ds.class_counts)['top1']
                 if args.rank == 0:
-                    shots = ' '.join(f'{k} {eval_metrics[k]:.2f}' for k in ('many', 'medium', 'few', 'head', 'middle', 'tail')
-                                     if eval_metrics.get(k) is not None)
-                    _logger.info(f'Eval: {epoch}  top1 {eval_metrics["top1"]:.2f}  top5 {eval_metrics["top5"]:.2f}  {shots}')
+                    _logger.info(f'Eval: {epoch}  {_metrics_line(eval_metrics)}')
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
             if saver is not None:
-                metric = eval_metrics[args.eval_metric] if eval_metrics else None
-                saver.save_checkpoint(epoch, metric=metric)
-                if metric is not None and (best['top1'] is None or metric > best['top1']):
-                    best = dict(top1=metric, epoch=epoch)
-                summary_metrics = {k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float))}
-                utils.update_summary(epoch, train_metrics, summary_metrics,
-                                     filename=os.path.join(output_dir, 'summary.csv'),
-                                     lr=optimizer.param_groups[0]['lr'])
-    except NonFiniteLossError as e:
-        last = os.path.join(output_dir, 'last.pth.tar') if output_dir else None
-        kept = f'the last good checkpoint is {last}' if last and os.path.exists(last) else 'no checkpoint was written yet'
-        _logger.error(f'Stopping: {e}; {kept}.')
-        if args.distributed:
-            dist.destroy_process_group()
-        raise SystemExit(f'train_cmo.py: stopped on a non-finite loss ({e}); {kept}.')
+                metric = eval_metrics.get(args.eval_metric) if eval_metrics else None
+                summary.append(epoch, train_loss=train_metrics['loss'], lr=lr,
+                               epoch_time_s=time.time() - epoch_start, eval_metrics=eval_metrics)
+                saver.save(epoch, metric=metric)
+                epoch_times.append(time.time() - epoch_start)
+                left = num_epochs - epoch - 1
+                _logger.info(f'Epoch {epoch} done in {epoch_times[-1]:.1f}s; {left} left, ETA of the run '
+                             f'{format_seconds(sum(epoch_times) / len(epoch_times) * left)}')
+    except (NonFiniteLossError, NonFiniteStateError) as e:
+        stop_run(args, output_dir, f'stopped on a non-finite {"loss" if isinstance(e, NonFiniteLossError) else "state"}'
+                                   f' ({e})')
+    except FileWriteError as e:
+        stop_run(args, output_dir, f'{e}')
     except KeyboardInterrupt:
-        _logger.warning('Interrupted; resume with --resume <output>/last.pth.tar')
+        _logger.warning(f'Interrupted; resume with --resume {os.path.join(output_dir or "<output>", LAST)}')
         raise
 
     results = None
     if args.rank == 0 and eval_acc is not None:
-        results = finish_run(args, output_dir, train_ds, eval_acc, epoch, best, model_name=args.model)
+        results = finish_run(args, output_dir, train_ds, eval_acc, epoch, saver.best, model)
         if args.push_to_hub:
             push_to_hub(output_dir, args)
     if args.distributed:
@@ -725,14 +970,49 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     return results or {}
 
 
-def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, best, model_name: str):
-    """Write results.json, the per-class CSV and the PNG of accuracy against class size."""
-    summary = eval_acc.summary(train_ds.class_counts)
+def stop_run(args, output_dir: Optional[str], why: str) -> None:
+    """Stop a failed run with a message naming the checkpoint it can resume from."""
+    last = os.path.join(output_dir, LAST) if output_dir else None
+    kept = (f'the last good checkpoint is {last} (resume with --resume {last})' if last and os.path.exists(last)
+            else 'no checkpoint was written yet')
+    _logger.error(f'Stopping: {why}; {kept}.')
+    if args.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(f'train_cmo.py: {why}; {kept}.')
+
+
+def build_eval_loader(args, eval_ds, data_config, device):
+    return create_cmo_loader(
+        eval_ds,
+        input_size=data_config['input_size'],
+        batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False,
+        interpolation=data_config['interpolation'],
+        mean=data_config['mean'],
+        std=data_config['std'],
+        num_workers=args.workers,
+        distributed=args.distributed,
+        crop_pct=data_config['crop_pct'],
+        pin_memory=args.pin_mem,
+        device=device,
+        use_prefetcher=not args.no_prefetcher,
+    )
+
+
+def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, best, model: nn.Module,
+               counts_source: Optional[str] = 'training split'):
+    """Write results.json, the per-class CSV and the PNG of accuracy against class size.
+
+    The records come first: a failing plot is reported and leaves them in place.
+    """
+    counts = train_ds.class_counts
+    summary = eval_acc.summary(counts if counts is not None else [1] * eval_acc.num_classes)
+    if counts is None:  # no shot groups without the training class counts
+        summary.update({k: None for k in ('many', 'medium', 'few', 'head', 'middle', 'tail')})
     paths = write_results(
-        output_dir, summary, eval_acc.per_class(), train_ds.class_counts, train_ds.classes,
-        extra=describe_run(args, train_ds, epoch, best, model_name))
-    _logger.info(f'Final top1 {summary["top1"]:.2f} (many {summary["many"]}, medium {summary["medium"]}, '
-                 f'few {summary["few"]}); results in {paths["json"]}')
+        output_dir, summary, eval_acc.per_class(), counts, train_ds.classes,
+        extra=describe_run(args, train_ds, epoch, best, model, counts_source), calibration=eval_acc.calibration())
+    _logger.info(f'Final: {_metrics_line(summary)}; results in {paths["json"]}')
     return dict(summary, output_dir=output_dir, **paths)
 
 
@@ -744,12 +1024,49 @@ def push_to_hub(output_dir: str, args) -> None:
         _logger.error(f'Upload to the Hub failed: {e}')
 
 
-def run_evaluate(args, model, eval_loader, eval_ds, train_ds, device, amp_autocast, num_classes):
+class _Counts:
+    """Stands in for the training dataset where only its class counts (or None) and names are known."""
+
+    def __init__(self, counts, classes):
+        self.class_counts = counts
+        self.classes = classes
+        self.num_classes = len(classes)
+
+
+def training_counts(args, train_ds, resume, num_classes: int):
+    """The training class counts for the shot groups of ``--evaluate`` and where they come from.
+
+    The checkpoint's or the exported model's record first, then the training split as given (with a
+    warning when no imbalance flag says it is the long-tailed one); None when neither exists.
+    """
+    recorded = None
+    if resume is not None and isinstance(resume[1].get('run'), dict):
+        recorded, source = resume[1]['run'].get('class_counts'), f'checkpoint {resume[0]}'
+    else:
+        from timm_cmo.hub import exported_class_counts
+        recorded, source = exported_class_counts(args.model), f'the exported model {args.model}'
+    if recorded is not None and len(recorded) == num_classes:
+        if train_ds is not None and list(train_ds.class_counts) != list(recorded):
+            _logger.warning(f'The shot groups use the training class counts recorded by {source}, not those of '
+                            f'the training split given here.')
+        return list(recorded), source
+    if train_ds is None:
+        return None, None
+    if args.imb_ratio is None and args.imb_max is None and args.train_list is None:
+        _logger.warning(
+            f'The shot groups (many / medium / few) use the class counts of the training split as it is '
+            f'({int(max(train_ds.class_counts))} ... {int(min(train_ds.class_counts))} images): if the model was '
+            f'trained on a long-tailed subset, pass the same --imb-ratio / --imb-max / --train-list as in training.')
+    return list(train_ds.class_counts), 'training split'
+
+
+def run_evaluate(args, model, eval_ds, train_ds, data_config, device, amp_autocast, num_classes, resume):
     """``--evaluate``: results.json, CSV and PNG for a pretrained / hub / checkpointed model."""
-    if eval_loader is None:
-        error('--evaluate needs --data-dir (and the training split for the shot groups)')
-    if args.resume:
-        load_checkpoint(model, args.resume, use_ema=args.model_ema)
+    if eval_ds is None:
+        error('--evaluate needs --data-dir (the evaluation split)')
+    if resume is not None:
+        load_model_weights(model, resume[1], resume[0], use_ema=args.model_ema)
+    eval_loader = build_eval_loader(args, eval_ds, data_config, device)
     acc = evaluate(model, eval_loader, args, device, amp_autocast, num_classes, len(eval_ds))
     results = {}
     if args.rank == 0:
@@ -760,12 +1077,24 @@ def run_evaluate(args, model, eval_loader, eval_ds, train_ds, device, amp_autoca
         else:
             output_dir = utils.get_outdir('./output/eval', datetime.now().strftime('%Y%m%d-%H%M%S') + '-' +
                                           safe_model_name(args.model))
-        results = finish_run(args, output_dir, train_ds, acc, epoch=-1, best={}, model_name=args.model)
+        counts, source = training_counts(args, train_ds, resume, num_classes)
+        if counts is None:
+            _logger.warning('No training class counts (no checkpoint record, no training split): the shot groups '
+                            'are not reported.')
+        classes = train_ds.classes if train_ds is not None else eval_ds.classes
+        results = finish_run(args, output_dir, _Counts(counts, classes), acc, epoch=-1, best={}, model=model,
+                             counts_source=source)
     if args.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return results
 
 
+def cli(argv: Optional[List[str]] = None) -> int:
+    """Console entry point (``timm-cmo-train``): 0 on success."""
+    main(argv)
+    return 0
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(cli())

@@ -76,7 +76,7 @@ def make_run(run_dir: Path, ema: bool = False, **arg_overrides) -> torch.nn.Modu
         method=dict(loss='ldam', reweight='drw', drw_epoch=160, cmo=True, cmo_r=1.0, cmo_prob=0.5, cmo_beta=1.0,
                     cmo_mode='batch', cmo_variant='cmo'),
         epoch=199, command='train_cmo.py --config hparams/cifar10_lt_r100_ldam_drw_cmo.yaml',
-        config=args['config'], best=dict(top1=78.0, epoch=150),
+        config=args['config'], best=dict(metric='top1', value=78.0, epoch=150),
     )
     write_results(run_dir, metric.summary(COUNTS), metric.per_class(), COUNTS, CIFAR10, extra)
     return model
@@ -120,7 +120,7 @@ def test_export_files_config_and_card(run, tmp_path):
     for text in ('Park et al.', 'CVPR 2022', 'LDAM', 'DRW', 'epoch 160', '`torch/cifar10`', '| Imbalance ratio',
                  '100', '12406', 'cifar10_lt_r100_ldam_drw_cmo.yaml', '| Epochs | 200 |', 'sgd', 'multistep',
                  "import timm_cmo", "hf-hub:<org>/<name>", 'is an architecture of the timm-cmo plugin',
-                 'Best top-1 during training: 78.00 (epoch 150)', '`last.pth.tar`, epoch 199'):
+                 'Best top1 during training: 78.00 (epoch 150)', '`last.pth.tar`, epoch 199'):
         assert text in card, text
 
 

@@ -164,28 +164,34 @@ def test_end_to_end_outputs(ldam_cmo_run):
     export = run / 'hub_export'
     card = (export / 'README.md').read_text()
     assert (export / 'model.safetensors').is_file() and 'timm-cmo/test-run' in card
-    assert 'ldam / drw (epoch 1)' in card and 'Recipe file' not in card and "'experiment'" not in card
+    assert 'ldam / drw (epoch 1; applied in 2 of 3 epochs)' in card and 'mixing in 3 of 3 epochs' in card
+    assert 'Recipe file' not in card and "'experiment'" not in card
     assert results['method']['drw_epoch'] == 1
+    assert results['method']['drw_epochs'] == 2 and results['method']['cmo_epochs'] == 3
+    assert results['best']['metric'] == 'top1' and results['best']['epoch'] in (0, 1, 2)
+    config = json.loads((export / 'config.json').read_text())
+    assert config['timm_cmo']['train_class_counts'] == [60, 46, 35, 27, 21, 16, 12, 10, 7, 6]
 
 
 def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, tmp_path):
+    """SIGKILL a run with 2 loader workers (CMO, EMA, DRW), resume it: bit for bit the uninterrupted run
+    (which read its data without workers: the epoch plan and per-batch seeds make them the same)."""
     ref_run, _ = ldam_cmo_run
-    argv = base_argv(small_cifar, tmp_path, 'killed', 3, *LDAM_CMO)
+    argv = base_argv(small_cifar, tmp_path, 'killed', 3, *LDAM_CMO) + ['--workers', '2']
     proc = subprocess.Popen([sys.executable, str(REPO / 'train_cmo.py')] + argv, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=ENV)
-    summary = tmp_path / 'killed' / 'summary.csv'
+    last = tmp_path / 'killed' / 'last.pth.tar'
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if summary.exists() and len(summary.read_text().strip().splitlines()) >= 2:  # epoch 0 saved
+        if last.exists():  # epoch 0 saved
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    last = tmp_path / 'killed' / 'last.pth.tar'
     killed_epoch = torch.load(last, map_location='cpu', weights_only=True)['epoch']
     assert killed_epoch < 2
     done = run_script(base_argv(small_cifar, tmp_path, 'killed', 3, *LDAM_CMO) +
-                      ['--resume', str(last), '--experiment', 'killed'])
+                      ['--resume', str(last), '--experiment', 'killed', '--workers', '2'])
     assert done.returncode == 0, done.stderr[-4000:]
     assert 'Loaded checkpoint' in done.stderr
     resumed = torch.load(last, map_location='cpu', weights_only=True)
@@ -193,12 +199,14 @@ def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, 
     assert resumed['epoch'] == reference['epoch'] == 2
     for key in ('state_dict', 'state_dict_ema'):  # model and EMA weights
         for k, v in reference[key].items():
-            torch.testing.assert_close(resumed[key][k], v, rtol=1e-5, atol=1e-6, msg=f'{key} {k}')
+            assert torch.equal(resumed[key][k], v), f'{key} {k}'
     # the optimizer continued with its momentum buffers
     mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
     mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
-    for a, b in zip(mom_ref, mom_res):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(mom_ref) == len(mom_res) and all(torch.equal(a, b) for a, b in zip(mom_ref, mom_res))
+    assert resumed['best'] == reference['best']  # the best metric carried over the resume
+    rows = (tmp_path / 'killed' / 'summary.csv').read_text().strip().splitlines()
+    assert [r.split(',')[0] for r in rows] == ['epoch', '0', '1', '2']
 
 
 def test_evaluate_checkpoint_and_exported_model(ldam_cmo_run, small_cifar, tmp_path):
@@ -298,8 +306,66 @@ def test_torchcompile_eager_backend(small_cifar, tmp_path):
     assert not any(k.startswith('_orig_mod.') for k in ckpt['state_dict'])  # saved unwrapped
 
 
-def test_compute_loss_uses_the_papers_cmo_form():
-    """Batch-mode CMO with DRW weights: lam * L(y_b) + (1 - lam) * L(y_f), each term normalised by its own weights."""
+LOOP_CASES = {
+    'cmo-batch-ce-drw': (dict(cmo=True, cmo_prob=0.7), ('ce', 'drw')),
+    'cmo-elem-ldam-drw': (dict(cmo=True, cmo_mode='elem'), ('ldam', 'drw')),
+    'cmo-smoothing-bs-cb': (dict(cmo=True, label_smoothing=0.1), ('bs', 'cb')),
+    'smoothing-only-ce-drw': (dict(label_smoothing=0.1), ('ce', 'drw')),
+    'ros-focal': (dict(ros_r=1.0), ('focal', 'none')),
+    'cmo-back-keep-last-la-drw': (dict(cmo=True, cmo_variant='back', drop_last=False), ('la', 'drw')),
+    'remix-ce-drw': (dict(remix=True), ('ce', 'drw')),
+    'remix-cutmix-ros-smoothing-ldam': (dict(remix=True, remix_mode='cutmix', ros_r=1.0, label_smoothing=0.1),
+                                        ('ldam', 'drw')),
+}
+
+
+@pytest.fixture(scope='module')
+def tiny_lt(cifar10_dir):
+    from timm_cmo.data import create_lt_dataset
+    return create_lt_dataset('', str(cifar10_dir / 'train.tar'), imb_ratio=10, imb_max=24)
+
+
+@pytest.mark.parametrize('case', list(LOOP_CASES))
+@pytest.mark.parametrize('epoch', [0, 2])
+def test_library_loop_equals_train_one_epoch(tiny_lt, case, epoch):
+    """The README's loop (``loss_fn(model(x), target, mix=loader.mix_info)``) and train_cmo.py's epoch give the
+    same weights, before (epoch 0) and after (epoch 2) the DRW switch, on every loader and loss option."""
+    import argparse
+    import timm
+    from timm_cmo.data import create_cmo_loader
+    from timm_cmo.losses import create_loss
+    loader_opts, (loss_name, reweight) = LOOP_CASES[case]
+    states = []
+    for path in ('library', 'script'):
+        torch.manual_seed(0)
+        model = timm.create_model('resnet20_cifar', num_classes=10, head_norm=loss_name == 'ldam')
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        loader = create_cmo_loader(tiny_lt, (3, 32, 32), 16, is_training=True, device='cpu', num_workers=0,
+                                   num_classes=10, train_crop_mode='pad', color_jitter=None, seed=1, epochs=4,
+                                   cmo_start_epoch=-1, **loader_opts)
+        loss_fn = create_loss(loss_name, tiny_lt.class_counts, reweight=reweight,
+                              drw_epoch=1 if reweight == 'drw' else None)
+        loader.set_epoch(epoch)
+        loss_fn.set_epoch(epoch)
+        if path == 'library':
+            model.train()
+            for x, target in loader:
+                loss = loss_fn(model(x), target, mix=loader.mix_info)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        else:
+            args = argparse.Namespace(channels_last=False, clip_grad=None, clip_mode='norm', log_interval=50, rank=0,
+                                      world_size=1, distributed=False)
+            train_cmo.train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, torch.device('cpu'))
+        states.append(model.state_dict())
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_compute_loss_is_the_papers_cmo_form():
+    """Batch-mode CMO with DRW weights: lam * L(y_b) + (1 - lam) * L(y_f), each term normalised by its own weights;
+    multi-expert outputs give their ensemble logits to single-head losses."""
     import torch.nn.functional as F
     from timm_cmo.data import MixInfo
     from timm_cmo.losses import class_balanced_weights, create_loss
@@ -311,16 +377,8 @@ def test_compute_loss_uses_the_papers_cmo_form():
     w = class_balanced_weights(counts)
     expected = 0.3 * F.cross_entropy(logits, y_b, weight=w) + 0.7 * F.cross_entropy(logits, y_f, weight=w)
     soft = 0.3 * F.one_hot(y_b, 4).float() + 0.7 * F.one_hot(y_f, 4).float()
-    got = train_cmo.compute_loss(loss_fn, logits, soft, MixInfo(y_b, y_f, 0.3), smoothing=0.0, num_classes=4)
-    torch.testing.assert_close(got, expected)
-    # an unmixed batch of a CMO loader: the hard labels
-    got = train_cmo.compute_loss(loss_fn, logits, F.one_hot(y_b, 4).float(), MixInfo(y_b, y_b, 1.0), 0.0, 4)
-    torch.testing.assert_close(got, F.cross_entropy(logits, y_b, weight=w))
-    # per-sample lambdas (elem mode) or label smoothing: the soft targets
-    lam = torch.rand(16, generator=g)
-    soft = lam[:, None] * F.one_hot(y_b, 4) + (1 - lam[:, None]) * F.one_hot(y_f, 4)
-    got = train_cmo.compute_loss(loss_fn, logits, soft, MixInfo(y_b, y_f, lam), 0.0, 4)
-    torch.testing.assert_close(got, loss_fn(logits, soft))
-    # CMO off with label smoothing: timm's smoothed one-hot targets
-    got = train_cmo.compute_loss(loss_fn, logits, y_b, None, 0.1, 4)
-    torch.testing.assert_close(got, loss_fn(logits, F.one_hot(y_b, 4) * 0.9 + 0.1 / 4))
+    torch.testing.assert_close(train_cmo.compute_loss(loss_fn, logits, soft, MixInfo(y_b, y_f, 0.3)), expected)
+    experts = torch.randn(16, 3, 4, generator=g)
+    torch.testing.assert_close(train_cmo.compute_loss(loss_fn, (logits, experts), soft, MixInfo(y_b, y_f, 0.3)),
+                               expected)
+    torch.testing.assert_close(train_cmo.compute_loss(loss_fn, logits, y_b, None), F.cross_entropy(logits, y_b, weight=w))

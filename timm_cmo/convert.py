@@ -13,7 +13,6 @@ then built with ``head_norm=True``. The output folder (``config.json`` + ``model
 The checkpoint is read with ``torch.load(weights_only=True)``: no pickled code is ever executed.
 """
 import argparse
-import pickle
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -23,12 +22,11 @@ import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg_value, is_model, save_for_hf
 
+from .checkpoint import load_checkpoint_file, state_dict_from_checkpoint
 from .models import is_head_norm
 
 __all__ = ['convert_checkpoint', 'load_checkpoint_state_dict', 'main']
 
-_STATE_DICT_KEYS = ('state_dict', 'model', 'state_dict_ema')
-_STRIP_PREFIXES = ('module.', '_orig_mod.')
 _PAPER_CLASSIFIER = 'linear'
 PAPER_IMAGENET_EVAL = dict(
     input_size=(3, 224, 224), crop_pct=0.875, interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN,
@@ -36,66 +34,14 @@ PAPER_IMAGENET_EVAL = dict(
 """The evaluation preprocessing of the paper's ImageNet-LT / iNaturalist models (resize 256, centre crop 224)."""
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
 def load_checkpoint_state_dict(checkpoint_path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a checkpoint safely and return ``(state_dict with prefixes stripped, metadata)``.
 
-    Metadata holds ``epoch`` / ``best_acc1`` when present. Raises ``ValueError`` for files holding
-    pickled Python objects (refused by ``weights_only``) or without a recognisable state dict.
+    Metadata holds ``epoch`` / ``best_acc1`` when present. Raises ``ValueError`` (a
+    :class:`~timm_cmo.checkpoint.CheckpointError`) naming the file when it is not a checkpoint, is
+    truncated, holds pickled Python objects or has no recognisable state dict.
     """
-    checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f'Checkpoint not found: {checkpoint_path}')
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if 'Unsupported global' in line), '')
-        raise ValueError(
-            f'{checkpoint_path} is not a plain weights checkpoint: it holds pickled Python objects that '
-            f'weights_only loading refuses to execute{" (" + detail + ")" if detail else ""}. '
-            f'Re-save only its tensors, e.g. torch.save({{"state_dict": ckpt["state_dict"]}}, path), '
-            f'from an environment you trust.') from None
-
-    meta: Dict[str, Any] = {}
-    state_dict, source = None, 'checkpoint'
-    if isinstance(checkpoint, dict):
-        key = next((k for k in _STATE_DICT_KEYS if isinstance(checkpoint.get(k), dict)), None)
-        if key is not None:
-            state_dict, source = checkpoint[key], repr(key)
-        elif _is_state_dict(checkpoint):
-            state_dict = checkpoint
-        for key in ('epoch', 'best_acc1'):
-            value = checkpoint.get(key)
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if isinstance(value, (int, float)):
-                meta[key] = value
-    if state_dict is None:
-        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(
-            f'No state dict in {checkpoint_path}: expected a dict of tensors or one under '
-            f'{", ".join(map(repr, _STATE_DICT_KEYS))}, found {found}.')
-    bad = [str(k) for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad or not state_dict:
-        raise ValueError(f'{source} in {checkpoint_path} is not a state dict: '
-                         f'{"non-tensor entries " + ", ".join(bad[:10]) if bad else "it is empty"}.')
-
-    out = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        if key in out:
-            raise ValueError(f'Duplicate key {key!r} after stripping {"/".join(_STRIP_PREFIXES)} prefixes.')
-        out[key] = value
-    return out, meta
+    return state_dict_from_checkpoint(load_checkpoint_file(checkpoint_path), checkpoint_path)
 
 
 def _classifier_name(model_name: str) -> str:
@@ -145,13 +91,14 @@ def convert_checkpoint(
     weight = state_dict.get(w_key)
     head_norm = weight is not None and b_key not in state_dict
     if weight is None:
-        ckpt_classes = 0  # backbone only
+        # backbone only: a model without classifier, or with --num-classes one whose keys are then missing
+        ckpt_classes = num_classes or 0
     elif weight.ndim != 2:
         raise ValueError(f'Classifier weight {w_key!r} has shape {tuple(weight.shape)}, expected 2 dims.')
     else:
         # NormedLinear stores (in_features, out_features), nn.Linear (out_features, in_features)
         ckpt_classes = weight.shape[1] if head_norm else weight.shape[0]
-    if num_classes is not None and num_classes != ckpt_classes:
+    if weight is not None and num_classes is not None and num_classes != ckpt_classes:
         raise ValueError(
             f'num_classes={num_classes} disagrees with the checkpoint classifier {w_key!r} '
             f'(shape {tuple(weight.shape) if weight is not None else None}): {ckpt_classes} classes.')
@@ -181,7 +128,11 @@ def convert_checkpoint(
             state_dict[k] = model_sd[k]
     missing, unexpected, mismatched = _key_errors(state_dict, model_sd)
     if missing or unexpected or mismatched:
-        lines = [f'Checkpoint {checkpoint_path} does not match timm model {model_name!r}:']
+        lines = [f'Checkpoint {checkpoint_path} does not match timm model {model_name!r}'
+                 f'(num_classes={model.num_classes}{", head_norm=True" if head_norm else ""}):']
+        if weight is None and any(k.startswith(classifier + '.') for k in missing):
+            lines.append(f'  it has no classifier ({w_key!r}, or the paper code\'s '
+                         f'{_PAPER_CLASSIFIER + ".weight"!r}); convert without --num-classes for the backbone alone')
         if missing:
             lines.append(f'  missing keys ({len(missing)}): {", ".join(missing)}')
         if unexpected:

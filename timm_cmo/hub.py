@@ -13,23 +13,25 @@ from the ``token`` argument or huggingface_hub's own login (``HF_TOKEN``, ``hf a
 written anywhere. The result loads with ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``.
 """
 import argparse
+import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
 
 import timm
-from timm.models import model_entrypoint, save_for_hf
+from timm.models import model_entrypoint, parse_model_name, save_for_hf
 
+from .checkpoint import CheckpointError, load_checkpoint_file, state_dict_from_checkpoint
 from .data.dataset import shot_groups
+from .files import write_text_atomic
 from .results import RESULTS_JSON, read_results, results_table_markdown
 
 __all__ = ['export', 'push', 'main', 'model_card', 'load_run_args', 'create_run_model', 'run_data_config',
@@ -40,8 +42,8 @@ _logger = logging.getLogger(__name__)
 ARGS_FILE = 'args.yaml'
 CHECKPOINT_FILES = {'last': 'last.pth.tar', 'best': 'model_best.pth.tar'}
 DEFAULT_EXPORT_DIR = 'hub_export'
+CONFIG_KEY = 'timm_cmo'  # config.json section with the training class counts and the method (timm ignores it)
 _DATA_CONFIG_KEYS = ('input_size', 'img_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
-_STRIP_PREFIXES = ('module.', '_orig_mod.')
 _PLACEHOLDER_REPO = '<org>/<name>'
 _PROG = 'python -m timm_cmo.hub'
 
@@ -94,42 +96,71 @@ def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
 
 
 def _load_state_dict(path: Path, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """``(state dict with 'module.' / '_orig_mod.' prefixes stripped, {'epoch', 'metric'})`` of a timm checkpoint.
-
-    Read with ``weights_only=True``; ``argparse.Namespace`` (timm's saver stores the run's args) is allowed.
-    """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if 'Unsupported global' in line), '')
-        raise ValueError(f'{path} holds pickled Python objects that weights_only loading refuses'
-                         f'{" (" + detail + ")" if detail else ""}') from None
+    """``(state dict, {'epoch', 'metric'})`` of a run checkpoint (``weights_only``; prefixes stripped)."""
     key = 'state_dict_ema' if use_ema else 'state_dict'
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), dict):
-        found = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
-        if use_ema:
-            raise ValueError(f'{path} has no EMA weights ({key!r}; found {found}): train with --model-ema '
-                             f'or export without --ema')
-        raise ValueError(f'{path} has no {key!r} (found {found})')
-    state_dict = {}
-    for k, v in ckpt[key].items():
-        for prefix in _STRIP_PREFIXES:
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        state_dict[k] = v
-    meta = {}
-    for k in ('epoch', 'metric'):
-        v = ckpt.get(k)
-        v = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            meta[k] = v
-    return state_dict, meta
+    try:
+        return state_dict_from_checkpoint(load_checkpoint_file(path), path, keys=(key,))
+    except CheckpointError as e:
+        if use_ema and 'holds no state dict' in str(e):
+            raise ValueError(f'{path} has no EMA weights ({key!r}): train with --model-ema or export without --ema') from None
+        raise
 
 
-def create_run_model(args: Dict[str, Any], num_classes: Optional[int] = None) -> torch.nn.Module:
-    """Build the run's timm model (no weights): ``num_classes``, ``head_norm`` and ``in_chans`` from ``args``."""
+def _source_config(model_name: str) -> Optional[Dict[str, Any]]:
+    """config.json of a ``local-dir:`` / ``hf-hub:`` model (the local Hub cache for the latter), or None."""
+    source, model_id = parse_model_name(model_name)
+    try:
+        if source == 'local-dir':
+            path = Path(model_id) / 'config.json'
+        elif source == 'hf-hub':
+            from huggingface_hub import hf_hub_download
+            repo, revision = (model_id.split('@', 1) + [None])[:2]
+            path = Path(hf_hub_download(repo, 'config.json', revision=revision))
+        else:
+            return None
+        with path.open(encoding='utf-8') as f:
+            return json.load(f)
+    except Exception as e:  # not there, not cached and offline, not JSON
+        _logger.debug(f'No config.json for {model_name}: {e}')
+        return None
+
+
+def exported_class_counts(model_name: str) -> Optional[List[int]]:
+    """The training class counts an export of timm-cmo recorded in its config.json (``local-dir:`` / ``hf-hub:``)."""
+    config = _source_config(model_name) or {}
+    counts = (config.get(CONFIG_KEY) or {}).get('train_class_counts')
+    return [int(n) for n in counts] if isinstance(counts, list) else None
+
+
+def model_build(model: torch.nn.Module) -> Dict[str, Any]:
+    """How to rebuild ``model`` without its source: timm architecture and the factory arguments (JSON types)."""
+    args = {k: v for k, v in (getattr(model, '_model_args', None) or {}).items()
+            if v is not None and k not in ('pretrained', 'num_classes') and _json_type(v)}
+    return dict(architecture=model.pretrained_cfg.get('architecture'), model_args=args)
+
+
+def _json_type(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def create_run_model(args: Dict[str, Any], num_classes: Optional[int] = None,
+                     build: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
+    """Build the run's timm model (no weights).
+
+    ``build`` (results.json's ``model_build``: architecture and factory arguments) rebuilds exactly what
+    was trained, also for runs started from ``local-dir:`` / ``hf-hub:`` models; without it the model
+    comes from ``args`` (``model``, ``model_kwargs``, ``head_norm``, ``in_chans``).
+    """
+    num_classes = int(num_classes if num_classes is not None else args['num_classes'])
+    if build and build.get('architecture'):
+        return timm.create_model(build['architecture'], pretrained=False,
+                                 **dict(build.get('model_args') or {}, num_classes=num_classes))
     kwargs: Dict[str, Any] = dict(args.get('model_kwargs') or {})
-    kwargs['num_classes'] = int(num_classes if num_classes is not None else args['num_classes'])
+    kwargs['num_classes'] = num_classes
     if args.get('head_norm'):
         kwargs['head_norm'] = True
     if args.get('in_chans'):
@@ -149,8 +180,11 @@ def run_data_config(args: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _is_plugin_model(model_name: str) -> bool:
-    """Whether ``model_name`` is one of timm-cmo's own architectures (e.g. ``resnet32_cifar``)."""
-    return model_entrypoint(model_name).__module__.split('.')[0] == __name__.split('.')[0]
+    """Whether ``model_name`` (an architecture) is one of timm-cmo's own (e.g. ``resnet32_cifar``)."""
+    try:
+        return model_entrypoint(model_name).__module__.split('.')[0] == __name__.split('.')[0]
+    except (KeyError, RuntimeError):
+        return False
 
 
 def _fmt(value: Any, spec: str = 'g') -> str:
@@ -161,6 +195,15 @@ def _fmt(value: Any, spec: str = 'g') -> str:
     if isinstance(value, (int, float)):
         return format(value, spec)
     return str(value)
+
+
+def _used(used: Optional[int], epochs: Optional[int], what: str = 'applied') -> str:
+    """``'; applied in 40 of 200 epochs'`` (``'; never applied ...'`` when 0); '' when unknown."""
+    if used is None or not epochs:
+        return ''
+    if used == 0:
+        return f'; never {what}: 0 of {epochs} epochs'
+    return f'; {what} in {used} of {epochs} epochs'
 
 
 def _rows(rows: Sequence[Tuple[str, Any]]) -> str:
@@ -233,6 +276,7 @@ def model_card(
     if test_images:
         data_rows.append(('Test images', _fmt(sum(test_images))))
 
+    epochs = results.get('epochs') or args.get('epochs')
     recipe_rows = [
         ('Architecture', f'`{args["model"]}`' + (' + `NormedLinear` head' if head_norm else '')),
         ('Epochs', _fmt(args.get('epochs'))),
@@ -241,9 +285,13 @@ def model_card(
         ('Weight decay', _fmt(args.get('weight_decay'))),
         ('Schedule', _fmt(args.get('sched'))),
         ('Batch size', _fmt(args.get('batch_size'))),
-        ('Loss / re-weighting', f'{loss} / {reweight}' + (f' (epoch {opt.get("drw_epoch")})' if reweight == 'drw' else '')),
+        ('Loss / re-weighting', f'{loss} / {reweight}' + (f' (epoch {opt.get("drw_epoch")}'
+                                                          f'{_used(method.get("drw_epochs"), epochs)})'
+                                                          if reweight == 'drw' else '')),
         ('CMO', (f'yes: prob {_fmt(opt.get("cmo_prob"))}, beta {_fmt(opt.get("cmo_beta"))}, r {_fmt(opt.get("cmo_r"))}, '
-                 f'mode {_fmt(opt.get("cmo_mode"))}, variant {_fmt(opt.get("cmo_variant"))}') if opt.get('cmo') else 'no'),
+                 f'mode {_fmt(opt.get("cmo_mode"))}, variant {_fmt(opt.get("cmo_variant"))}'
+                 f'{_used(method.get("cmo_epochs"), epochs, "mixing")}') if opt.get('cmo') else 'no'),
+        ('ROS', f'yes: r {_fmt(opt.get("ros_r"))}' if opt.get('ros') else 'no'),
         ('Model EMA', _fmt(bool(args.get('model_ema')))),
     ]
     # the recipe file is args.yaml's `config` (results.json's `config` is the whole run configuration)
@@ -268,11 +316,13 @@ def model_card(
         f'Top-5: {_fmt(metrics.get("top5"), ".1f")}. Exported weights: {weights}.',
     ]
     best = results.get('best')
-    if isinstance(best, dict) and best.get('top1') is not None:
-        results_text[-1] += f' Best top-1 during training: {_fmt(best["top1"], ".2f")} (epoch {_fmt(best.get("epoch"))}).'
+    if isinstance(best, dict) and best.get('value') is not None:
+        results_text[-1] += (f' Best {best.get("metric", "top1")} during training: {_fmt(best["value"], ".2f")} '
+                             f'(epoch {_fmt(best.get("epoch"))}).')
 
-    if _is_plugin_model(args['model']) or head_norm:
-        why = (f'`{args["model"]}` is an architecture of the timm-cmo plugin' if _is_plugin_model(args['model'])
+    arch = (results.get('model_build') or {}).get('architecture') or args['model']
+    if _is_plugin_model(arch) or head_norm:
+        why = (f'`{arch}` is an architecture of the timm-cmo plugin' if _is_plugin_model(arch)
                else 'the model uses the plugin\'s `head_norm` classifier')
         import_line = 'import timm_cmo  # registers the plugin\'s models and head_norm with timm\n'
         usage_note = f'`import timm_cmo` (`pip install timm-cmo`) is needed because {why}.'
@@ -337,7 +387,7 @@ def export(
 
     state_dict, meta = _load_state_dict(ckpt_path, use_ema=use_ema)
     num_classes = args.get('num_classes') or (results.get('dataset') or {}).get('num_classes') or len(class_names or [])
-    model = create_run_model(args, num_classes=num_classes)
+    model = create_run_model(args, num_classes=num_classes, build=results.get('model_build'))
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
@@ -353,6 +403,7 @@ def export(
     try:
         save_for_hf(model, stage, model_config=model_config, safe_serialization=True,
                     data_config=run_data_config(args) or None)
+        _add_run_record(stage / 'config.json', results)
         card = model_card(args, results, repo_id=repo_id, checkpoint=checkpoint, use_ema=use_ema, checkpoint_meta=meta)
         (stage / 'README.md').write_text(card, encoding='utf-8')
         shutil.copyfile(results_path, stage / RESULTS_JSON)
@@ -365,8 +416,29 @@ def export(
     return out_dir
 
 
+def _add_run_record(config_path: Path, results: Dict[str, Any]) -> None:
+    """Add the training class counts and the method to an export's config.json (under ``timm_cmo``), so
+    ``--evaluate`` of the exported model reports the same shot groups."""
+    with config_path.open(encoding='utf-8') as f:
+        config = json.load(f)
+    dataset = results.get('dataset') if isinstance(results.get('dataset'), dict) else {}
+    config[CONFIG_KEY] = {k: v for k, v in dict(
+        train_class_counts=dataset.get('class_counts'), method=results.get('method'),
+        version=__import__('timm_cmo').__version__).items() if v is not None}
+    write_text_atomic(config_path, json.dumps(config, indent=4) + '\n')
+
+
 def _redact(text: str, token: Optional[str]) -> str:
-    return text.replace(token, '***') if token else text
+    """``text`` with the token used (given, ``HF_TOKEN`` or the login cache) replaced by ``***``."""
+    secrets = {token, os.environ.get('HF_TOKEN')}
+    try:
+        from huggingface_hub import get_token
+        secrets.add(get_token())
+    except Exception:
+        pass
+    for secret in sorted((t for t in secrets if t), key=len, reverse=True):
+        text = text.replace(secret, '***')
+    return text
 
 
 def push(

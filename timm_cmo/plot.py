@@ -1,21 +1,26 @@
-"""Per-class accuracy plot of a long-tailed evaluation, drawn with Pillow only.
+"""Plots of a long-tailed evaluation, drawn with Pillow only.
 
 :func:`plot_per_class_accuracy` writes a PNG with the classes sorted by training images along x,
 per-class top-1 accuracy as bars (left axis, 0-100 %), the training-image count per class as a line
 on a log-scaled right axis, and the many / medium / few shot groups shaded. Several runs (e.g. a method
 with and without CMO) can share one plot as side-by-side bars.
+
+:func:`plot_reliability` writes a reliability diagram of :meth:`timm_cmo.metrics.ClassAccuracy.calibration`:
+per confidence bin the accuracy as a bar, the gap to the bin's mean confidence shaded, the diagonal of
+perfect calibration, the samples per bin below, and ECE / MCE in the legend.
 """
 import math
 import os
 import tempfile
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.dataset import shot_groups
 
-__all__ = ['plot_per_class_accuracy', 'BAR_COLOR', 'SERIES_COLORS', 'COUNT_COLOR', 'GROUP_COLORS']
+__all__ = ['plot_per_class_accuracy', 'plot_reliability', 'BAR_COLOR', 'SERIES_COLORS', 'COUNT_COLOR', 'GROUP_COLORS',
+           'GAP_COLOR']
 
 Color = Tuple[int, int, int]
 BAR_COLOR: Color = (31, 119, 180)
@@ -23,6 +28,9 @@ SERIES_COLORS: Tuple[Color, ...] = (BAR_COLOR, (44, 160, 44), (148, 103, 189), (
                                     (188, 189, 34))
 COUNT_COLOR: Color = (230, 110, 0)
 GROUP_COLORS: Dict[str, Color] = {'many': (226, 238, 226), 'medium': (253, 244, 220), 'few': (250, 226, 226)}
+GAP_COLOR: Color = (214, 39, 40)
+_GAP_ALPHA = 110
+_DIAGONAL = (90, 90, 90)
 _TEXT = (30, 30, 30)
 _GRID = (200, 200, 200)
 _PLOT_HEIGHT = 360
@@ -286,6 +294,167 @@ def plot_per_class_accuracy(
                 draw.rectangle([lx, ly + 1, lx + 14, ly + 13], fill=color, outline=outline)
             _draw_text(img, (lx + 20, ly + 7), label, f_tick, anchor='lm')
             lx += _legend_width(f_tick, label)
+
+    _save_png(img, path)
+
+
+def _fmt_samples(n: int) -> str:
+    """Compact sample count: 999, 1.2k, 12k, 1.2M."""
+    for div, suffix in ((1e6, 'M'), (1e3, 'k')):
+        if n >= div:
+            return f'{n / div:.1f}{suffix}' if n < 10 * div else f'{n / div:.0f}{suffix}'
+    return str(int(n))
+
+
+def _check_bins(bins: Mapping[str, Sequence[float]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    for key in ('edges', 'count', 'accuracy', 'confidence'):
+        if key not in bins:
+            raise ValueError(f'bins has no {key!r}; pass ClassAccuracy.calibration()')
+    edges = np.asarray(bins['edges'], dtype=np.float64)
+    count = np.asarray(bins['count'], dtype=np.float64)
+    acc = np.asarray(bins['accuracy'], dtype=np.float64)
+    conf = np.asarray(bins['confidence'], dtype=np.float64)
+    num_bins = len(count)
+    if num_bins < 1 or len(edges) != num_bins + 1 or len(acc) != num_bins or len(conf) != num_bins:
+        raise ValueError(f'bins needs num_bins + 1 edges and num_bins counts, accuracies and confidences, got '
+                         f'{len(edges)}, {len(count)}, {len(acc)}, {len(conf)}')
+    if not (np.all(np.diff(edges) > 0) and edges[0] >= 0 and edges[-1] <= 1):
+        raise ValueError(f'bin edges must increase within [0, 1], got {edges.tolist()}')
+    if np.any(count < 0) or not np.all(np.isfinite(count)):
+        raise ValueError(f'bin counts must be finite and non-negative, got {count.tolist()}')
+    return edges, count, acc, conf
+
+
+def plot_reliability(path: Union[str, os.PathLike], bins: Mapping[str, Any], title: str = '') -> None:
+    """Write a PNG reliability diagram (atomically).
+
+    Args:
+        path: Output PNG path.
+        bins: :meth:`timm_cmo.metrics.ClassAccuracy.calibration` output: ``edges`` (n + 1,) in [0, 1],
+            ``count`` (n,), ``accuracy`` and ``confidence`` (n,) fractions (NaN: empty bin); ``ece`` and
+            ``mce`` in % are shown when present (else computed from the bins).
+        title: Plot title.
+
+    The top panel has, per non-empty bin, the accuracy as a bar, the gap between accuracy and mean
+    confidence shaded (red), and the diagonal of perfect calibration; the bottom panel has the samples per
+    bin (bars scaled to the fullest bin, counts written above them).
+    """
+    edges, count, acc, conf = _check_bins(bins)
+    num_bins = len(count)
+    used = count > 0
+    total = count.sum()
+    gaps = np.abs(acc - conf)
+    ece = bins.get('ece') if isinstance(bins, Mapping) else None
+    mce = bins.get('mce') if isinstance(bins, Mapping) else None
+    if ece is None or mce is None:
+        ok = used & np.isfinite(gaps)
+        ece = 100. * float(np.sum(gaps[ok] * count[ok]) / total) if total else float('nan')
+        mce = 100. * float(gaps[ok].max()) if ok.any() else float('nan')
+
+    f_title, f_label, f_tick = _font(16), _font(13), _font(11)
+    pw = ph = 380
+    hist_h = 100
+    left, right = 70, 24
+    legend = [('bar', 'accuracy', BAR_COLOR), ('gap', 'gap to confidence', GAP_COLOR),
+              ('line', 'perfect calibration', _DIAGONAL)]
+    rows = _legend_rows(legend, f_tick, pw)
+    metrics = (f'ECE {ece:.2f}%   MCE {mce:.2f}%   {int(total)} samples' if total
+               else 'no samples')
+    legend_y = 16 + (_text_size(f_title, title)[1] + 12 if title else 0)
+    metrics_y = legend_y + _LEGEND_ROW * len(rows)
+    top = metrics_y + _LEGEND_ROW + 8
+    label_h = _text_size(f_tick, '0')[1]
+    gap_between = 18
+    y0, y1 = top, top + ph  # reliability panel: accuracy 1 at y0, 0 at y1
+    h0, h1 = y1 + gap_between, y1 + gap_between + hist_h  # histogram panel
+    width = left + pw + right
+    height = h1 + 8 + label_h + 10 + _text_size(f_label, 'X')[1] + 12
+    x0 = left
+
+    img = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(img)
+
+    def xpos(v: float) -> float:
+        return x0 + v * pw
+
+    def ypos(v: float) -> float:
+        return y1 - v * ph
+
+    # grid and left axis
+    for k in range(6):
+        v = k / 5
+        draw.line([x0, ypos(v), x0 + pw, ypos(v)], fill=_GRID, width=1)
+        draw.line([xpos(v), y0, xpos(v), y1], fill=_GRID, width=1)
+        draw.line([x0 - 5, ypos(v), x0, ypos(v)], fill=_TEXT, width=1)
+        _draw_text(img, (x0 - 8, ypos(v)), f'{v:.1f}', f_tick, anchor='rm')
+    _draw_text(img, (16, y0 + ph / 2), 'accuracy', f_label, anchor='lm', angle=90)
+
+    # accuracy bars, then the shaded gaps on a translucent overlay
+    bar_gap = 1 if (edges[1:] - edges[:-1]).min() * pw >= 6 else 0
+    for b in np.flatnonzero(used):
+        if not np.isfinite(acc[b]):
+            continue
+        xa, xb = int(round(xpos(edges[b]))) + bar_gap, int(round(xpos(edges[b + 1]))) - bar_gap
+        if acc[b] > 0:
+            draw.rectangle([xa, ypos(min(acc[b], 1.)), max(xa, xb - 1), y1 - 1], fill=BAR_COLOR)
+    overlay = Image.new('RGBA', img.size, (0, 0, 0, 0))
+    odraw = ImageDraw.Draw(overlay)
+    for b in np.flatnonzero(used):
+        if not (np.isfinite(acc[b]) and np.isfinite(conf[b])):
+            continue
+        xa, xb = int(round(xpos(edges[b]))) + bar_gap, int(round(xpos(edges[b + 1]))) - bar_gap
+        lo, hi = sorted((min(max(acc[b], 0.), 1.), min(max(conf[b], 0.), 1.)))
+        odraw.rectangle([xa, ypos(hi), max(xa, xb - 1), ypos(lo)], fill=GAP_COLOR + (_GAP_ALPHA,),
+                        outline=GAP_COLOR + (255,))
+    img.paste(Image.alpha_composite(img.convert('RGBA'), overlay).convert('RGB'))
+    draw = ImageDraw.Draw(img)
+
+    # the diagonal, dashed
+    steps = 41  # odd: the dashes start and end on the corners
+    for k in range(0, steps, 2):
+        a, b = k / steps, (k + 1) / steps
+        draw.line([xpos(a), ypos(a), xpos(b), ypos(b)], fill=_DIAGONAL, width=2)
+    draw.rectangle([x0, y0, x0 + pw, y1], outline=_TEXT, width=1)
+
+    # histogram of samples per bin
+    peak = count.max()
+    draw.rectangle([x0, h0, x0 + pw, h1], outline=_TEXT, width=1)
+    for b in range(num_bins):
+        xa, xb = xpos(edges[b]), xpos(edges[b + 1])
+        if count[b] > 0:
+            bar_top = h1 - max(1., (hist_h - label_h - 12) * count[b] / peak)
+            draw.rectangle([int(round(xa)) + bar_gap, bar_top, max(int(round(xa)) + bar_gap,
+                            int(round(xb)) - bar_gap - 1), h1 - 1], fill=COUNT_COLOR)
+            label = _fmt_samples(int(count[b]))
+            if _text_size(f_tick, label)[0] <= xb - xa:
+                _draw_text(img, ((xa + xb) / 2, bar_top - 2), label, f_tick, anchor='mb')
+            elif xb - xa >= label_h:
+                _draw_text(img, ((xa + xb) / 2, bar_top - 2), label, f_tick, anchor='mb', angle=90)
+    _draw_text(img, (16, (h0 + h1) / 2), 'samples', f_label, fill=COUNT_COLOR, anchor='lm', angle=90)
+
+    # x axis under the histogram
+    ty = h1 + 8
+    for k in range(6):
+        v = k / 5
+        draw.line([xpos(v), h1, xpos(v), h1 + 4], fill=_TEXT, width=1)
+        _draw_text(img, (xpos(v), ty), f'{v:.1f}', f_tick, anchor='mt')
+    _draw_text(img, (x0 + pw / 2, ty + label_h + 10), 'confidence (max softmax probability)', f_label, anchor='mt')
+
+    # title, legend and the calibration errors
+    if title:
+        _draw_text(img, (width / 2, 12), title, f_title, anchor='mt')
+    for r, row in enumerate(rows):
+        lx, ly = x0, legend_y + r * _LEGEND_ROW
+        for kind, label, color in row:
+            if kind == 'line':
+                draw.line([lx, ly + 7, lx + 16, ly + 7], fill=color, width=2)
+            elif kind == 'gap':
+                draw.rectangle([lx, ly + 1, lx + 14, ly + 13], fill=(240, 170, 170), outline=color)
+            else:
+                draw.rectangle([lx, ly + 1, lx + 14, ly + 13], fill=color)
+            _draw_text(img, (lx + 20, ly + 7), label, f_tick, anchor='lm')
+            lx += _legend_width(f_tick, label)
+    _draw_text(img, (x0, metrics_y + 7), metrics, f_label, anchor='lm')
 
     _save_png(img, path)
 

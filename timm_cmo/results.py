@@ -12,23 +12,27 @@ Accuracies are in %; NaN (a class without test images) and empty groups are ``nu
 import csv
 import io
 import json
+import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .data.dataset import shot_groups
-from .plot import plot_per_class_accuracy
+from .files import write_text_atomic
+from .plot import plot_per_class_accuracy, plot_reliability
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ['write_results', 'read_results', 'results_table_markdown', 'to_json_safe', 'cpu_model', 'peak_rss_mib',
-           'RESULTS_JSON', 'RESULTS_CSV', 'RESULTS_PNG']
+           'SummaryWriter', 'SUMMARY_EVAL_KEYS', 'RESULTS_JSON', 'RESULTS_CSV', 'RESULTS_PNG', 'RELIABILITY_PNG']
 
 RESULTS_JSON = 'results.json'
 RESULTS_CSV = 'per_class_accuracy.csv'
 RESULTS_PNG = 'per_class_accuracy.png'
+RELIABILITY_PNG = 'reliability.png'
 CSV_HEADER = ('class_index', 'class_name', 'train_images', 'test_images', 'top1', 'top5', 'shot_group')
 _RESERVED = ('metrics', 'per_class', 'class_names')
 
@@ -69,18 +73,6 @@ def to_json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _round(value: float, digits: int = 4) -> Optional[float]:
     return None if value is None or not math.isfinite(value) else round(float(value), digits)
 
@@ -112,20 +104,25 @@ def write_results(
         extra: Optional[Dict[str, Any]] = None,
         many: int = 100,
         few: int = 20,
+        calibration: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Path]:
-    """Write ``per_class_accuracy.csv``, ``results.json`` and ``per_class_accuracy.png`` (each atomically).
+    """Write ``per_class_accuracy.csv``, ``results.json``, ``per_class_accuracy.png`` and, with
+    ``calibration``, ``reliability.png`` (each atomically).
 
     Args:
         output_dir: Run folder (created if needed).
         summary: :meth:`ClassAccuracy.summary` output, stored under ``metrics``.
         per_class: :meth:`ClassAccuracy.per_class` output: ``count``, ``top1``, ``top5``, (C,) each.
-        train_class_counts: (C,) training images per class.
+        train_class_counts: (C,) training images per class; None when unknown (no shot groups, no plot).
         class_names: Class names in index order; None: ``'0'..'C-1'``.
         extra: Keys merged at the top level of ``results.json`` (must not be metrics/per_class/class_names).
         many, few: Shot-group thresholds of the ``shot_group`` column.
+        calibration: :meth:`ClassAccuracy.calibration` output, stored under ``calibration`` and drawn
+            as a reliability diagram.
 
     Returns:
-        ``{'csv': path, 'json': path, 'png': path}``.
+        ``{'csv': path, 'json': path, 'png': path, 'reliability': path}`` (a plot that could not be drawn
+        is missing: the error is logged, the CSV and JSON are kept).
     """
     extra = dict(extra or {})
     clash = [k for k in _RESERVED if k in extra]
@@ -133,8 +130,9 @@ def write_results(
         raise ValueError(f'extra must not hold the reserved keys {clash}')
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    train = [int(n) for n in train_class_counts]
-    num_classes = len(train)
+    known_counts = train_class_counts is not None
+    num_classes = len(per_class['count'])
+    train = [int(n) for n in train_class_counts] if known_counts else [None] * num_classes
     test = [int(n) for n in np.asarray(per_class['count'])]
     top1 = [float(v) for v in np.asarray(per_class['top1'], dtype=np.float64)]
     top5 = [float(v) for v in np.asarray(per_class['top5'], dtype=np.float64)]
@@ -143,7 +141,7 @@ def write_results(
         raise ValueError(f'Per-class arrays, class names and train_class_counts differ in length '
                          f'({len(test)}, {len(top1)}, {len(top5)}, {len(names)}, {num_classes})')
     group = [''] * num_classes
-    for name, classes in shot_groups(train, many=many, few=few)._asdict().items():
+    for name, classes in (shot_groups(train, many=many, few=few)._asdict().items() if known_counts else ()):
         for c in classes:
             group[c] = name
 
@@ -152,9 +150,11 @@ def write_results(
     writer.writerow(CSV_HEADER)
     for c in range(num_classes):
         acc = ['' if _round(v) is None else f'{_round(v):.4f}' for v in (top1[c], top5[c])]
-        writer.writerow([c, names[c], train[c], test[c], *acc, group[c]])
+        writer.writerow([c, names[c], '' if train[c] is None else train[c], test[c], *acc, group[c]])
     paths = {'csv': output_dir / RESULTS_CSV, 'json': output_dir / RESULTS_JSON, 'png': output_dir / RESULTS_PNG}
-    _write_atomic(paths['csv'], buf.getvalue())
+    if calibration is not None:
+        paths['reliability'] = output_dir / RELIABILITY_PNG
+    write_text_atomic(paths['csv'], buf.getvalue())
 
     results = {
         'metrics': summary,
@@ -166,13 +166,29 @@ def write_results(
             'shot_group': group,
         },
         'class_names': names,
+        **({'calibration': {k: calibration[k] for k in ('edges', 'count', 'accuracy', 'confidence', 'logit_scale')
+                            if k in calibration}} if calibration is not None else {}),
         **extra,
     }
     text = json.dumps(to_json_safe(results), indent=2, allow_nan=False)
-    _write_atomic(paths['json'], text + '\n')
+    write_text_atomic(paths['json'], text + '\n')
 
-    plot_per_class_accuracy(paths['png'], top1, train, class_names=names, title=_plot_title(extra, summary),
-                            many=many, few=few)
+    # the records are written: a plot that fails is reported, never fails the run
+    plots = {'png': lambda p: plot_per_class_accuracy(p, top1, train, class_names=names, many=many, few=few,
+                                                      title=_plot_title(extra, summary)),
+             'reliability': lambda p: plot_reliability(p, calibration, title=_plot_title(extra, summary))}
+    if not known_counts:
+        _logger.warning('No per-class plot: the training class counts are unknown.')
+        del paths['png']
+    for key, draw in plots.items():
+        if key not in paths:
+            continue
+        try:
+            draw(paths[key])
+        except Exception as e:
+            _logger.error(f'Could not draw {paths[key]} ({type(e).__name__}: {e}); '
+                          f'{paths["json"]} and {paths["csv"]} are written.')
+            del paths[key]
     return paths
 
 
@@ -209,3 +225,53 @@ def results_table_markdown(results: Dict[str, Any]) -> str:
     m = results.get('metrics', results)
     return (_table(('All', 'Many', 'Medium', 'Few'), [m.get(k) for k in ('top1', 'many', 'medium', 'few')])
             + '\n\n' + _table(('Head', 'Middle', 'Tail'), [m.get(k) for k in ('head', 'middle', 'tail')]) + '\n')
+
+
+SUMMARY_EVAL_KEYS = ('top1', 'top5', 'many', 'medium', 'few', 'head', 'middle', 'tail', 'ece', 'mce', 'nll')
+
+
+class SummaryWriter:
+    """``summary.csv``: one row per epoch, the same columns in every row.
+
+    Columns: ``epoch``, ``train_loss``, ``lr`` (the epoch's own learning rate, read at its start),
+    ``epoch_time_s`` and ``eval_<metric>`` for :data:`SUMMARY_EVAL_KEYS` (plus ``eval_ema_top1``
+    with EMA), empty in epochs without evaluation. The file is rewritten atomically each epoch.
+
+    Args:
+        path: The CSV file; kept rows are read back when it exists (a resumed run).
+        ema: Add the ``eval_ema_top1`` column.
+    """
+
+    def __init__(self, path: PathLike, ema: bool = False):
+        self.path = Path(path)
+        self.columns = ['epoch', 'train_loss', 'lr', 'epoch_time_s'] + [f'eval_{k}' for k in SUMMARY_EVAL_KEYS]
+        if ema:
+            self.columns.append('eval_ema_top1')
+        self.rows: list = []
+        if self.path.is_file():
+            with self.path.open(encoding='utf-8', newline='') as f:
+                self.rows = [row for row in csv.DictReader(f)]
+
+    def truncate(self, start_epoch: int) -> None:
+        """Forget rows of epochs >= ``start_epoch`` (a resumed run redoes them)."""
+        kept = [r for r in self.rows if str(r.get('epoch', '')).isdigit() and int(r['epoch']) < start_epoch]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            self._write()
+
+    def append(self, epoch: int, train_loss: float, lr: float, epoch_time_s: float,
+               eval_metrics: Optional[Mapping[str, Any]] = None) -> None:
+        row = {'epoch': epoch, 'train_loss': f'{train_loss:.6g}', 'lr': f'{lr:.6g}', 'epoch_time_s': f'{epoch_time_s:.2f}'}
+        for key, value in (eval_metrics or {}).items():
+            if f'eval_{key}' in self.columns and isinstance(value, (int, float)) and math.isfinite(value):
+                row[f'eval_{key}'] = f'{value:.4f}'
+        self.rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction='ignore', lineterminator='\n')
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: row.get(k, '') for k in self.columns})
+        write_text_atomic(self.path, buf.getvalue())

@@ -82,6 +82,83 @@ def test_decode_matches_dataset(lt_data):
         assert torch.equal(images[i], transforms.PILToTensor()(ds[i][0]))
 
 
+def ordinary_loader(ds, **kwargs):
+    args = dict(input_size=(3, 32, 32), batch_size=32, is_training=True, device=CPU, num_workers=0,
+                mean=CIFAR_MEAN, std=CIFAR_STD, no_aug=True, num_classes=10)
+    args.update(kwargs)
+    return create_cmo_loader(ds, **args)
+
+
+PARITY_CASES = {
+    'cmo-off': dict(cmo=False),
+    'cmo-window': dict(cmo=True, cmo_prob=0.5, cmo_start_epoch=0, cmo_end_epochs=1, epochs=4),
+    'elem': dict(cmo=True, cmo_prob=0.5, cmo_mode='elem', cmo_start_epoch=-1),
+    'back': dict(cmo=True, cmo_prob=0.7, cmo_variant='back', cmo_start_epoch=0, cmo_end_epochs=1, epochs=4),
+    'minor': dict(cmo=True, cmo_prob=0.7, cmo_variant='minor', cmo_start_epoch=0, cmo_end_epochs=1, epochs=4),
+    'mixup': dict(cmo=True, cmo_prob=1.0, cmo_variant='mixup', cmo_start_epoch=-1, cmo_r=2.0),
+    'effective-elem-mixup': dict(cmo=True, cmo_effective=True, cmo_mode='elem', cmo_variant='mixup',
+                                 cmo_start_epoch=-1),
+    'ros': dict(cmo=False, ros_r=1.0),
+    'ros-sqrt-cmo': dict(cmo=True, ros_r=0.5, cmo_start_epoch=-1),
+    'keep-last-smoothing': dict(cmo=True, drop_last=False, label_smoothing=0.1, cmo_start_epoch=-1),
+    'rank1-of-2': dict(cmo=True, cmo_start_epoch=-1, num_replicas=2, rank=1),
+    'remix': dict(cmo=False, remix=True),
+    'remix-cutmix-ros-smoothing': dict(cmo=False, remix=True, remix_mode='cutmix', ros_r=1.0, label_smoothing=0.1),
+}
+
+
+@pytest.mark.parametrize('case', list(PARITY_CASES))
+def test_device_path_equals_ordinary_loader(lt_parity, case):
+    """With augmentation off both paths must give the same batches: same plan (order, ROS, CMO decisions,
+    foregrounds), same lambda and boxes, same pixels, targets and mix info, in every epoch of the window."""
+    ds, images, targets = lt_parity
+    opts = dict(PARITY_CASES[case])
+    cmo = opts.pop('cmo')
+    split = {k: opts.pop(k) for k in ('num_replicas', 'rank') if k in opts}
+    cmo_flags = {k: v for k, v in opts.items() if k.startswith('cmo_')}
+    common = {k: v for k, v in opts.items() if not k.startswith('cmo_')}
+    remix = {k: common.pop(k) for k in list(common) if k.startswith('remix')}
+    remixer = None
+    if remix:
+        from timm_cmo.data.remix import RemixMixup
+        remixer = RemixMixup(10, ds.class_counts, mode=remix.get('remix_mode', 'mixup'),
+                             label_smoothing=common.get('label_smoothing', 0.))
+    fast = DeviceLoader(images, targets, 32, CIFAR_MEAN, CIFAR_STD, padding=0, hflip=0., num_classes=10, seed=4,
+                        cmo=CMOConfig.from_flags(**cmo_flags) if cmo else None, remix=remixer, **common, **split)
+    if split:  # the ordinary loader takes its split from the process group: compare the plans it would read
+        from timm_cmo.data import EpochPlanner
+        planner = EpochPlanner(ds.targets, 32, cmo=CMOConfig.from_flags(**cmo_flags), seed=4, **split)
+        for epoch in range(2):
+            assert [b.index.tolist() for b in planner.plan(epoch)] == [b.index.tolist() for b in fast.planner.plan(epoch)]
+        return
+    ordinary = ordinary_loader(ds, cmo=cmo, seed=4, **cmo_flags, **common, **remix)
+    assert len(fast) == len(ordinary)
+    mixed = 0
+    for epoch in range(4):
+        fast.set_epoch(epoch)
+        ordinary.set_epoch(epoch)
+        n = 0
+        for (xf, tf), (xo, to) in zip(fast, ordinary):
+            n += 1
+            torch.testing.assert_close(xf, xo, atol=1e-5, rtol=0)
+            torch.testing.assert_close(tf, to)
+            if cmo or remix:
+                a, b = fast.mix_info, ordinary.mix_info
+                assert torch.equal(a.y_b, b.y_b) and torch.equal(a.y_f, b.y_f) and a.smoothing == b.smoothing
+                torch.testing.assert_close(torch.as_tensor(a.lam), torch.as_tensor(b.lam))
+                mixed += int(bool((torch.as_tensor(a.lam) < 1).any()))
+        assert n == len(fast)
+    if (cmo or remix) and opts.get('cmo_prob', 0.5) > 0:
+        assert mixed > 0
+
+
+@pytest.fixture(scope='module')
+def lt_parity(cifar10_dir):
+    ds = create_lt_dataset('', str(cifar10_dir / 'train.tar'), imb_ratio=10, imb_max=60)
+    images, targets = decode_to_tensor(ds, (32, 32), CPU)
+    return ds, images, targets
+
+
 def collect(loader, epochs):
     bg, fg, lams = [], [], []
     for epoch in range(epochs):
@@ -96,26 +173,29 @@ def collect(loader, epochs):
 
 
 @pytest.mark.parametrize('variant', ['cmo', 'back', 'minor'])
-def test_class_draws_and_lambda_match_ordinary_loader(lt_data, variant, cifar10_dir):
+def test_class_draws_follow_p_and_q(lt_data, variant):
+    """Backgrounds ~ P and foregrounds ~ Q (swapped by the ablations), checked against the laws."""
     ds, images, targets = lt_data
     fast = device_loader(images, targets, cmo_prob=1.0, cmo_variant=variant)
     bg_d, fg_d, lam_d = collect(fast, 4)
-    ordinary = create_cmo_loader(ds, (3, 32, 32), 64, is_training=True, device=CPU, num_workers=0, mean=CIFAR_MEAN,
-                                 std=CIFAR_STD, color_jitter=None, train_crop_mode='pad', cmo=True, cmo_prob=1.0,
-                                 cmo_variant=variant, cmo_start_epoch=-1)
-    bg_o, fg_o, lam_o = collect(ordinary, 4)
     counts = ds.class_counts
     p, q = counts / counts.sum(), class_sampling_probs(counts, 1.0)
-    for d, o, law in ((bg_d, bg_o, q if variant in ('back', 'minor') else p),
-                      (fg_d, fg_o, p if variant == 'back' else q)):
-        obs_d, obs_o = np.bincount(d, minlength=10), np.bincount(o, minlength=10)
-        keep = (obs_d + obs_o) > 10
-        assert stats.chi2_contingency(np.stack([obs_d[keep], obs_o[keep]])).pvalue > 1e-3
+    for d, law in ((bg_d, q if variant in ('back', 'minor') else p), (fg_d, p if variant == 'back' else q)):
+        obs_d = np.bincount(d, minlength=10)
         exp = law * len(d)
         k2 = exp > 5
         assert stats.chisquare(obs_d[k2], exp[k2] * obs_d[k2].sum() / exp[k2].sum()).pvalue > 1e-3
-    assert stats.ks_2samp(lam_d, lam_o).pvalue > 1e-3
-    assert len(fast) == len(ordinary)
+
+
+def test_ros_backgrounds_are_class_balanced(lt_data):
+    ds, images, targets = lt_data
+    loader = device_loader(images, targets, cmo=False, ros_r=1.0)
+    ys = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        ys += [y for _, y in loader]
+    obs = np.bincount(torch.cat(ys).numpy(), minlength=10)
+    assert stats.chisquare(obs).pvalue > 1e-3  # every class equally likely (r = 1)
 
 
 def test_epoch_window_prob_and_elem_mode(lt_data):
@@ -156,13 +236,23 @@ def test_reproducible_and_cmo_off_gives_hard_labels(lt_data):
     assert abs(float(x.mean())) < 1.0
 
 
+def test_keep_last_batch(lt_data):
+    _, images, targets = lt_data
+    n = len(targets)
+    kept = device_loader(images, targets, cmo=False, drop_last=False)
+    kept.set_epoch(0)
+    sizes = [len(y) for _, y in kept]
+    assert len(sizes) == -(-n // 64) and sum(sizes) == n and sizes[-1] == n % 64
+    dropped = device_loader(images, targets, cmo=False)
+    assert len(dropped) == n // 64
+
+
 def test_distributed_shares(lt_data):
     _, images, targets = lt_data
     shares = []
     for rank in range(2):
         loader = device_loader(images, targets, cmo=False, num_replicas=2, rank=rank, batch_size=32)
-        loader.set_epoch(1)
-        shares.append(loader._epoch_order().tolist())
+        shares.append(loader.planner.order(1).tolist())
     assert not set(shares[0]) & set(shares[1])
     assert len(set(shares[0]) | set(shares[1])) == len(targets)
     ev = [DeviceEvalLoader(images, targets, 50, CIFAR_MEAN, CIFAR_STD, num_replicas=2, rank=r) for r in range(2)]

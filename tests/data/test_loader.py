@@ -64,19 +64,78 @@ def collect(loader, epochs):
     return torch.cat(bg).numpy(), torch.cat(fg).numpy()
 
 
-def test_cmo_off_is_timm_loader_bit_for_bit(lt_small):
+def test_cmo_off_reads_the_plan_with_timms_transform(lt_small):
+    """CMO off: each batch is timm's training transform of the plan's samples, drawn with the batch's seed."""
+    from timm.data.loader import fast_collate
+    from timm_cmo.data.loader import seeded_rngs
     kw = dict(input_size=(3, 32, 32), batch_size=32, is_training=True, device=CPU, num_workers=0,
               mean=CIFAR_MEAN, std=CIFAR_STD)
-    ours = create_cmo_loader(fresh(lt_small), cmo=False, **kw)
-    timm_loader = create_loader(fresh(lt_small), **kw)
-    for loader_a, loader_b in ((ours, timm_loader),):
+    ours = create_cmo_loader(fresh(lt_small), cmo=False, seed=9, **kw)
+    reference = fresh(lt_small)
+    create_loader(reference, **kw)  # timm sets its training transform on the dataset
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255
+    ours.set_epoch(1)
+    plan = ours.planner.plan(1)
+    for (x, y), b in zip(ours, plan[:3]):
+        with seeded_rngs(b.seed):
+            xr, yr = fast_collate([reference[i] for i in b.index])
+        torch.testing.assert_close(x, (xr.float() - mean) / std, atol=1e-5, rtol=0)
+        assert torch.equal(y, yr) and ours.mix_info is None
+    assert len(ours) == len(lt_small) // 32  # timm's drop_last for training
+
+
+@pytest.mark.parametrize('cmo', [False, True])
+def test_workers_and_resume_do_not_change_batches(lt_small, cmo):
+    """The same epoch gives the same augmented batches with 0 or 2 (persistent) workers, and when a
+    loader starts at that epoch (a resumed run) instead of reaching it."""
+    kw = dict(cmo=cmo, cmo_prob=0.5, cmo_mode='elem', batch_size=32, color_jitter=0.4, seed=2, epochs=None)
+    runs = []
+    for workers, epochs in ((0, (0, 1)), (2, (0, 1)), (2, (1,))):
+        loader = cmo_loader(fresh(lt_small), num_workers=workers, **kw)
+        out = {}
+        for epoch in epochs:
+            loader.set_epoch(epoch)
+            out[epoch] = [b for _, b in zip(range(4), loader)]
+        runs.append(out)
+    for other in runs[1:]:
+        for epoch, batches in other.items():
+            for (xa, ta), (xb, tb) in zip(runs[0][epoch], batches):
+                assert torch.equal(xa, xb) and torch.equal(ta, tb)
+    assert not torch.equal(runs[0][0][0][0], runs[0][1][0][0])  # epochs differ
+
+
+def test_main_process_generators_do_not_depend_on_workers(lt_small):
+    """Reading batches advances the main process's global generators (which drive dropout and timm's random
+    erasing) the same way with 0 workers as with 2: the transforms' draws stay inside the batch reads."""
+    after = []
+    for workers in (0, 2):
+        loader = cmo_loader(fresh(lt_small), cmo=False, batch_size=16, num_workers=workers)
         torch.manual_seed(0), random.seed(0), np.random.seed(0)
-        batches_a = [b for _, b in zip(range(3), loader_a)]
-        torch.manual_seed(0), random.seed(0), np.random.seed(0)
-        batches_b = [b for _, b in zip(range(3), loader_b)]
-    for (xa, ya), (xb, yb) in zip(batches_a, batches_b):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert ours.mix_info is None and len(ours) == len(timm_loader)
+        _ = [b for _, b in zip(range(3), loader)]
+        after.append((torch.rand(1).item(), random.random(), np.random.rand()))
+    assert after[0] == after[1]
+
+
+def test_ros_and_keep_last(lt_small):
+    ds = fresh(lt_small)
+    loader = cmo_loader(ds, cmo=False, ros_r=1.0, drop_last=False, batch_size=64)
+    assert len(loader) == -(-len(ds) // 64)
+    ys = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        ys += [y for _, y in loader]
+    assert sum(len(y) for y in ys) == 3 * len(ds)
+    assert stats.chisquare(np.bincount(torch.cat(ys).numpy(), minlength=10)).pvalue > 1e-3
+
+
+def test_device_accepts_strings_and_defaults_without_cuda(lt_small):
+    loader = cmo_loader(fresh(lt_small), device='cpu', cmo=True, batch_size=8)
+    x, t = next(iter(loader))
+    assert x.device.type == 'cpu' and loader.device == torch.device('cpu')
+    if not torch.cuda.is_available():
+        default = cmo_loader(fresh(lt_small), device=None, batch_size=8)
+        assert default.device == torch.device('cpu') and next(iter(default))[0].device.type == 'cpu'
 
 
 def test_cmo_on_prob_zero_matches_plain_loader(lt_small):
@@ -85,9 +144,7 @@ def test_cmo_on_prob_zero_matches_plain_loader(lt_small):
               mean=CIFAR_MEAN, std=CIFAR_STD, train_crop_mode='pad')
     ours = create_cmo_loader(fresh(lt_small), cmo=True, cmo_prob=0.0, cmo_start_epoch=-1, **kw)
     plain = create_cmo_loader(fresh(lt_small), cmo=False, **kw)
-    torch.manual_seed(1), random.seed(1)
     a = [b for _, b in zip(range(3), ours)]
-    torch.manual_seed(1), random.seed(1)
     b = [b for _, b in zip(range(3), plain)]
     for (xa, ta), (xb, yb) in zip(a, b):
         assert torch.equal(xa, xb)
@@ -224,7 +281,7 @@ def test_bad_loader_options(lt_small):
 
 
 def test_torchrun_two_processes(tmp_path, cifar10_dir):
-    """2 gloo processes: disjoint background shares (timm's DistributedSampler), distinct foreground shares."""
+    """2 gloo processes: disjoint background shares (split like DistributedSampler), distinct foreground shares."""
     script = tmp_path / 'worker.py'
     script.write_text(textwrap.dedent(f'''
         import json, os

@@ -245,9 +245,36 @@ def test_error_unknown_model(tmp_path):
 
 
 def test_refuses_pickled_objects(tmp_path):
+    import fractions
     sd = paper_state_dict(3, 10, normed=True)
-    msg = _convert_error(tmp_path, sd, ckpt_extra={'args': argparse.Namespace(lr=0.1)})
-    assert 'not a plain weights checkpoint' in msg and 'argparse.Namespace' in msg
+    msg = _convert_error(tmp_path, sd, ckpt_extra={'note': fractions.Fraction(1, 3)})
+    assert 'holds pickled Python objects' in msg and 'fractions.Fraction' in msg and 'bad.pth.tar' in msg
+
+
+@pytest.mark.parametrize('content', [b'\x00\x17random bytes' * 50, b'epoch: 3\nstate_dict: none\n', 'truncated'])
+def test_not_a_checkpoint_names_the_file(tmp_path, content, capsys):
+    path = tmp_path / 'weird.pth.tar'
+    if content == 'truncated':
+        save_paper_ckpt(tmp_path / 'full.pth.tar', paper_state_dict(3, 10, normed=False))
+        data = (tmp_path / 'full.pth.tar').read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        main([str(path), str(tmp_path / 'out'), '--model', 'resnet20_cifar'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert 'not a checkpoint' in err and str(path) in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_missing_classifier_and_unexpected_keys_are_named(tmp_path):
+    sd = paper_state_dict(3, 10, normed=False)
+    del sd['module.linear.weight'], sd['module.linear.bias']
+    sd['module.extra.weight'] = torch.zeros(3)
+    msg = _convert_error(tmp_path, sd, num_classes=10)
+    assert 'it has no classifier' in msg and 'missing keys (2): fc.weight, fc.bias' in msg
+    assert 'unexpected keys (1): extra.weight' in msg
 
 
 def test_state_dict_with_non_tensors(tmp_path):
@@ -260,5 +287,5 @@ def test_state_dict_with_non_tensors(tmp_path):
 def test_no_state_dict(tmp_path):
     ckpt = tmp_path / 'x.pth'
     torch.save({'epoch': 1, 'acc': 3.0}, ckpt)
-    with pytest.raises(ValueError, match="No state dict.*'acc', 'epoch'"):
+    with pytest.raises(ValueError, match="holds no state dict.*'acc', 'epoch'"):
         convert_checkpoint(ckpt, tmp_path / 'out', 'resnet20_cifar')

@@ -4,7 +4,8 @@ from .dataset import (
     LongTailDataset, ShotGroups, create_lt_dataset, dataset_class_names, dataset_targets, long_tail_counts,
     long_tail_indices, shot_groups,
 )
-from .loader import CMOBatchSampler, CMOCollate, CMOLoader, create_cmo_loader
+from .loader import CMOCollate, CMOLoader, PlanBatchSampler, create_cmo_loader, resolve_device
+from .plan import BatchPlan, EpochPlanner
 from .reader_image_list import ListFileError, ReaderImageList, parse_list_file
 from .sampler import ClassWeightedSampler, class_sampling_probs, class_weights, sample_weights
 from .transforms import pad_crop_transform

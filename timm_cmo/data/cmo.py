@@ -92,13 +92,27 @@ class CMOConfig:
 
 
 class MixInfo(NamedTuple):
-    """Hard labels and mixing weight of a batch: target = lam * y_b + (1 - lam) * y_f.
+    """Hard labels and mixing weight of a batch: target = lam * soft(y_b) + (1 - lam) * soft(y_f).
 
-    ``lam`` is a float in batch mode (1.0 for an unmixed batch) and a (B,) tensor in elem mode.
+    ``lam`` is a float in batch mode (1.0 for an unmixed batch) and a (B,) tensor in elem mode
+    (or for Remix's per-sample label weights); ``soft`` is the one-hot target with timm's label
+    smoothing ``smoothing``. Losses take it as ``loss(logits, target, mix=info)`` to compute the
+    paper's ``lam * L(y_b) + (1 - lam) * L(y_f)``, each term normalised by its own class weights.
     """
     y_b: torch.Tensor
     y_f: torch.Tensor
     lam: Union[float, torch.Tensor]
+    smoothing: float = 0.0
+
+    def target(self, num_classes: int) -> torch.Tensor:
+        """The soft targets (B, num_classes) float32 this mix stands for."""
+        lam = self.lam
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(torch.float32).unsqueeze(1)
+        elif lam == 1.:
+            return soft_target(self.y_b, num_classes, self.smoothing)
+        return (soft_target(self.y_b, num_classes, self.smoothing) * lam
+                + soft_target(self.y_f, num_classes, self.smoothing) * (1. - lam))
 
 
 def rand_bbox(
@@ -217,7 +231,7 @@ class CMOMixup:
             raise ValueError(f'Background and foreground batches differ in shape: {tuple(x_bg.shape)} vs {tuple(x_fg.shape)}')
         if self.mode == 'batch':
             if self.rng.random() >= self.prob:
-                self.last = MixInfo(y_bg, y_bg, 1.)
+                self.last = MixInfo(y_bg, y_bg, 1., self.label_smoothing)
                 return x_bg, self.target(y_bg)
             apply = None
         else:
@@ -244,14 +258,33 @@ class CMOMixup:
             lam = self._mix_elem(x_bg, x_fg, apply)
             if apply is not None:
                 y_fg = torch.where(apply, y_fg, y_bg)
-        self.last = MixInfo(y_bg, y_fg, lam)
-        return x_bg, self.mixed_target(y_bg, y_fg, lam), lam
+        self.last = MixInfo(y_bg, y_fg, lam, self.label_smoothing)
+        return x_bg, self.last.target(self.num_classes), lam
 
-    def mixed_target(self, y_b: torch.Tensor, y_f: torch.Tensor, lam: Union[float, torch.Tensor]) -> torch.Tensor:
-        """``lam * soft(y_b) + (1 - lam) * soft(y_f)``, (B, C) float32."""
-        if isinstance(lam, torch.Tensor):
-            lam = lam.to(torch.float32).unsqueeze(1)
-        return self.target(y_b) * lam + self.target(y_f) * (1. - lam)
+    def paste(
+            self,
+            x_bg: torch.Tensor,
+            y_bg: torch.Tensor,
+            x_fg: torch.Tensor,
+            y_fg: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mix a planned batch: ``x_fg`` (M, ...) are the foregrounds of the positions where ``y_fg``
+        (B,) is >= 0, in position order (M = B: every position; M = 0: an unmixed batch).
+
+        This is the step both training loaders run after reading a batch of the epoch plan.
+        Returns (x (B, ...), target (B, C)); the labels and lambda are in :attr:`last`.
+        """
+        b = x_bg.shape[0]
+        m = x_fg.shape[0]
+        if m == 0:
+            self.last = MixInfo(y_bg, y_bg, 1., self.label_smoothing)
+            return x_bg, self.target(y_bg)
+        apply = None
+        if m < b:  # elem mode: align the M foregrounds with their positions
+            apply = y_fg >= 0
+            x_fg = x_fg[(torch.cumsum(apply, 0) - 1).clamp_(min=0)]
+        x, target, _ = self.mix(x_bg, y_bg, x_fg, y_fg, apply=apply)
+        return x, target
 
     def _mix_batch(self, x_bg: torch.Tensor, x_fg: torch.Tensor) -> float:
         lam = float(self.rng.beta(self.beta, self.beta))

@@ -3,10 +3,11 @@
 Images are decoded once into a uint8 (N, C, H, W) tensor on the device. Each step gathers a batch,
 applies the CIFAR recipe's augmentation (zero-pad + random crop, horizontal flip) to the whole batch
 on the device, normalises, and mixes with the same :class:`~timm_cmo.data.cmo.CMOMixup` as the
-ordinary loader. Backgrounds follow a shuffled epoch order (split across ranks like
-``DistributedSampler``), foregrounds per-sample weights n_k^-r, drawn on the device. Random numbers
-come from device generators (crops, flips, sample draws) and a host generator (mixing decisions,
-lambda, boxes), so no step waits on the host; every stream is seeded from (seed, epoch).
+ordinary loader. Which images make each batch (background order or ROS draws, CMO decisions,
+foregrounds) comes from the same :class:`~timm_cmo.data.plan.EpochPlanner` as the ordinary loader,
+computed on the host at the start of the epoch and copied to the device once. Crops and flips
+come from a device generator, lambda and boxes from the mixer's host generator, so no step waits
+on the host; every stream is seeded from (seed, epoch).
 """
 import logging
 import math
@@ -20,7 +21,10 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
 from .cmo import CMOConfig, MixInfo, host_to_device
-from .sampler import _dist_defaults, derive_seed, sample_weights
+from .loader import mix_unplanned, reseed_mixers
+from .plan import EpochPlanner
+from .remix import RemixMixup
+from .sampler import _dist_defaults, derive_seed
 
 _logger = logging.getLogger(__name__)
 
@@ -98,7 +102,7 @@ class DeviceLoader:
     """Training batches ``(input, target)`` produced on the device, with CMO.
 
     Behaves like :class:`~timm_cmo.data.loader.CMOLoader` (``set_epoch``, ``mix_info``, soft
-    targets with CMO on, hard labels with CMO off) with the same defaults and CMO window.
+    targets with CMO on, hard labels with CMO off) and reads the same epoch plan.
 
     Args:
         images: uint8 (N, C, H, W) on the device.
@@ -108,15 +112,17 @@ class DeviceLoader:
         padding: Pad-crop padding (0 disables the crop). Default 4.
         hflip: Horizontal flip probability. Default 0.5.
         num_classes: Number of classes (soft targets).
-        label_smoothing: Label smoothing of the soft targets (CMO on).
+        label_smoothing: timm's label smoothing of the (then soft) targets.
         cmo: The CMO options; None for CMO off.
         epochs: Total training epochs (end of the CMO window).
         seed: Seed of every random stream.
         num_replicas, rank: Distributed split (defaults from the process group).
         drop_last: Drop the last incomplete batch. Default True.
+        ros_r: Random oversampling of the backgrounds (see :class:`~timm_cmo.data.plan.EpochPlanner`).
         channels_last: Return channels-last inputs.
         img_dtype: Dtype of the normalised inputs. Default float32.
         re_prob, re_mode, re_count: timm's random erasing on the normalised batch (off by default).
+        remix: A :class:`~timm_cmo.data.remix.RemixMixup` for every batch (instead of CMO).
     """
 
     def __init__(
@@ -136,67 +142,59 @@ class DeviceLoader:
             num_replicas: Optional[int] = None,
             rank: Optional[int] = None,
             drop_last: bool = True,
+            ros_r: Optional[float] = None,
             channels_last: bool = False,
             img_dtype: torch.dtype = torch.float32,
             re_prob: float = 0.,
             re_mode: str = 'const',
             re_count: int = 1,
+            remix: Optional[RemixMixup] = None,
     ):
         self.images = images
         self.targets = targets
         self.device = images.device
-        self.batch_size = batch_size
         self.padding = padding
         self.hflip = hflip
         self.num_classes = num_classes if num_classes is not None else int(targets.max()) + 1
-        self.num_replicas, self.rank = _dist_defaults(num_replicas, rank)
-        self.drop_last = drop_last
         self.channels_last = channels_last
         self.img_dtype = img_dtype
+        self.planner = EpochPlanner(
+            targets.cpu().numpy(), batch_size, drop_last=drop_last, cmo=cmo, epochs=epochs, ros_r=ros_r,
+            seed=seed, num_replicas=num_replicas, rank=rank)
         self.seed = seed
-        self.epochs = epochs
-        self.cmo = cmo
+        self.rank = self.planner.rank
         channels = images.shape[1]
         self.mean = torch.tensor(mean, device=self.device, dtype=img_dtype).view(1, channels, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device, dtype=img_dtype).view(1, channels, 1, 1) * 255
         self.random_erasing = RandomErasing(
             re_prob, mode=re_mode, max_count=re_count, device=self.device) if re_prob > 0 else None
-        self.mixer = None
-        if cmo is not None:
-            self.weights = sample_weights(targets.cpu().numpy(), r=cmo.r, effective=cmo.effective).to(
-                self.device, torch.float32)
-            self.mixer = cmo.mixer(self.num_classes, label_smoothing)
-        self.num_samples = math.ceil(len(targets) / self.num_replicas)
+        self.mixer = cmo.mixer(self.num_classes, label_smoothing) if cmo is not None else None
+        self.label_smoothing = label_smoothing
+        if remix is not None and cmo is not None:
+            raise ValueError('cmo and remix are two ways of mixing: choose one')
+        self.remix = remix
         self.epoch = 0
         self.mix_info: Optional[MixInfo] = None
 
     @property
     def active(self) -> bool:
-        return self.cmo is not None and self.cmo.active(self.epoch, self.epochs)
+        return self.planner.cmo_active(self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if self.mixer is not None:
-            self.mixer.reseed(derive_seed(self.seed, epoch, self.rank, 2))
+        reseed_mixers(self, epoch)
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
+        return len(self.planner)
 
     def _generator(self, *keys: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
         g.manual_seed(derive_seed(self.seed, self.epoch, *keys))
         return g
 
-    def _epoch_order(self) -> torch.Tensor:
-        """This rank's share of a shuffled epoch, as torch's DistributedSampler splits it."""
-        n = len(self.targets)
-        perm = torch.randperm(n, device=self.device, generator=self._generator(3))
-        total = self.num_samples * self.num_replicas
-        if total > n:
-            perm = torch.cat([perm, perm[:total - n]])
-        return perm[self.rank:total:self.num_replicas]
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Crop, flip and normalise the images ``idx``."""
+        x = pad_crop_flip(self.images[idx], self.padding, self.hflip, generator)
         x = x.to(self.img_dtype).sub_(self.mean).div_(self.std)
         if self.random_erasing is not None:
             x = self.random_erasing(x)
@@ -205,42 +203,30 @@ class DeviceLoader:
         return x
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        order = self._epoch_order()
+        plan = self.planner.plan(self.epoch)
+        # the epoch's indices reach the device in one copy each; batches are slices of them
+        bg_ends = np.cumsum([len(b.index) for b in plan])
+        fg_ends = np.cumsum([len(b.fg_index) for b in plan])
+        empty = np.zeros(0, dtype=np.int64)
+        bg_all = host_to_device(np.concatenate([b.index for b in plan] or [empty]), self.device)
+        fg_all = host_to_device(np.concatenate([b.fg_index for b in plan] or [empty]), self.device)
+        pos_all = host_to_device(np.concatenate([b.fg_pos for b in plan] or [empty]), self.device)
         aug_gen = self._generator(4, self.rank)
-        draw_gen = self._generator(5, self.rank)
-        decide = np.random.default_rng(derive_seed(self.seed, self.epoch, self.rank, 1))
-        n_all = len(self.targets)
-        active = self.active
-        bg_from_q = active and self.cmo.background_from_q
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            b = idx.shape[0]
-            if bg_from_q:
-                idx = torch.multinomial(self.weights, b, replacement=True, generator=draw_gen)
-            x = self._normalize(pad_crop_flip(self.images[idx], self.padding, self.hflip, aug_gen))
-            y = self.targets[idx]
+        for i in range(len(plan)):
+            b0, b1 = (bg_ends[i - 1] if i else 0), bg_ends[i]
+            f0, f1 = (fg_ends[i - 1] if i else 0), fg_ends[i]
+            idx = bg_all[b0:b1]
+            x, y = self._augment(idx, aug_gen), self.targets[idx]
             if self.mixer is None:
-                yield x, y
+                yield mix_unplanned(self, x, y)
                 continue
-            apply = None
-            mixed = False
-            if active:
-                if self.cmo.mode == 'batch':
-                    mixed = decide.random() < self.cmo.prob
-                else:
-                    mask = decide.random(b) < self.cmo.prob
-                    mixed = bool(mask.any())
-                    apply = host_to_device(mask, self.device)
-            if not mixed:
-                self.mix_info = MixInfo(y, y, 1.)
-                yield x, self.mixer.target(y)
-                continue
-            if self.cmo.foreground_from_p:
-                fg_idx = torch.randint(0, n_all, (b,), device=self.device, generator=draw_gen)
+            if f1 > f0:
+                fg = fg_all[f0:f1]
+                x_fg = self._augment(fg, aug_gen)
+                y_fg = torch.full_like(y, -1).index_put_((pos_all[f0:f1],), self.targets[fg])
             else:
-                fg_idx = torch.multinomial(self.weights, b, replacement=True, generator=draw_gen)
-            x_fg = self._normalize(pad_crop_flip(self.images[fg_idx], self.padding, self.hflip, aug_gen))
-            x, target, _ = self.mixer.mix(x, y, x_fg, self.targets[fg_idx], apply=apply)
+                x_fg, y_fg = x[:0], y
+            x, target = self.mixer.paste(x, y, x_fg, y_fg)
             self.mix_info = self.mixer.last
             yield x, target
 

@@ -1,19 +1,23 @@
 """ CMO in timm's data loader factory.
 
 ``create_cmo_loader`` takes the arguments of ``timm.data.create_loader`` plus the CMO options. It
-lets timm build the transforms, the (distributed) background sampler and the prefetcher, then
-swaps in a batch sampler that decides, before any image is read, whether a batch is mixed and
-adds foreground indices only then: a foreground image is decoded only when it will be pasted.
-The mixing itself runs on the training device after the prefetcher.
+lets timm build the transforms, the collate function and the prefetcher, then, for training,
+swaps in a batch sampler that reads the epoch plan (:mod:`timm_cmo.data.plan`): background order,
+whether a batch is mixed and which foregrounds, all decided before any image is read, so a
+foreground image is decoded only when it will be pasted. The mixing itself runs on the training
+device after the prefetcher.
 
-How a mixed batch travels: the batch sampler yields ``[bg_0 .. bg_{B-1}, (fg, pos) ...]``; the
-dataset wrapper tags foreground items with their batch position; the collate function returns
-the ``B`` backgrounds followed by the ``M`` foregrounds and a (2, B) target tensor holding the
-background labels and, per position, the foreground label or -1.
+How a planned batch travels: the batch sampler yields ``[seed, bg_0 .. bg_{B-1}, (fg, pos) ...]``;
+the dataset wrapper reads the batch with the global generators seeded by ``seed`` and tags
+foreground items with their batch position; the collate function returns the ``B`` backgrounds
+followed by the ``M`` foregrounds and a (2, B) target tensor holding the background labels and,
+per position, the foreground label or -1.
 """
 import logging
+import random
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,97 +28,55 @@ from torch.utils.data import Sampler, default_collate
 
 from .cmo import CMOConfig, CMOMixup, MixInfo
 from .dataset import dataset_targets
-from .sampler import ClassWeightedSampler, derive_seed
+from .plan import EpochPlanner
+from .remix import RemixMixup
+from .sampler import derive_seed
 from .transforms import pad_crop_transform
 
 _logger = logging.getLogger(__name__)
 
-def _cycle(sampler: Sampler) -> Iterator[int]:
-    while True:
-        empty = True
-        for idx in sampler:
-            empty = False
-            yield idx
-        if empty:
-            raise RuntimeError('A sampler yielded no indices')
+class BatchSeed(int):
+    """The first item of a planned batch: the seed of its augmentation."""
 
 
-class CMOBatchSampler(Sampler[List]):
-    """Batches of background indices, plus tagged foreground indices for the samples to be mixed.
+class PlanBatchSampler(Sampler[List]):
+    """Yields the batches of an :class:`~timm_cmo.data.plan.EpochPlanner`'s plan as dataset keys.
 
-    The number of batches and the rank's share come from ``sampler`` (timm's random or
-    distributed sampler over P). Backgrounds and foregrounds are drawn from P or Q (the
-    ``weighted_sampler``) by ``config.variant``. Whether a batch (or, in elem mode, a sample)
-    is mixed is drawn here with probability ``config.prob`` from a generator seeded by
-    ``(seed, epoch, rank)``, so a run resumed at an epoch repeats its decisions.
-
-    Args:
-        sampler: Background order for the epoch (P).
-        weighted_sampler: Class-weighted sampler (Q).
-        batch_size: Backgrounds per batch.
-        drop_last: Drop the last incomplete batch.
-        config: The CMO options.
-        seed: Base seed of the mixing decisions.
-        rank: Distributed rank (seeds the decisions).
+    A batch is ``[BatchSeed(seed), bg_0 .. bg_{b-1}, (fg, pos) ...]``: the augmentation seed,
+    the background indices, then the foreground indices tagged with their batch position.
+    Call :meth:`set_epoch` every epoch.
     """
 
-    def __init__(
-            self,
-            sampler: Sampler,
-            weighted_sampler: Sampler,
-            batch_size: int,
-            drop_last: bool,
-            config: CMOConfig = CMOConfig(),
-            seed: int = 0,
-            rank: int = 0,
-    ):
-        self.sampler = sampler
-        self.weighted_sampler = weighted_sampler
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.config = config
-        self.seed = seed
-        self.rank = rank
+    def __init__(self, planner: EpochPlanner):
+        self.planner = planner
         self.epoch = 0
-        self.active = True
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        for s in (self.sampler, self.weighted_sampler):
-            if hasattr(s, 'set_epoch'):
-                s.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _batches(self) -> Iterator[List[int]]:
-        batch = []
-        for idx in self.sampler:
-            batch.append(idx)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch and not self.drop_last:
-            yield batch
+        return len(self.planner)
 
     def __iter__(self) -> Iterator[List]:
-        cfg = self.config
-        rng = np.random.default_rng(derive_seed(self.seed, self.epoch, self.rank, 1))
-        q_stream = _cycle(self.weighted_sampler)
-        fg_stream = _cycle(self.sampler) if cfg.foreground_from_p else q_stream
-        for batch in self._batches():
-            if cfg.background_from_q:
-                batch = [next(q_stream) for _ in batch]
-            if not self.active:
-                yield batch
-                continue
-            n = len(batch)
-            if cfg.mode == 'batch':
-                positions = range(n) if rng.random() < cfg.prob else ()
-            else:
-                positions = np.nonzero(rng.random(n) < cfg.prob)[0].tolist()
-            yield batch + [(next(fg_stream), pos) for pos in positions]
+        for b in self.planner.plan(self.epoch):
+            yield [BatchSeed(b.seed)] + b.index.tolist() + list(zip(b.fg_index.tolist(), b.fg_pos.tolist()))
+
+
+@contextmanager
+def seeded_rngs(seed: int, restore: bool = False):
+    """Seed torch's CPU, Python's and numpy's global generators (what image transforms draw from);
+    with ``restore``, put their states back afterwards (the main process keeps its own stream)."""
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()) if restore else None
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    try:
+        yield
+    finally:
+        if states is not None:
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
 
 
 class Foreground(NamedTuple):
@@ -125,10 +87,21 @@ class Foreground(NamedTuple):
 
 
 class _TaggedDataset(torch.utils.data.Dataset):
-    """Returns the dataset's item for an int index and a :class:`Foreground` for ``(index, pos)``."""
+    """Returns the dataset's item for an int index and a :class:`Foreground` for ``(index, pos)``.
+
+    A batch of keys that starts with a :class:`BatchSeed` is read with the global generators
+    seeded from it, so a batch's augmentation depends on the plan alone, not on which worker
+    process reads it or what that process read before.
+    """
 
     def __init__(self, dataset):
         self.dataset = dataset
+
+    def __getitems__(self, keys: List) -> List:
+        if not keys or not isinstance(keys[0], BatchSeed):
+            return [self[k] for k in keys]
+        with seeded_rngs(int(keys[0]), restore=torch.utils.data.get_worker_info() is None):
+            return [self[k] for k in keys[1:]]
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
@@ -190,33 +163,63 @@ def _worker_init(worker_id: int, base: Optional[Callable] = None) -> None:
         base(worker_id)
 
 
-class CMOLoader:
-    """Iterable over ``(input, target)`` training batches with CMO applied on the device.
+def reseed_mixers(loader, epoch: int) -> None:
+    """Seed a training loader's mixers for ``epoch`` from (seed, epoch, rank): CMO's and Remix's."""
+    planner = loader.planner
+    if loader.mixer is not None:
+        loader.mixer.reseed(derive_seed(planner.seed, epoch, planner.rank, 2))
+    if loader.remix is not None:
+        loader.remix.reseed(derive_seed(planner.seed, epoch, planner.rank, 7))
 
-    With CMO on, targets are soft (B, num_classes) float32 in every epoch (one-hot, smoothed if
-    asked, when a batch is not mixed), and :attr:`mix_info` holds the batch's hard labels and
-    lambda for losses that need the paper's ``lam * L(x, y_b) + (1 - lam) * L(x, y_f)``.
-    With CMO off, batches are exactly those of timm's loader and ``mix_info`` is None.
-    Call :meth:`set_epoch` at the start of every epoch.
+
+def mix_unplanned(loader, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A batch without CMO: Remix it or smooth its labels (setting ``loader.mix_info``), else leave it."""
+    if loader.remix is not None:
+        x, target = loader.remix(x, y)
+        loader.mix_info = loader.remix.last
+        return x, target
+    if loader.label_smoothing > 0:
+        loader.mix_info = MixInfo(y, y, 1., loader.label_smoothing)
+        return x, loader.mix_info.target(loader.num_classes)
+    return x, y
+
+
+def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """``device`` as a ``torch.device``; None: CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(device)
+
+
+class CMOLoader:
+    """Iterable over ``(input, target)`` training batches of an epoch plan, mixed on the device.
+
+    With CMO on (or label smoothing), targets are soft (B, num_classes) float32 in every epoch
+    (one-hot, smoothed if asked, when a batch is not mixed), and :attr:`mix_info` holds the batch's
+    hard labels, lambda and smoothing: pass it to the loss (``loss(logits, target,
+    mix=loader.mix_info)``) for the paper's ``lam * L(x, y_b) + (1 - lam) * L(x, y_f)``. Without
+    either, targets are the hard labels and ``mix_info`` is None. Call :meth:`set_epoch` at the
+    start of every epoch.
     """
 
     def __init__(
             self,
             loader: Union[torch.utils.data.DataLoader, PrefetchLoader],
-            batch_sampler: Optional[CMOBatchSampler] = None,
+            batch_sampler: PlanBatchSampler,
             mixer: Optional[CMOMixup] = None,
             device: Optional[torch.device] = None,
-            epochs: Optional[int] = None,
-            seed: int = 0,
-            rank: int = 0,
+            num_classes: Optional[int] = None,
+            label_smoothing: float = 0.0,
+            remix: Optional[RemixMixup] = None,
     ):
         self.loader = loader
         self.batch_sampler = batch_sampler
+        self.planner = batch_sampler.planner
         self.mixer = mixer
+        self.remix = remix
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
         self.device = device
-        self.epochs = epochs
-        self.seed = seed
-        self.rank = rank
         self.epoch = 0
         self.mix_info: Optional[MixInfo] = None
         self.set_epoch(0)
@@ -228,7 +231,7 @@ class CMOLoader:
     @property
     def active(self) -> bool:
         """Whether CMO mixes in the current epoch."""
-        return self.cmo and self.batch_sampler.config.active(self.epoch, self.epochs)
+        return self.planner.cmo_active(self.epoch)
 
     @property
     def dataset(self):
@@ -236,16 +239,12 @@ class CMOLoader:
 
     @property
     def sampler(self):
-        return self.batch_sampler if self.batch_sampler is not None else self.loader.sampler
+        return self.batch_sampler
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if self.batch_sampler is not None:
-            self.batch_sampler.set_epoch(epoch)
-            self.batch_sampler.active = self.active
-            self.mixer.reseed(derive_seed(self.seed, epoch, self.rank, 2))
-        elif hasattr(self.loader.sampler, 'set_epoch'):
-            self.loader.sampler.set_epoch(epoch)
+        self.batch_sampler.set_epoch(epoch)
+        reseed_mixers(self, epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -257,20 +256,14 @@ class CMOLoader:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
             if self.mixer is None:
+                x, y = mix_unplanned(self, x, y)
                 yield x, y
                 continue
             if y.ndim == 1:
-                self.mix_info = MixInfo(y, y, 1.)
-                yield x, self.mixer.target(y)
-                continue
-            b = y.shape[1]
-            x_b, x_f = x[:b], x[b:]
-            y_b, y_f = y[0], y[1]
-            apply = None
-            if x_f.shape[0] < b:  # elem mode: align the M foregrounds with their positions
-                apply = y_f >= 0
-                x_f = x_f[(torch.cumsum(apply, 0) - 1).clamp_(min=0)]
-            x, target, lam = self.mixer.mix(x_b, y_b, x_f, y_f, apply=apply)
+                x, target = self.mixer.paste(x, y, x[:0], y)
+            else:
+                b = y.shape[1]
+                x, target = self.mixer.paste(x[:b], y[0], x[b:], y[1])
             self.mix_info = self.mixer.last
             yield x, target
 
@@ -295,17 +288,28 @@ def create_cmo_loader(
         seed: int = 0,
         train_crop_mode: Optional[str] = None,
         crop_padding: int = 4,
+        drop_last: Optional[bool] = None,
+        ros_r: Optional[float] = None,
+        remix: bool = False,
+        remix_kappa: float = 3.0,
+        remix_tau: float = 0.5,
+        remix_alpha: float = 1.0,
+        remix_mode: str = 'mixup',
+        device: Optional[Union[str, torch.device]] = None,
         **kwargs: Any,
 ) -> Union[CMOLoader, torch.utils.data.DataLoader, PrefetchLoader]:
     """Create a data loader like ``timm.data.create_loader``, with CMO for training.
 
+    Training batches follow an :class:`~timm_cmo.data.plan.EpochPlanner` seeded by ``(seed, epoch)``
+    (background order, ROS draws, CMO decisions and foregrounds, and each batch's augmentation
+    seed), so an epoch is the same whatever the number of workers, and a resumed run repeats it.
     The ``cmo_*`` arguments are the fields of :class:`~timm_cmo.data.cmo.CMOConfig`.
 
     Args:
         dataset: A map-style dataset with per-sample labels (``targets`` or a timm reader).
         input_size, batch_size, is_training: As in timm's ``create_loader``.
         num_classes: Number of classes (soft targets); from ``dataset.num_classes`` when None.
-        label_smoothing: Label smoothing of the soft targets (CMO on).
+        label_smoothing: timm's label smoothing of the (then soft) targets.
         cmo: Enable CMO.
         cmo_r: Foreground per-sample weight n_k^-r (1: every class equally likely).
         cmo_effective: Weight foregrounds by 1/E(k) (effective number) instead.
@@ -316,12 +320,20 @@ def create_cmo_loader(
         cmo_mode: ``'batch'`` (one box per batch) or ``'elem'`` (one box and lambda per sample).
         cmo_variant: One of :data:`~timm_cmo.data.cmo.CMO_VARIANTS`.
         epochs: Total training epochs (end of the CMO window).
-        seed: Seed of foreground draws and mixing randomness.
+        seed: Seed of the epoch plan, the mixing and the augmentation.
         train_crop_mode: timm's ('rrc', 'rkrc', 'rkrr') or ``'pad'``: the paper's CIFAR recipe,
             pad by ``crop_padding`` then random crop to the input size (+ timm's flips etc.).
         crop_padding: Padding of the ``'pad'`` crop mode. Default 4.
+        drop_last: Drop the last incomplete training batch; None: timm's default (True for
+            training). The paper's loaders keep it (False).
+        ros_r: Random oversampling of the backgrounds with per-sample weight n_k^-ros_r
+            (1: class-balanced, 0.5: square-root); None: off.
+        remix: Remix (Chou et al., 2020) every batch with a permutation of itself instead of CMO;
+            ``remix_kappa``, ``remix_tau``, ``remix_alpha``, ``remix_mode`` are the arguments of
+            :class:`~timm_cmo.data.remix.RemixMixup`.
+        device: Where batches go (and are mixed); None: CUDA when available, else the CPU.
         **kwargs: Any other argument of ``timm.data.create_loader`` (augmentation, workers,
-            distributed, use_prefetcher, device, ...).
+            distributed, use_prefetcher, ...).
 
     Returns:
         For training, a :class:`CMOLoader` (set its epoch with ``set_epoch``); for evaluation,
@@ -329,6 +341,7 @@ def create_cmo_loader(
     """
     config = CMOConfig(r=cmo_r, effective=cmo_effective, prob=cmo_prob, beta=cmo_beta, start_epoch=cmo_start_epoch,
                        end_epochs=cmo_end_epochs, mode=cmo_mode, variant=cmo_variant)
+    device = resolve_device(device)
     pad_crop = train_crop_mode == 'pad'
     loader = create_loader(
         dataset,
@@ -336,6 +349,7 @@ def create_cmo_loader(
         batch_size=batch_size,
         is_training=is_training,
         train_crop_mode=None if pad_crop else train_crop_mode,
+        device=device,
         **kwargs,
     )
     if pad_crop and is_training and not kwargs.get('no_aug', False):
@@ -348,46 +362,40 @@ def create_cmo_loader(
     if not is_training:
         return loader
 
-    device = kwargs.get('device', torch.device('cuda'))
-    if not cmo:
-        return CMOLoader(loader, device=device, epochs=epochs)
-
-    if num_classes is None:
+    if cmo and remix:
+        raise ValueError('cmo and remix are two ways of mixing: choose one')
+    if (cmo or remix or label_smoothing > 0) and num_classes is None:
         num_classes = getattr(dataset, 'num_classes', None)
         if num_classes is None:
-            raise ValueError('num_classes is needed for CMO soft targets')
+            raise ValueError('num_classes is needed for soft targets (CMO, label smoothing)')
+    if not 0. <= label_smoothing < 1.:
+        raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
     if kwargs.get('use_multi_epochs_loader', False):
-        raise ValueError('use_multi_epochs_loader is not supported with CMO')
+        raise ValueError('use_multi_epochs_loader is not supported by the planned training loader')
     if kwargs.get('input_size_choices') is not None:
-        raise ValueError('Scheduled input sizes (input_size_choices) are not supported with CMO')
+        raise ValueError('Scheduled input sizes (input_size_choices) are not supported by the planned training loader')
+    if kwargs.get('num_aug_repeats', 0):
+        raise ValueError('num_aug_repeats is not supported by the planned training loader')
 
-    prefetcher = loader if isinstance(loader, PrefetchLoader) else None
     distributed = kwargs.get('distributed', False)
-    weighted_sampler = ClassWeightedSampler(
+    planner = EpochPlanner(
         dataset_targets(dataset),
-        r=config.r,
-        effective=config.effective,
-        num_samples=len(dataset),
+        batch_size,
+        drop_last=inner.drop_last if drop_last is None else drop_last,
+        cmo=config if cmo else None,
+        epochs=epochs,
+        ros_r=ros_r,
         seed=seed,
         num_replicas=None if distributed else 1,
         rank=None if distributed else 0,
     )
-    rank = weighted_sampler.rank
-    batch_sampler = CMOBatchSampler(
-        inner.sampler,
-        weighted_sampler,
-        batch_size=batch_size,
-        drop_last=inner.drop_last,
-        config=config,
-        seed=seed,
-        rank=rank,
-    )
+    batch_sampler = PlanBatchSampler(planner)
     collate = inner.collate_fn
     if collate is None or collate is fast_collate or collate is default_collate:
         collate = CMOCollate(collate or default_collate)
     else:
-        raise ValueError('A custom collate_fn cannot be combined with CMO')
-    cmo_inner = torch.utils.data.DataLoader(
+        raise ValueError('A custom collate_fn cannot be combined with the planned training loader')
+    planned = torch.utils.data.DataLoader(
         _TaggedDataset(dataset),
         batch_sampler=batch_sampler,
         num_workers=inner.num_workers,
@@ -396,17 +404,18 @@ def create_cmo_loader(
         worker_init_fn=inner.worker_init_fn,
         persistent_workers=inner.persistent_workers,
     )
-    if prefetcher is not None:
-        prefetcher.loader = cmo_inner
-        cmo_loader = prefetcher
+    if isinstance(loader, PrefetchLoader):
+        loader.loader = planned
     else:
-        cmo_loader = cmo_inner
+        loader = planned
     return CMOLoader(
-        cmo_loader,
-        batch_sampler=batch_sampler,
-        mixer=config.mixer(num_classes, label_smoothing),
+        loader,
+        batch_sampler,
+        mixer=config.mixer(num_classes, label_smoothing) if cmo else None,
         device=device,
-        epochs=epochs,
-        seed=seed,
-        rank=rank,
+        num_classes=num_classes,
+        label_smoothing=label_smoothing,
+        remix=RemixMixup(num_classes, np.bincount(planner.targets, minlength=num_classes), kappa=remix_kappa,
+                         tau=remix_tau, alpha=remix_alpha, mode=remix_mode,
+                         label_smoothing=label_smoothing) if remix else None,
     )

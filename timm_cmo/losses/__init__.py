@@ -1,4 +1,4 @@
-"""Long-tail losses (CE, LDAM, Balanced Softmax, focal, logit adjustment) with CB / DRW re-weighting.
+"""Long-tail losses (CE, LDAM, Balanced Softmax, focal, logit adjustment, LAS, RIDE) with CB / DRW re-weighting.
 
 ``create_loss(name, class_counts, reweight='none', drw_epoch=None, epochs=None, cb_beta=0.9999,
 **loss_kwargs)`` builds a registered loss called as ``loss(logits, target)``; see
@@ -9,10 +9,13 @@ from .reweight import REWEIGHT_CHOICES, class_balanced_weights, resolve_drw_epoc
 from .long_tail import (
     BalancedSoftmaxLoss, CrossEntropyLoss, FocalLoss, LDAMLoss, LogitAdjustedLoss, LongTailLoss,
     ldam_margins, reduce_hard, reduce_soft)
+from .las import LAS_DEFAULTS, LabelAwareSmoothingLoss, las_smoothing
+from .ride import RIDE_LOSS_DEFAULTS, RIDELoss, RIDERouterLoss
 
 __all__ = [
     'create_loss', 'is_loss', 'list_losses', 'register_loss',
     'REWEIGHT_CHOICES', 'class_balanced_weights', 'resolve_drw_epoch',
     'LongTailLoss', 'CrossEntropyLoss', 'LDAMLoss', 'BalancedSoftmaxLoss', 'FocalLoss',
     'LogitAdjustedLoss', 'ldam_margins', 'reduce_hard', 'reduce_soft',
+    'LabelAwareSmoothingLoss', 'las_smoothing', 'LAS_DEFAULTS', 'RIDELoss', 'RIDERouterLoss', 'RIDE_LOSS_DEFAULTS',
 ]

@@ -21,19 +21,29 @@ Normalisation (``reduction='mean'``), with ``w_k`` the current class weights (1 
 ``'sum'`` drops the denominator; ``'none'`` returns the ``(B,)`` numerators
 (``w_{y_i} l_{i y_i}``, resp. ``sum_k t_ik w_k l_ik``).
 
-CMO's loss ``lam * L(x, y_b) + (1 - lam) * L(x, y_f)``: unweighted losses give it exactly from
-the soft target ``lam * onehot(y_b) + (1 - lam) * onehot(y_f)``. Weighted losses (``cb``, or
-``drw`` once active) normalise the soft target jointly (formula above), whereas the paper
-normalises each term by its own weights; to reproduce the paper there, call the loss twice
-with the hard labels and mix the two results.
+CMO's loss: ``loss(logits, target, mix=info)`` with the batch's
+:class:`~timm_cmo.data.cmo.MixInfo` (``loader.mix_info``: ``y_b``, ``y_f``, ``lam`` scalar or
+``(B,)``, label ``smoothing``) computes the paper's ``lam * L(x, y_b) + (1 - lam) * L(x, y_f)``
+with each term normalised by its own class weights, generalised to per-sample ``lam_i`` (elem
+mode, Remix) and label smoothing as::
+
+    L = sum_i lam_i n_i(y_b) / sum_i d_i(y_b) + sum_i (1 - lam_i) n_i(y_f) / sum_i d_i(y_f)
+
+where ``n_i(y) = sum_k t_ik w_k l_ik`` and ``d_i(y) = sum_k t_ik w_k`` for the (smoothed)
+one-hot target ``t`` of ``y`` (``w_{y_i} l_{i y_i}`` and ``w_{y_i}`` without smoothing). Without
+class weights this equals the soft-target loss of ``mix.target(C)``; with them (``cb``, or
+``drw`` once active) the soft target alone would be normalised jointly, which is not the
+paper's loss. ``target`` may also be the ``MixInfo`` itself. ``'sum'`` gives the numerators'
+sum, ``'none'`` the ``(B,)`` per-sample numerators of both terms.
 """
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.cmo import MixInfo, soft_target
 from .registry import register_loss
 from .reweight import (
     REWEIGHT_CHOICES, ClassCounts, check_class_counts, class_balanced_weights, resolve_drw_epoch)
@@ -113,8 +123,8 @@ class LongTailLoss(nn.Module):
         reduction: ``'mean'`` (default): ``sum_i w_{y_i} l_{i y_i} / sum_i w_{y_i}`` for integer
             targets, ``sum_ik t_ik w_k l_ik / sum_ik t_ik w_k`` for soft targets (``w_k = 1``
             when unweighted); ``'sum'``: the numerator; ``'none'``: its ``(B,)`` per-sample terms.
-            With class weights, a CMO soft target is normalised jointly, not per term as in
-            the paper (see the module docstring).
+            With class weights, a soft target alone is normalised jointly; pass ``mix=`` for the
+            paper's per-term form (see the module docstring).
         validate: check target values (range, non-negativity); shape checks always run. On
             CUDA the value checks are asynchronous asserts (no host sync). Turn off for a
             compiled fast path.
@@ -170,12 +180,55 @@ class LongTailLoss(nn.Module):
         """``(B, C)`` losses ``l_ik`` that sample ``i`` would get with integer target ``k``."""
         raise NotImplementedError
 
+    def hard_losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` unweighted losses ``l_{i y_i}`` of int64 targets."""
+        return self.class_losses(logits).gather(1, target.unsqueeze(1)).squeeze(1)
+
     def hard_loss(
             self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """Reduced loss for ``(B,)`` int64 targets."""
-        losses = self.class_losses(logits).gather(1, target.unsqueeze(1)).squeeze(1)
-        return reduce_hard(losses, target, weight, self.reduction)
+        return reduce_hard(self.hard_losses(logits, target), target, weight, self.reduction)
+
+    def _term(
+            self, logits: torch.Tensor, y: torch.Tensor, smoothing: float, weight: Optional[torch.Tensor],
+            class_losses: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample numerators ``n_i`` and denominators ``d_i`` (see the module docstring) of target ``y``."""
+        if smoothing == 0:
+            losses = self.hard_losses(logits, y)
+            if weight is None:
+                return losses, torch.ones_like(losses)
+            w = weight[y]
+            return w * losses, w
+        t = soft_target(y, self.num_classes, smoothing).to(logits.dtype)
+        tw = t if weight is None else t * weight
+        return (tw * class_losses).sum(dim=1), tw.sum(dim=1)
+
+    def mixed_loss(self, logits: torch.Tensor, mix, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """The per-term loss of a mix (module docstring); ``logits`` already checked and promoted."""
+        y_b = self._check_target(mix.y_b, logits)
+        lam = mix.lam
+        smoothing = float(getattr(mix, 'smoothing', 0.0))
+        class_losses = self.class_losses(logits) if smoothing else None
+        terms = [(y_b, lam)]
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(logits.device, logits.dtype).reshape(-1)
+            if lam.shape[0] != logits.shape[0]:
+                raise ValueError(f'mix.lam has {lam.shape[0]} entries for a batch of {logits.shape[0]}')
+            terms = [(y_b, lam), (self._check_target(mix.y_f, logits), 1. - lam)]
+        elif lam != 1.:
+            terms.append((self._check_target(mix.y_f, logits), 1. - float(lam)))
+        per_sample, total = 0., 0.
+        for y, share in terms:
+            num, den = self._term(logits, y, smoothing, weight, class_losses)
+            num = share * num
+            per_sample = per_sample + num
+            if self.reduction == 'mean':
+                total = total + num.sum() / den.sum()
+        if self.reduction == 'none':
+            return per_sample
+        return per_sample.sum() if self.reduction == 'sum' else total
 
     def _check_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
@@ -215,13 +268,22 @@ class LongTailLoss(nn.Module):
                 f'target class indices must be in [0, {C})')
         return target.long()
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of ``(B, C)`` logits against ``(B,)`` integer or ``(B, C)`` soft targets."""
+    def forward(self, logits: torch.Tensor, target: Union[torch.Tensor, MixInfo],
+                mix: Optional[MixInfo] = None) -> torch.Tensor:
+        """Loss of ``(B, C)`` logits against ``(B,)`` integer or ``(B, C)`` soft targets.
+
+        With ``mix`` (or a :class:`~timm_cmo.data.cmo.MixInfo` as ``target``) the loss is the
+        paper's per-term CMO loss of the mix; ``target`` is then not read.
+        """
         logits = self._check_logits(logits)
-        target = self._check_target(target, logits)
+        if isinstance(target, MixInfo):
+            mix = target
         weight = self.weight
         if weight is not None:
             weight = weight.to(logits)
+        if mix is not None:
+            return self.mixed_loss(logits, mix, weight)
+        target = self._check_target(target, logits)
         if target.is_floating_point():
             return reduce_soft(self.class_losses(logits), target, weight, self.reduction)
         return self.hard_loss(logits, target, weight)
@@ -249,6 +311,9 @@ class _OffsetCrossEntropy(LongTailLoss):
 
     def hard_loss(self, logits, target, weight):
         return F.cross_entropy(self._adjusted(logits), target, weight=weight, reduction=self.reduction)
+
+    def hard_losses(self, logits, target):
+        return F.cross_entropy(self._adjusted(logits), target, reduction='none')
 
     def class_losses(self, logits: torch.Tensor) -> torch.Tensor:
         return -F.log_softmax(self._adjusted(logits), dim=1)
@@ -317,12 +382,17 @@ class LDAMLoss(LongTailLoss):
         self.s = float(s)
         self.register_buffer('margins', ldam_margins(self.class_counts, max_m))
 
-    def hard_loss(self, logits, target, weight):
+    def _margin_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # the paper code's forward, with the one-hot matmul written as a gather (exact)
         index = F.one_hot(target, self.num_classes).bool()
         batch_m = self.margins.to(logits)[target].unsqueeze(1)
-        output = torch.where(index, logits - batch_m, logits)
-        return F.cross_entropy(self.s * output, target, weight=weight, reduction=self.reduction)
+        return self.s * torch.where(index, logits - batch_m, logits)
+
+    def hard_loss(self, logits, target, weight):
+        return F.cross_entropy(self._margin_logits(logits, target), target, weight=weight, reduction=self.reduction)
+
+    def hard_losses(self, logits, target):
+        return F.cross_entropy(self._margin_logits(logits, target), target, reduction='none')
 
     def class_losses(self, logits: torch.Tensor) -> torch.Tensor:
         # With d = x - max_j x_j <= 0 and z = s d (the max entry is 0), the loss of class k is
