@@ -47,9 +47,9 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 import timm_cmo
 from timm_cmo.checkpoint import (
-    LAST, CheckpointError, CheckpointSaver, NonFiniteStateError, find_resume_checkpoint, remove_stale_temporaries,
-    state_dict_from_checkpoint)
-from timm_cmo.data import CMO_VARIANTS, CMOConfig, MixInfo, create_cmo_loader, create_lt_dataset
+    LAST, CheckpointError, CheckpointSaver, NonFiniteStateError, find_resume_checkpoint, load_checkpoint_file,
+    remove_stale_temporaries, state_dict_from_checkpoint)
+from timm_cmo.data import CMO_VARIANTS, CMOConfig, CorruptImageError, MixInfo, create_cmo_loader, create_lt_dataset
 from timm_cmo.data.cmo import cmo_active
 from timm_cmo.data.remix import RemixMixup
 from timm_cmo.data.sampler import derive_seed
@@ -57,13 +57,24 @@ from timm_cmo.files import FileWriteError, write_text_atomic
 from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
+from timm_cmo.models import freeze_for_router_training
+from timm_cmo.models.stage2 import fold_weight_scaling_state_dict, prepare_classifier_retraining, set_stage2_mode
 from timm_cmo.recipes import resolve_recipe
 from timm_cmo.results import SummaryWriter, cpu_model, peak_rss_mib, write_results
 
 _logger = logging.getLogger('train_cmo')
 _START = time.time()
 
-LOSS_KWARGS = {'ldam': {'ldam_max_m': 'max_m', 'ldam_s': 's'}, 'focal': {'focal_gamma': 'gamma'}, 'la': {'la_tau': 'tau'}}
+LOSS_KWARGS = {
+    'ldam': {'ldam_max_m': 'max_m', 'ldam_s': 's'},
+    'focal': {'focal_gamma': 'gamma'},
+    'la': {'la_tau': 'tau'},
+    'ride': {'ldam_max_m': 'max_m', 'ldam_s': 's', 'ride_diversity_factor': 'additional_diversity_factor',
+             'ride_reweight_factor': 'reweight_factor'},
+    'ride_ea': {'ride_router_pos_weight': 'pos_weight'},
+    'las': {'las_smooth_head': 'smooth_head', 'las_smooth_tail': 'smooth_tail', 'las_shape': 'shape'},
+}
+STAGE2 = ('las', 'router')
 REWEIGHTS = ('none', 'cb', 'drw')
 MODEL_PREFIXES = ('hf-hub:', 'local-dir:', 'hf_hub:', 'timm/')
 # flags that may differ between a run and its resumption: how it runs, not what it trains
@@ -141,6 +152,24 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--ldam-s', type=float, default=30.)
     group.add_argument('--focal-gamma', type=float, default=1.0)
     group.add_argument('--la-tau', type=float, default=1.0)
+    group.add_argument('--ride-diversity-factor', type=float, default=-0.2,
+                       help="RIDE's additional_diversity_factor (-0.45 in its CIFAR-100-LT config)")
+    group.add_argument('--ride-reweight-factor', type=float, default=0.05,
+                       help="RIDE's diversity-temperature reweight_factor (0.02 ImageNet-LT, 0.015 iNat)")
+    group.add_argument('--ride-router-pos-weight', type=float, default=100.,
+                       help='--stage2 router: pos_weight of the router loss (ride_ea)')
+    group.add_argument('--las-smooth-head', type=float, default=0.3, help='LAS smoothing of the largest class')
+    group.add_argument('--las-smooth-tail', type=float, default=0.0, help='LAS smoothing of the smallest class')
+    group.add_argument('--las-shape', type=str, default='concave', help='LAS head-to-tail curve: concave | linear | convex | exp')
+    group.add_argument('--las-lr-factor', type=float, default=1.0,
+                       help="--stage2 las: lr scale of the classifier (MiSLAS's lr_factor; its weight scaling keeps 1)")
+    group.add_argument('--las-shift-bn', action='store_true', default=True,
+                       help='--stage2 las: BatchNorm layers update their running statistics (default)')
+    group.add_argument('--no-las-shift-bn', action='store_false', dest='las_shift_bn',
+                       help='--stage2 las: the whole backbone in eval mode')
+    group.add_argument('--stage2', type=str, default=None, metavar='KIND',
+                       help='a second stage started from --initial-checkpoint (a stage-1 run): las (MiSLAS label-aware '
+                            'smoothing, classifier only, BN shift) | router (RIDE expert assignment, router only)')
 
     group = parser.add_argument_group('CMO')
     group.add_argument('--cmo', action='store_true', default=False, help='context-rich minority oversampling')
@@ -343,6 +372,19 @@ def validate_args(args: argparse.Namespace) -> None:
             bad('train_crop_mode', args.train_crop_mode,
                 "--data-on-device augments with the paper's CIFAR pad crop only: add --train-crop-mode pad "
                 "(timm's random-resized crop, used without it, runs in the ordinary loader)")
+    if args.stage2 is not None:
+        if args.stage2 not in STAGE2:
+            bad('stage2', args.stage2, f'choose from {", ".join(STAGE2)}')
+        if not args.initial_checkpoint and not args.resume and not args.evaluate:
+            error(f'--stage2 {args.stage2} starts from a stage-1 model: add --initial-checkpoint <stage-1 run>/last.pth.tar')
+        needed = {'las': 'las', 'router': 'ride_ea'}[args.stage2]
+        if args.loss != needed:
+            bad('loss', args.loss, f'--stage2 {args.stage2} trains with --loss {needed}')
+        if args.cmo or args.remix:
+            error(f'--stage2 {args.stage2} re-trains {"the classifier" if args.stage2 == "las" else "the router"} '
+                  f'without mixing: drop --cmo / --remix')
+    elif args.loss in ('ride_ea',):
+        bad('loss', args.loss, 'the router loss is for --stage2 router')
     if args.resume and args.initial_checkpoint:
         error('--resume and --initial-checkpoint: pass one (--resume continues a run, --initial-checkpoint '
               'starts a new one from weights)')
@@ -400,9 +442,13 @@ def format_seconds(seconds: float) -> str:
 
 def train_one_epoch(
         epoch: int, model: nn.Module, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
-        amp_autocast=suppress, loss_scaler=None, model_ema=None,
+        amp_autocast=suppress, loss_scaler=None, model_ema=None, train_mode=None,
 ) -> Dict[str, float]:
-    model.train()
+    """One epoch of training; ``train_mode(model)`` replaces ``model.train()`` (the LAS second stage)."""
+    if train_mode is not None:
+        train_mode(model)
+    else:
+        model.train()
     batch_time_m = utils.AverageMeter()
     num_batches = len(loader)
     num_updates = epoch * num_batches
@@ -468,6 +514,9 @@ def evaluate(model: nn.Module, loader, args, device, amp_autocast=suppress, num_
     model.eval()
     logit_scale = args.ldam_s if timm_cmo.models.is_head_norm(model) else 1.
     acc = ClassAccuracy(num_classes, device=device, logit_scale=logit_scale)
+    inner = getattr(model, '_orig_mod', model)
+    routed = getattr(inner, 'router', None) is not None  # RIDE with expert assignment: count the experts used
+    experts = torch.zeros(2, dtype=torch.float64, device=device)
     seen = 0
     num_batches = len(loader)
     start = time.time()
@@ -477,20 +526,40 @@ def evaluate(model: nn.Module, loader, args, device, amp_autocast=suppress, num_
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
-            output = model(input)
+            if routed:
+                output, used = inner.forward_with_experts_used(input)
+            else:
+                output = model(input)
         valid = None
         if args.distributed and num_samples is not None:
             # OrderedDistributedSampler gives rank r the samples r, r + W, ... of a padded list
             pos = args.rank + args.world_size * (seen + torch.arange(target.shape[0], device=device))
             valid = pos < num_samples
         acc.update(output.float(), target, valid)
+        if routed:
+            keep = valid if valid is not None else torch.ones_like(used, dtype=torch.bool)
+            experts += torch.stack([(used * keep).sum(), keep.sum()]).double()
         seen += target.shape[0]
         if args.rank == 0 and batch_idx % args.log_interval == 0 and batch_idx + 1 < num_batches:
             elapsed = time.time() - start
             _logger.info(f'{label}: [{batch_idx:>4d}/{num_batches}]  '
                          f'ETA: {format_seconds(elapsed / (batch_idx + 1) * (num_batches - batch_idx - 1))}')
     acc.all_reduce()
+    acc.experts_used = None
+    if routed:
+        if args.distributed:
+            dist.all_reduce(experts)
+        acc.experts_used = float(experts[0] / experts[1].clamp_min(1))
     return acc
+
+
+def eval_summary(acc: ClassAccuracy, class_counts) -> Dict[str, Any]:
+    """The metrics of an evaluation (:meth:`ClassAccuracy.summary`), with the mean number of experts a routed
+    RIDE model used per image."""
+    summary = acc.summary(class_counts)
+    if getattr(acc, 'experts_used', None) is not None:
+        summary['experts_used'] = acc.experts_used
+    return summary
 
 
 def compile_model(model: nn.Module, backend: str, input_size, device) -> nn.Module:
@@ -555,7 +624,10 @@ def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_class
     img_size = tuple(data_config['input_size'][1:])
     mean, std = data_config['mean'], data_config['std']
     img_dtype = torch.float32
-    images, targets = decode_to_tensor(train_ds, img_size, device, num_workers=args.workers)
+    try:
+        images, targets = decode_to_tensor(train_ds, img_size, device, num_workers=args.workers)
+    except CorruptImageError as e:
+        error(str(e).strip().splitlines()[-1].split('CorruptImageError: ')[-1])
     train_loader = DeviceLoader(
         images, targets, args.batch_size, mean, std, padding=args.crop_padding, hflip=args.hflip,
         num_classes=num_classes, label_smoothing=args.smoothing,
@@ -665,14 +737,55 @@ def _brief(values: List[int], n: int = 6) -> str:
     return '[' + ', '.join(map(str, values[:n])) + (', ...]' if len(values) > n else ']')
 
 
-def load_model_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, use_ema: bool = False) -> None:
-    """Load a checkpoint's (EMA) weights strictly, or exit naming the missing, unexpected and mismatched keys."""
-    key = 'state_dict_ema' if use_ema else 'state_dict'
+def _loss_class(name: str):
+    from timm_cmo.losses.registry import _loss_entrypoints
+    return _loss_entrypoints.get(name)
+
+
+def load_initial_checkpoint(model: nn.Module, args) -> None:
+    """``--initial-checkpoint``: a run's or the paper's weights (``weights_only``), checked key by key; a second
+    stage keeps the parts it adds (the router) fresh."""
+    path = args.initial_checkpoint
     try:
-        state_dict, _ = state_dict_from_checkpoint(ckpt, path, keys=(key,))
+        ckpt = load_checkpoint_file(path)
+    except (FileNotFoundError, CheckpointError) as e:
+        error(f'--initial-checkpoint: {e}')
+    keys = ('state_dict_ema',) if args.model_ema and isinstance(ckpt, dict) and 'state_dict_ema' in ckpt and \
+        args.stage2 is None else ('state_dict', 'model', 'state_dict_ema')
+    load_model_weights(model, ckpt, path, keys=keys, flag='--initial-checkpoint',
+                       fresh=('router.',) if args.stage2 == 'router' else ())
+
+
+def prepare_stage2(model: nn.Module, args) -> Optional[List[Any]]:
+    """Freeze what a second stage keeps and return the optimizer's parameter groups (None: the whole model)."""
+    if args.stage2 == 'las':
+        # MiSLAS's learnable weight scaling cannot be folded into a cosine head: such heads train without it
+        return prepare_classifier_retraining(
+            model, weight_scaling=not timm_cmo.models.is_head_norm(model), lr_factor=args.las_lr_factor)
+    if args.stage2 == 'router':
+        freeze_for_router_training(model)
+        return [p for p in model.parameters() if p.requires_grad]
+    return None
+
+
+def load_model_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, use_ema: bool = False,
+                       keys: Optional[Tuple[str, ...]] = None, flag: str = '--resume', fresh: Tuple[str, ...] = ()) -> None:
+    """Load a checkpoint's (EMA) weights strictly, or exit naming the missing, unexpected and mismatched keys.
+
+    Keys starting with a ``fresh`` prefix may be missing (the model keeps its own); a LAS weight scaling in the
+    checkpoint is folded into the classifier when the model has none.
+    """
+    keys = keys or (('state_dict_ema',) if use_ema else ('state_dict',))
+    try:
+        state_dict, _ = state_dict_from_checkpoint(ckpt, path, keys=keys)
     except CheckpointError as e:
-        error(f'--resume: {e}' + (' (train with --model-ema for EMA weights)' if use_ema else ''))
+        error(f'{flag}: {e}' + (' (train with --model-ema for EMA weights)' if use_ema else ''))
     own = model.state_dict()
+    if hasattr(model, 'num_experts'):
+        from timm_cmo.models import ride_checkpoint_filter_fn
+        state_dict = ride_checkpoint_filter_fn(state_dict, model, lenient=False)
+    state_dict = fold_weight_scaling_state_dict(state_dict, keep=set(own))
+    state_dict.update({k: v for k, v in own.items() if k.startswith(fresh) and k not in state_dict} if fresh else {})
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f'{k} {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model'
@@ -686,8 +799,9 @@ def load_model_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, use_em
         if unexpected:
             parts.append(f'unexpected keys ({len(unexpected)}): {", ".join(unexpected[:8])}'
                          + (' ...' if len(unexpected) > 8 else ''))
-        error(f'--resume: {path} does not fit --model {ckpt.get("arch") or "?"} -> {_model_desc(model)}: '
-              + ' | '.join(parts))
+        error(f'{flag}: {path} does not fit {_model_desc(model)}'
+              + (f' (it was saved from --model {ckpt["arch"]})' if isinstance(ckpt, dict) and ckpt.get('arch') else '')
+              + ': ' + ' | '.join(parts))
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -770,11 +884,37 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Mod
 
 def _metrics_line(metrics: Dict[str, Any]) -> str:
     return '  '.join(f'{k} {metrics[k]:.2f}' for k in ('top1', 'top5', 'many', 'medium', 'few', 'head', 'middle', 'tail',
-                                                      'ece', 'nll') if isinstance(metrics.get(k), (int, float)))
+                                                      'ece', 'nll', 'experts_used')
+                     if isinstance(metrics.get(k), (int, float)))
+
+
+def _attach_run_log(output_dir: str) -> None:
+    """Log to ``<run>/train.log`` (replacing the log of an earlier run of this process)."""
+    _detach_run_log()
+    fh = logging.FileHandler(os.path.join(output_dir, 'train.log'))
+    fh.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+    fh.train_cmo_run_log = True
+    logging.getLogger().addHandler(fh)
+
+
+def _detach_run_log() -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, 'train_cmo_run_log', False)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    utils.setup_default_logging()
+    """Train (or ``--evaluate``) as the flags say; returns the final metrics and the result file paths."""
+    if not logging.getLogger().handlers:  # a second call in the same process keeps the first's console log
+        utils.setup_default_logging()
+    try:
+        return _main(argv)
+    finally:
+        _detach_run_log()
+
+
+def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args, args_text = parse_args(argv)
     run_config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
     if args.device is None:
@@ -801,22 +941,33 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if train_ds is not None and num_classes != train_ds.num_classes:
         error(f'--num-classes {num_classes} disagrees with the dataset ({train_ds.num_classes} classes)')
 
-    model = create_model(
-        args.model,
-        pretrained=args.pretrained,
-        in_chans=args.in_chans,
-        num_classes=num_classes,
-        drop_rate=args.drop,
-        drop_path_rate=args.drop_path,
-        global_pool=args.gp,
-        head_norm=True if args.head_norm else None,
-        checkpoint_path=args.initial_checkpoint or None,
-        **args.model_kwargs,
-    )
+    model_kwargs = dict(args.model_kwargs, **({'router': True} if args.stage2 == 'router' else {}))
+    try:
+        model = create_model(
+            args.model,
+            pretrained=args.pretrained,
+            in_chans=args.in_chans,
+            num_classes=num_classes,
+            drop_rate=args.drop,
+            drop_path_rate=args.drop_path,
+            global_pool=args.gp,
+            head_norm=True if args.head_norm else None,
+            **model_kwargs,
+        )
+    except (ValueError, TypeError) as e:
+        error(f'--model {args.model}{" --model-kwargs " + str(model_kwargs) if model_kwargs else ""}: {e}')
     num_classes = model.num_classes
     args.num_classes = num_classes
+    multi_expert = hasattr(model, 'num_experts')
+    if getattr(_loss_class(args.loss), 'needs_experts', False) and not multi_expert:
+        bad_loss = f'--loss {args.loss} needs a multi-expert model (e.g. ride_resnet32_cifar)'
+        error(f'{bad_loss}; --model {args.model} has a single classifier')
+    if args.stage2 == 'router' and not multi_expert:
+        error(f'--stage2 router trains the expert router of a RIDE model; --model {args.model} has none')
     if args.loss == 'ldam' and not args.head_norm and not timm_cmo.models.is_head_norm(model) and args.rank == 0:
         _logger.warning('LDAM is meant for a cosine-normalised head: consider --head-norm.')
+    if args.initial_checkpoint:
+        load_initial_checkpoint(model, args)
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
 
     model.to(device=device)
@@ -834,8 +985,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         output_dir = resolve_output_dir(args)
         resuming_here = check_output_dir(args, output_dir)
 
+    params = prepare_stage2(model, args)
     opt_kwargs = optimizer_kwargs(cfg=args)
-    optimizer = create_optimizer_v2(model, **opt_kwargs, filter_bias_and_bn=not args.wd_bias_bn)
+    optimizer = create_optimizer_v2(model if params is None else params, **opt_kwargs,
+                                    filter_bias_and_bn=not args.wd_bias_bn)
     model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     start_epoch = 0
     if resume is not None:
@@ -849,9 +1002,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         args_path = os.path.join(output_dir, 'args.yaml')
         if not (resuming_here and os.path.exists(args_path)):  # a resumed run keeps its original record
             write_text_atomic(args_path, args_text)
-        fh = logging.FileHandler(os.path.join(output_dir, 'train.log'))
-        fh.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
-        logging.getLogger().addHandler(fh)
+        _attach_run_log(output_dir)
         _logger.info(f'Output folder: {output_dir}')
         if resume is not None:
             _logger.info(f'Resuming from {resume[0]} at epoch {start_epoch}: '
@@ -900,7 +1051,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             max_history=args.checkpoint_hist, arch=args.model, run=run_record(run_config, train_ds))
         if resume is not None and resuming_here:
             saver.load_state(resume[1])
-        summary = SummaryWriter(os.path.join(output_dir, 'summary.csv'), ema=model_ema is not None)
+        summary = SummaryWriter(os.path.join(output_dir, 'summary.csv'),
+                                extra_eval=(('ema_top1',) if model_ema is not None else ())
+                                + (('experts_used',) if args.stage2 == 'router' else ()))
         summary.truncate(start_epoch)
         _logger.info(
             f'Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on '
@@ -923,7 +1076,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             lr = optimizer.param_groups[0]['lr']
             train_metrics = train_one_epoch(
                 epoch, train_model, train_loader, optimizer, loss_fn, args, device, lr_scheduler=lr_scheduler,
-                amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema)
+                amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,
+                train_mode=partial(set_stage2_mode, shift_bn=args.las_shift_bn) if args.stage2 == 'las' else None)
             if args.distributed and args.dist_bn in ('broadcast', 'reduce') and not args.sync_bn:
                 utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
                 if model_ema is not None:
@@ -932,7 +1086,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             eval_metrics = None
             if last_epoch or (epoch + 1) % args.eval_interval == 0:
                 eval_acc = evaluate(model, eval_loader, args, device, amp_autocast, num_classes, len(eval_ds))
-                eval_metrics = eval_acc.summary(train_ds.class_counts)
+                eval_metrics = eval_summary(eval_acc, train_ds.class_counts)
                 if model_ema is not None:
                     ema_acc = evaluate(model_ema.module, eval_loader, args, device, amp_autocast, num_classes,
                                        len(eval_ds), label='Eval EMA')
@@ -955,6 +1109,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                    f' ({e})')
     except FileWriteError as e:
         stop_run(args, output_dir, f'{e}')
+    except CorruptImageError as e:  # raised in a loader worker, it arrives with the worker's traceback
+        stop_run(args, output_dir, str(e).strip().splitlines()[-1].split('CorruptImageError: ')[-1])
     except KeyboardInterrupt:
         _logger.warning(f'Interrupted; resume with --resume {os.path.join(output_dir or "<output>", LAST)}')
         raise
@@ -1006,7 +1162,7 @@ def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, 
     The records come first: a failing plot is reported and leaves them in place.
     """
     counts = train_ds.class_counts
-    summary = eval_acc.summary(counts if counts is not None else [1] * eval_acc.num_classes)
+    summary = eval_summary(eval_acc, counts if counts is not None else [1] * eval_acc.num_classes)
     if counts is None:  # no shot groups without the training class counts
         summary.update({k: None for k in ('many', 'medium', 'few', 'head', 'middle', 'tail')})
     paths = write_results(

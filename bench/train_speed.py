@@ -93,7 +93,7 @@ def main(argv=None):
                 torch.cuda.synchronize()
             t0 = time.time()
             train_cmo.train_one_epoch(epoch, st['model'], st['loader'], st['opt'], st['loss_fn'], run_args, device,
-                                      amp_autocast=amp, num_classes=10)
+                                      amp_autocast=amp)
             if device.type == 'cuda':
                 torch.cuda.synchronize()
             st['times'].append(time.time() - t0)

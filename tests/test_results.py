@@ -63,6 +63,41 @@ def test_write_read_round_trip(tmp_path):
         assert img.format == 'PNG' and img.mode == 'RGB'
 
 
+def test_calibration_and_failing_plots_never_lose_the_records(tmp_path, monkeypatch, caplog):
+    """The reliability diagram is written with the calibration bins; a plot that raises is reported and the JSON and
+    CSV stay written (a finished run must not fail on a plot)."""
+    import timm_cmo.results as results_mod
+    counts = long_tail_counts(500, 10, 100)
+    metric = evaluated(counts)
+    paths = write_results(tmp_path / 'ok', metric.summary(counts), metric.per_class(), counts, CIFAR10,
+                          calibration=metric.calibration())
+    assert set(paths) == {'csv', 'json', 'png', 'reliability'} and paths['reliability'].is_file()
+    calibration = json.loads(paths['json'].read_text())['calibration']
+    assert len(calibration['count']) == 15 and sum(calibration['count']) == 400
+
+    def broken(*args, **kwargs):
+        raise ValueError('y1 must be greater than or equal to y0')
+
+    monkeypatch.setattr(results_mod, 'plot_per_class_accuracy', broken)
+    monkeypatch.setattr(results_mod, 'plot_reliability', broken)
+    paths = write_results(tmp_path / 'bad', metric.summary(counts), metric.per_class(), counts, CIFAR10,
+                          calibration=metric.calibration())
+    assert set(paths) == {'csv', 'json'} and paths['json'].is_file() and paths['csv'].is_file()
+    assert 'Could not draw' in caplog.text and 'y1 must be greater' in caplog.text
+    # unknown training counts: no shot groups, no per-class plot
+    paths = write_results(tmp_path / 'nocounts', metric.summary(counts), metric.per_class(), None, CIFAR10)
+    rows = paths['csv'].read_text().splitlines()
+    assert 'png' not in paths and rows[1].split(',')[2] == '' and rows[1].split(',')[-1] == ''
+
+
+def test_plot_tiny_accuracies(tmp_path):
+    """A class scoring between 0 and 0.3 % (under one pixel) once crashed the drawing."""
+    acc = [0.1, 0.0, 0.2, 55.0, 100.0, float('nan')]
+    plot_per_class_accuracy(tmp_path / 'tiny.png', acc, [600, 300, 100, 40, 10, 5], title='tiny')
+    with Image.open(tmp_path / 'tiny.png') as img:
+        assert img.format == 'PNG'
+
+
 def test_write_results_errors(tmp_path):
     counts = [100, 10]
     metric = evaluated(counts)

@@ -382,3 +382,165 @@ def test_compute_loss_is_the_papers_cmo_form():
     torch.testing.assert_close(train_cmo.compute_loss(loss_fn, (logits, experts), soft, MixInfo(y_b, y_f, 0.3)),
                                expected)
     torch.testing.assert_close(train_cmo.compute_loss(loss_fn, logits, y_b, None), F.cross_entropy(logits, y_b, weight=w))
+
+
+# --- faults lose nothing: resume, bad input, full disk, non-finite state, corrupt images -------------------------
+
+def main_exit(argv, capsys):
+    """Run train_cmo.main in this process; return (exit code, stderr) of a refused start."""
+    with pytest.raises(SystemExit) as e:
+        train_cmo.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def folder_state(folder):
+    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(Path(folder).iterdir())}
+
+
+@pytest.mark.parametrize('bad', ['truncated', 'other_model', 'no_epoch', 'not_a_dict', 'other_classes'])
+def test_failed_resume_writes_nothing(ldam_cmo_run, small_cifar, tmp_path, capsys, bad):
+    """A --resume that cannot work fails before anything is written, naming the file and the mismatch."""
+    ref_run, _ = ldam_cmo_run
+    run = tmp_path / 'killed'
+    run.mkdir()
+    (run / 'args.yaml').write_text('the only record of a killed run\n')
+    good = torch.load(ref_run / 'last.pth.tar', map_location='cpu', weights_only=True)
+    path = run / 'last.pth.tar'
+    if bad == 'truncated':
+        data = (ref_run / 'last.pth.tar').read_bytes()
+        path.write_bytes(data[:len(data) // 3])
+    elif bad == 'no_epoch':
+        torch.save({'state_dict': good['state_dict']}, path)
+    elif bad == 'not_a_dict':
+        torch.save([1, 2, 3], path)
+    elif bad == 'other_classes':  # a 5-class head (NormedLinear weight: (in_features, classes))
+        good['state_dict']['fc.weight'] = good['state_dict']['fc.weight'][:, :5].clone()
+        torch.save(good, path)
+    else:
+        torch.save(good, path)
+    before = folder_state(run)
+    model = ['--model', 'resnet32_cifar', '--allow-config-change'] if bad == 'other_model' else []
+    argv = base_argv(small_cifar, tmp_path, 'killed', 3, *LDAM_CMO) + ['--resume', str(path)] + model
+    code, err = main_exit(argv, capsys)
+    assert code == 2 and str(path) in err
+    expected = {'truncated': 'is not a checkpoint or is truncated', 'other_model': 'does not fit',
+                'no_epoch': 'records no epoch', 'not_a_dict': 'is not a training checkpoint',
+                'other_classes': 'shape mismatch: fc.weight (64, 5) in the checkpoint, (64, 10) in the model'}[bad]
+    assert expected in err
+    if bad == 'other_model':
+        assert 'missing keys' in err and 'layer1.3' in err  # resnet32 has more blocks than resnet20
+    assert folder_state(run) == before  # args.yaml kept, no train.log, nothing new
+
+
+def test_resume_with_other_settings_is_refused_then_allowed(ldam_cmo_run, small_cifar, tmp_path, capsys):
+    ref_run, _ = ldam_cmo_run
+    ckpt = tmp_path / 'from' / 'last.pth.tar'
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((ref_run / 'last.pth.tar').read_bytes())
+    argv = base_argv(small_cifar, tmp_path, 'changed', 4, *LDAM_CMO) + ['--resume', str(ckpt)]
+    argv[argv.index('--imb-ratio') + 1] = '5'
+    code, err = main_exit(argv + ['--loss', 'bs', '--lr', '0.5'], capsys)
+    assert code == 2
+    for text in ("--imb-ratio 10.0 -> 5.0", "--loss 'ldam' -> 'bs'", '--lr 0.1 -> 0.5', 'training images per class',
+                 '--allow-config-change'):
+        assert text in err, text
+    assert not (tmp_path / 'changed').exists()
+    # allowed: the new lr applies (epoch 3 of the warm-up at base lr 0.5: 0.1 + 0.4 * 3 / 4)
+    same_data = base_argv(small_cifar, tmp_path, 'changed', 4, *LDAM_CMO) + ['--resume', str(ckpt)]
+    train_cmo.main(same_data + ['--lr', '0.5', '--warmup-lr', '0.1', '--allow-config-change'])
+    rows = (tmp_path / 'changed' / 'summary.csv').read_text().strip().splitlines()
+    assert [r.split(',')[0] for r in rows[1:]] == ['3']
+    assert float(rows[1].split(',')[2]) == pytest.approx(0.4)
+
+
+def test_existing_run_folder_is_refused(ldam_cmo_run, small_cifar, capsys):
+    ref_run, _ = ldam_cmo_run
+    before = folder_state(ref_run)
+    code, err = main_exit(base_argv(small_cifar, ref_run.parent, ref_run.name, 1), capsys)
+    assert code == 2 and 'already holds a run' in err and '--overwrite' in err and '--resume' in err
+    assert folder_state(ref_run) == before
+
+
+def test_bad_flags_fail_before_the_data_is_read(capsys, tmp_path):
+    missing = str(tmp_path / 'no_such_data')
+    code, err = main_exit(['--data-dir', missing, '--model', 'resnet32_cifr'], capsys)
+    assert code == 2 and "--model 'resnet32_cifr': unknown model; did you mean resnet32_cifar" in err
+    code, err = main_exit(['--data-dir', missing, '--data-on-device', '--color-jitter', '0'], capsys)
+    assert code == 2 and '--data-on-device augments with' in err and '--train-crop-mode pad' in err
+    code, err = main_exit(['--data-dir', missing, '--cmo', '--remix'], capsys)
+    assert code == 2 and '--remix and --cmo' in err
+    code, err = main_exit(['--data-dir', missing, '--remix', '--remix-kappa', '1'], capsys)
+    assert code == 2 and '--remix-kappa 1.0: kappa must be > 1' in err
+    code, err = main_exit(['--data-dir', missing, '--remix', '--remix-tau', '1.5'], capsys)
+    assert code == 2 and '--remix-tau 1.5: tau must be in (0, 1)' in err
+    code, err = main_exit(['--data-dir', missing, '--stage2', 'las', '--loss', 'las'], capsys)
+    assert code == 2 and '--stage2 las starts from a stage-1 model' in err
+    code, err = main_exit(['--data-dir', missing, '--stage2', 'las', '--loss', 'ce', '--initial-checkpoint', 'x'], capsys)
+    assert code == 2 and '--stage2 las trains with --loss las' in err
+    code, err = main_exit(['--data-dir', missing, '-c', 'cifar10_lt_r100_ce_cmmo'], capsys)
+    assert code == 2 and 'did you mean cifar10_lt_r100_ce_cmo' in err
+
+
+def test_recipes_by_name():
+    args, _ = train_cmo.parse_args(['-c', 'cifar10_lt_r100_ldam_drw_cmo', '--data-dir', 'x'])
+    assert args.config.endswith(os.path.join('hparams', 'cifar10_lt_r100_ldam_drw_cmo.yaml'))
+    assert args.loss == 'ldam' and args.cmo and not args.drop_last
+    from timm_cmo.recipes import list_recipes
+    assert {Path(r).stem for r in RECIPES} <= set(list_recipes())
+
+
+def test_save_failure_stops_cleanly_and_the_run_resumes(small_cifar, tmp_path, monkeypatch, capsys):
+    """A full disk at the epoch-1 save: 'cannot write <path>: <reason>', no temporary file, epoch 0 kept, resumable."""
+    import errno
+    from timm_cmo import checkpoint as checkpoint_mod
+    real_save = torch.save
+    calls = []
+
+    def full_disk_on_second_save(obj, f, *args, **kwargs):
+        calls.append(obj.get('epoch') if isinstance(obj, dict) else None)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_mod.torch, 'save', full_disk_on_second_save)
+    argv = base_argv(small_cifar, tmp_path, 'full', 3, '--loss', 'ce')
+    with pytest.raises(SystemExit) as e:
+        train_cmo.main(argv)
+    run = tmp_path / 'full'
+    assert f'cannot write {run / "last.pth.tar"}: No space left on device' in str(e.value)
+    assert f'--resume {run / "last.pth.tar"}' in str(e.value)
+    assert not [p for p in run.iterdir() if p.name.endswith('.tmp')]
+    monkeypatch.setattr(checkpoint_mod.torch, 'save', real_save)
+    assert torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=True)['epoch'] == 0
+    train_cmo.main(argv + ['--resume', str(run / 'last.pth.tar')])
+    assert json.loads((run / 'results.json').read_text())['epoch'] == 2
+
+
+def test_non_finite_state_is_never_checkpointed(small_cifar, tmp_path):
+    """A cosine-head LDAM run at lr 1e6 once finished at chance with infinite BN variances in every checkpoint."""
+    with pytest.raises(SystemExit) as e:
+        train_cmo.main(base_argv(small_cifar, tmp_path, 'diverge', 3, '--loss', 'ldam', '--head-norm', '--lr', '1e6'))
+    assert 'non-finite' in str(e.value)
+    last = tmp_path / 'diverge' / 'last.pth.tar'
+    if last.exists():
+        ckpt = torch.load(last, map_location='cpu', weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
+    assert not (tmp_path / 'diverge' / 'results.json').exists()
+
+
+@pytest.mark.parametrize('path', ['ordinary', 'device'])
+def test_corrupt_image_is_named_not_substituted(small_cifar, tmp_path, capsys, path):
+    import shutil
+    from timm_cmo.data import create_lt_dataset
+    data = tmp_path / 'data'
+    shutil.copytree(small_cifar, data)
+    train = create_lt_dataset('', str(data / 'train'), imb_ratio=10)
+    victim = train.filename(len(train) - 1, absolute=True)  # an image of the rarest class
+    Path(victim).write_bytes(b'not a jpeg at all')
+    name = str(Path(victim).relative_to(data / 'train'))
+    extra = ['--data-on-device', '--device', 'cpu'] if path == 'device' else ['--workers', '2']
+    argv = base_argv(data, tmp_path, f'corrupt-{path}', 2, '--loss', 'ce') + extra
+    with pytest.raises(SystemExit) as e:
+        train_cmo.main(argv)
+    message = str(e.value) + capsys.readouterr().err
+    assert f'cannot read image' in message and name in message

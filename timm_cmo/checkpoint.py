@@ -51,11 +51,49 @@ class NonFiniteStateError(RuntimeError):
     """The model's (or EMA's) weights or buffers hold NaN or infinity."""
 
 
-def load_checkpoint_file(path: PathLike) -> Any:
+class _Inert:
+    """Stands in for a pickled object whose class weights-only loading does not know: none of its code runs."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def _inert_pickle_module(replaced: List[str]) -> Any:
+    """A ``pickle_module`` for ``torch.load`` that resolves only weights-only's allowed globals and turns every
+    other class or function into an inert stand-in (named in ``replaced``): nothing pickled is executed."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+    allowed = _get_allowed_globals()
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            key = f'{module}.{name}'
+            if key in allowed:
+                return allowed[key]
+            replaced.append(key)
+            return type(name, (_Inert,), {'__module__': 'timm_cmo.checkpoint.inert'})
+
+    return type('inert_pickle', (), {'Unpickler': Unpickler, 'load': staticmethod(pickle.load)})
+
+
+def load_checkpoint_file(path: PathLike, ignore_objects: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, with errors that say what is wrong.
 
     ``argparse.Namespace`` (timm's saver stores the run's args) is allowed; nothing else that would
-    execute pickled code is.
+    execute pickled code is. With ``ignore_objects`` (for released files that pickled their whole
+    configuration, e.g. RIDE's), such objects load as inert stand-ins instead of failing: still
+    nothing pickled is executed, and a warning names them.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -69,7 +107,13 @@ def load_checkpoint_file(path: PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if 'Unsupported global' in line), '')
+        detail = next((line.strip() for line in str(e).splitlines() if 'unsupported global' in line.lower()), '')
+        if detail and ignore_objects:
+            replaced: List[str] = []
+            ckpt = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_inert_pickle_module(replaced))
+            _logger.warning(f'{path}: ignored pickled objects (loaded inert, not executed): '
+                            f'{", ".join(sorted(set(replaced)))}')
+            return ckpt
         if detail:
             raise CheckpointError(
                 f'{path} holds pickled Python objects that weights-only loading refuses to execute ({detail}). '

@@ -64,24 +64,8 @@ def _key_errors(
     return missing, unexpected, mismatched
 
 
-def convert_checkpoint(
-        checkpoint_path: Union[str, Path],
-        out_dir: Union[str, Path],
-        model_name: str,
-        num_classes: Optional[int] = None,
-) -> Path:
-    """Convert a paper checkpoint to a timm folder and return ``out_dir``.
-
-    Args:
-        checkpoint_path: ``.pth.tar`` / ``.pth`` file saved by the paper code (or any plain state dict).
-        out_dir: Output folder (created), receives ``config.json`` and ``model.safetensors``.
-        model_name: timm model name, e.g. ``resnet32_cifar``, ``resnet50``, ``wide_resnet50_2``.
-        num_classes: Expected class count; inferred from the checkpoint's classifier when None.
-
-    Raises:
-        ValueError: pickled objects in the file, classes disagreeing, missing/unexpected keys or shape mismatches.
-    """
-    state_dict, meta = load_checkpoint_state_dict(checkpoint_path)
+def _paper_model(state_dict: Dict[str, torch.Tensor], model_name: str, num_classes: Optional[int]):
+    """The timm model for a CMO / LDAM-DRW checkpoint and its state dict with the classifier renamed."""
     classifier = _classifier_name(model_name)
     w_key, b_key = f'{classifier}.weight', f'{classifier}.bias'
     if w_key not in state_dict and f'{_PAPER_CLASSIFIER}.weight' in state_dict:
@@ -121,6 +105,59 @@ def convert_checkpoint(
                 f'Normalised classifier {w_key!r} (no bias) has shape {tuple(weight.shape)} = (in_features, '
                 f'num_classes), but {model_name} has {in_features} features.')
 
+    return model, state_dict, head_norm, w_key, weight
+
+
+def _ride_model(state_dict: Dict[str, torch.Tensor], model_name: str, num_classes: Optional[int]):
+    """The RIDE model a RIDE checkpoint (its model-zoo layout or this package's) describes, and its state dict
+    mapped to the model's keys: experts from the heads, classes from their shape, a router when there is one."""
+    from .models.ride import ride_checkpoint_filter_fn
+    heads = sorted({int(k.split('.')[1]) for k in state_dict
+                    if k.split('.')[0] in ('linears', 'heads') or k.startswith(('backbone.linears.', 'backbone.heads.'))
+                    for k in [k[len('backbone.'):] if k.startswith('backbone.') else k]})
+    if not heads:
+        raise ValueError(f'No expert classifiers (linears.<i> / heads.<i>) in the checkpoint for {model_name!r}: '
+                         f'not a RIDE checkpoint.')
+    plain = {(k[len('backbone.'):] if k.startswith('backbone.') else k): v for k, v in state_dict.items()}
+    prefix = 'linears' if 'linears.0.weight' in plain else 'heads'
+    w_key, weight = f'{prefix}.0.weight', plain.get(f'{prefix}.0.weight')
+    head_norm = f'{prefix}.0.bias' not in plain
+    ckpt_classes = weight.shape[1] if head_norm else weight.shape[0]
+    if num_classes is not None and num_classes != ckpt_classes:
+        raise ValueError(f'num_classes={num_classes} disagrees with the checkpoint classifier {w_key!r} '
+                         f'(shape {tuple(weight.shape)}): {ckpt_classes} classes.')
+    router = any(k.startswith(('expert_help_pred', 'router.')) for k in plain)
+    model = timm.create_model(model_name, pretrained=False, num_classes=ckpt_classes, num_experts=len(heads),
+                              head_norm=head_norm, router=router)
+    return model, ride_checkpoint_filter_fn(plain, model, lenient=False), head_norm, w_key, weight
+
+
+def convert_checkpoint(
+        checkpoint_path: Union[str, Path],
+        out_dir: Union[str, Path],
+        model_name: str,
+        num_classes: Optional[int] = None,
+) -> Path:
+    """Convert a paper checkpoint to a timm folder and return ``out_dir``.
+
+    Args:
+        checkpoint_path: ``.pth.tar`` / ``.pth`` file saved by the paper code (or any plain state dict).
+        out_dir: Output folder (created), receives ``config.json`` and ``model.safetensors``.
+        model_name: timm model name, e.g. ``resnet32_cifar``, ``resnet50``, ``wide_resnet50_2``.
+        num_classes: Expected class count; inferred from the checkpoint's classifier when None.
+
+    Raises:
+        ValueError: pickled objects in the file, classes disagreeing, missing/unexpected keys or shape mismatches.
+    """
+    ride = _classifier_name(model_name) == 'heads'
+    # RIDE's released files pickle their whole configuration: it is loaded inert (never executed) and ignored
+    checkpoint = load_checkpoint_file(checkpoint_path, ignore_objects=ride)
+    state_dict, meta = state_dict_from_checkpoint(checkpoint, checkpoint_path)
+    if ride:
+        model, state_dict, head_norm, w_key, weight = _ride_model(state_dict, model_name, num_classes)
+    else:
+        model, state_dict, head_norm, w_key, weight = _paper_model(state_dict, model_name, num_classes)
+
     model_sd = model.state_dict()
     # BN step counters are unused in eval and absent from checkpoints of PyTorch < 0.4.1: keep the model's
     for k in model_sd:
@@ -130,7 +167,7 @@ def convert_checkpoint(
     if missing or unexpected or mismatched:
         lines = [f'Checkpoint {checkpoint_path} does not match timm model {model_name!r}'
                  f'(num_classes={model.num_classes}{", head_norm=True" if head_norm else ""}):']
-        if weight is None and any(k.startswith(classifier + '.') for k in missing):
+        if weight is None and w_key in missing:
             lines.append(f'  it has no classifier ({w_key!r}, or the paper code\'s '
                          f'{_PAPER_CLASSIFIER + ".weight"!r}); convert without --num-classes for the backbone alone')
         if missing:

@@ -32,6 +32,7 @@ from timm.models import model_entrypoint, parse_model_name, save_for_hf
 from .checkpoint import CheckpointError, load_checkpoint_file, state_dict_from_checkpoint
 from .data.dataset import shot_groups
 from .files import write_text_atomic
+from .models.stage2 import fold_weight_scaling_state_dict
 from .results import RESULTS_JSON, read_results, results_table_markdown
 
 __all__ = ['export', 'push', 'main', 'model_card', 'load_run_args', 'create_run_model', 'run_data_config',
@@ -386,6 +387,7 @@ def export(
     class_names = results.get('class_names')
 
     state_dict, meta = _load_state_dict(ckpt_path, use_ema=use_ema)
+    state_dict = fold_weight_scaling_state_dict(state_dict)  # a LAS second stage's weight scaling
     num_classes = args.get('num_classes') or (results.get('dataset') or {}).get('num_classes') or len(class_names or [])
     model = create_run_model(args, num_classes=num_classes, build=results.get('model_build'))
     try:

@@ -11,13 +11,13 @@ perfect calibration, the samples per bin below, and ECE / MCE in the legend.
 """
 import math
 import os
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.dataset import shot_groups
+from .files import atomic_write
 
 __all__ = ['plot_per_class_accuracy', 'plot_reliability', 'BAR_COLOR', 'SERIES_COLORS', 'COUNT_COLOR', 'GROUP_COLORS',
            'GAP_COLOR']
@@ -235,7 +235,8 @@ def plot_per_class_accuracy(
                 continue
             xa = int(math.floor(a))
             xb = max(xa, int(math.ceil(b)) - 1)
-            draw.rectangle([xa, y1 - min(h, 100.) / 100 * ph, xb, y1 - 1], fill=color)
+            top = min(y1 - 1, y1 - min(h, 100.) / 100 * ph)  # bars under one pixel (e.g. 0.1 %) stay one pixel tall
+            draw.rectangle([xa, top, xb, y1 - 1], fill=color)
 
     # right axis: training images on a log scale
     positive = counts[counts > 0]
@@ -460,14 +461,6 @@ def plot_reliability(path: Union[str, os.PathLike], bins: Mapping[str, Any], tit
 
 
 def _save_png(img: Image.Image, path: Union[str, os.PathLike]) -> None:
-    """Save atomically: write a temporary file beside ``path`` and rename it."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-', suffix='.png')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            img.save(f, format='PNG')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Save as PNG atomically (:func:`~timm_cmo.files.atomic_write`)."""
+    with atomic_write(path, 'wb') as f:
+        img.save(f, format='PNG')

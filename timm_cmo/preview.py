@@ -23,7 +23,7 @@ The layout (cell boxes, indices, labels, lambdas) is stored in the PNG's ``cmo-p
 import argparse
 import json
 import os
-import tempfile
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,6 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from .data.cmo import CMOMixup
 from .data.dataset import create_lt_dataset, dataset_class_names, dataset_targets
 from .data.sampler import ClassWeightedSampler
+from .files import atomic_write
 
 __all__ = ['make_preview', 'main', 'tail_classes', 'grid_size', 'cell_box', 'ROW_TITLES']
 
@@ -250,24 +251,15 @@ def make_preview(
 
 
 def save_png(image: Image.Image, path: str) -> str:
-    """Write ``image`` as PNG to ``path`` atomically (temporary file + ``os.replace``), with its layout text."""
+    """Write ``image`` as PNG to ``path`` atomically (:func:`~timm_cmo.files.atomic_write`), with its layout text."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     info = PngInfo()
     if INFO_KEY in image.info:
         info.add_text(INFO_KEY, image.info[INFO_KEY])
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            image.save(f, format='PNG', pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, 'wb') as f:
+        image.save(f, format='PNG', pnginfo=info)
     return path
 
 
@@ -298,7 +290,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point (``timm-cmo-preview``): writes the PNG, prints its path, returns 0."""
     args = _parser().parse_args(argv)
     dataset = create_lt_dataset(
         args.dataset, args.data_dir, split=args.split,
@@ -307,8 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     make_preview(dataset, num=args.num, r=args.cmo_r, seed=args.seed, scale=args.scale, out=args.out,
                  size=args.size, mode=args.mode, beta=args.cmo_beta)
     print(args.out)
-    return args.out
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -234,19 +234,19 @@ class SummaryWriter:
     """``summary.csv``: one row per epoch, the same columns in every row.
 
     Columns: ``epoch``, ``train_loss``, ``lr`` (the epoch's own learning rate, read at its start),
-    ``epoch_time_s`` and ``eval_<metric>`` for :data:`SUMMARY_EVAL_KEYS` (plus ``eval_ema_top1``
-    with EMA), empty in epochs without evaluation. The file is rewritten atomically each epoch.
+    ``epoch_time_s`` and ``eval_<metric>`` for :data:`SUMMARY_EVAL_KEYS` and ``extra_eval`` (e.g.
+    ``ema_top1``, ``experts_used``), empty in epochs without evaluation. The file is rewritten
+    atomically each epoch.
 
     Args:
         path: The CSV file; kept rows are read back when it exists (a resumed run).
-        ema: Add the ``eval_ema_top1`` column.
+        extra_eval: More evaluation metrics to give a column.
     """
 
-    def __init__(self, path: PathLike, ema: bool = False):
+    def __init__(self, path: PathLike, extra_eval: Sequence[str] = ()):
         self.path = Path(path)
-        self.columns = ['epoch', 'train_loss', 'lr', 'epoch_time_s'] + [f'eval_{k}' for k in SUMMARY_EVAL_KEYS]
-        if ema:
-            self.columns.append('eval_ema_top1')
+        self.columns = ['epoch', 'train_loss', 'lr', 'epoch_time_s'] + [
+            f'eval_{k}' for k in (*SUMMARY_EVAL_KEYS, *extra_eval)]
         self.rows: list = []
         if self.path.is_file():
             with self.path.open(encoding='utf-8', newline='') as f:

@@ -289,3 +289,31 @@ def test_no_state_dict(tmp_path):
     torch.save({'epoch': 1, 'acc': 3.0}, ckpt)
     with pytest.raises(ValueError, match="holds no state dict.*'acc', 'epoch'"):
         convert_checkpoint(ckpt, tmp_path / 'out', 'resnet20_cifar')
+
+
+class RIDEConfigParser:
+    """RIDE pickles its whole ConfigParser into every checkpoint."""
+    def __init__(self):
+        self.config = {'arch': 'ResNet32Model'}
+
+
+@pytest.mark.parametrize('top_k', [None, 30])
+def test_ride_released_checkpoint(tmp_path, top_k):
+    """RIDE's model-zoo file (DataParallel prefixes, backbone.* keys, a pickled config, with or without the EA
+    router) converts to a folder timm loads, giving RIDE's logits."""
+    from tests.models.test_ride import ride_cifar_state_dict, ride_reference_forward
+    ride_sd = ride_cifar_state_dict(seed=3, top_k=top_k)
+    path = tmp_path / 'checkpoint-epoch200.pth'
+    torch.save({'arch': 'ResNet32Model', 'epoch': 200, 'config': RIDEConfigParser(),
+                'state_dict': {'module.' + k: v for k, v in ride_sd.items()}}, path)
+    out = convert_checkpoint(path, tmp_path / 'out', 'ride_resnet32_cifar')
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert model.num_experts == 3 and model.num_classes == 100 and (model.router is not None) == bool(top_k)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if top_k:
+            (logits, used), (ref, ref_used) = model.forward_with_experts_used(x), ride_reference_forward(ride_sd, x, route=True)
+            assert torch.equal(used, ref_used)
+        else:
+            logits, ref = model(x), ride_reference_forward(ride_sd, x)
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,7 @@
 """Long-tailed datasets, class-weighted sampling and the CMO loader."""
 from .cmo import CMO_VARIANTS, CMOConfig, CMOMixup, MixInfo, cmo_active, rand_bbox, soft_target
 from .dataset import (
-    LongTailDataset, ShotGroups, create_lt_dataset, dataset_class_names, dataset_targets, long_tail_counts,
+    CorruptImageError, LongTailDataset, ShotGroups, create_lt_dataset, dataset_class_names, dataset_targets, long_tail_counts,
     long_tail_indices, shot_groups,
 )
 from .loader import CMOCollate, CMOLoader, PlanBatchSampler, create_cmo_loader, resolve_device

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch.utils.data
+from PIL import Image
 from timm.data import ImageDataset, create_dataset
 
 from .reader_image_list import ReaderImageList
@@ -66,6 +67,10 @@ def long_tail_indices(
     return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
 
 
+class CorruptImageError(ValueError):
+    """An image of the dataset cannot be decoded; the message names the file."""
+
+
 class ShotGroups(NamedTuple):
     """Class indices of the many / medium / few shot groups."""
     many: List[int]
@@ -118,7 +123,9 @@ class LongTailDataset(torch.utils.data.Dataset):
 
     ``transform`` and ``target_transform`` read and write the wrapped dataset's, so timm's
     ``create_loader`` (which sets ``dataset.transform``) works on it, unlike on a
-    ``torch.utils.data.Subset``.
+    ``torch.utils.data.Subset``. An image that cannot be decoded raises :class:`CorruptImageError`
+    naming the file (timm's ``ImageDataset`` would silently substitute the next file of the source,
+    which may not belong to this split).
 
     Args:
         dataset: A map-style dataset returning ``(image, target)``.
@@ -168,7 +175,28 @@ class LongTailDataset(torch.utils.data.Dataset):
         self.dataset.target_transform = target_transform
 
     def __getitem__(self, index: int):
-        return self.dataset[int(self.indices[index])]
+        i = int(self.indices[index])
+        if not isinstance(self.dataset, ImageDataset) or self.dataset.load_bytes:
+            return self.dataset[i]
+        # timm's ImageDataset would replace an unreadable image by the next file of the source, which may be
+        # outside this split (or of another class): read it here and stop, naming the file, instead
+        base = self.dataset
+        img, target, *_ = base.reader[i]
+        try:
+            img = Image.open(img)
+            if base.input_img_mode:
+                img = img.convert(base.input_img_mode)  # decodes the pixels
+        except (OSError, SyntaxError, ValueError) as e:
+            raise CorruptImageError(
+                f'cannot read image {base.filename(i)} (sample {index} of this split): {type(e).__name__}: {e}. '
+                f'Remove or replace the file (or drop it from the list file) and start again.') from None
+        if base.transform is not None:
+            img = base.transform(img)
+        if target is None:
+            target = -1
+        elif base.target_transform is not None:
+            target = base.target_transform(target)
+        return img, target
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from timm.loss import compute_class_weights
 
 __all__ = [
     'REWEIGHT_CHOICES', 'ClassCounts', 'check_class_counts', 'class_balanced_weights',
@@ -73,10 +74,11 @@ def class_balanced_weights(class_counts: ClassCounts, beta: float = 0.9999) -> t
     beta = float(beta)
     if not 0.0 <= beta < 1.0:
         raise ValueError(f'cb_beta must be in [0, 1), got {beta}')
-    effective_num = 1.0 - np.power(beta, counts)
-    weights = (1.0 - beta) / effective_num
-    weights = weights / np.sum(weights) * len(counts)
-    return torch.tensor(weights, dtype=torch.float32)
+    if beta == 0.0:  # every effective number is 1 (timm's helper needs beta in (0, 1))
+        return torch.ones(len(counts), dtype=torch.float32)
+    # timm's effective-number weights have mean 1, i.e. they sum to C as the LDAM-DRW code normalises them
+    _, weights = compute_class_weights(counts, int(counts.sum()), method='effective_num', beta=beta)
+    return weights
 
 
 def resolve_drw_epoch(drw_epoch: Optional[int] = None, epochs: Optional[int] = None) -> int:

@@ -617,8 +617,11 @@ _RIDE_RENAMES = (
 )
 
 
-def ride_checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+def ride_checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, lenient: bool = True) -> Dict[str, torch.Tensor]:
     """Map a RIDE checkpoint (or this model's own state dict) to ``model``'s keys.
+
+    With ``lenient=False`` only the renaming below is done (a strict load then reports every difference);
+    the default (timm's pretrained loading) also adapts routers and heads as listed.
 
     Accepts RIDE's saved checkpoint dict (``{'state_dict': ..., ...}``) or its state dict, with ``module.``
     (DataParallel) and ``backbone.`` prefixes. Renames ``layer{2,3,4}s.{i}.`` -> ``experts.{i}.layer{2,3,4}.``,
@@ -652,6 +655,8 @@ def ride_checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> D
             raise ValueError(f'RIDE checkpoint with shared {key.split(".")[0]} (share_layer3) is not supported')
         out[key] = value
 
+    if not lenient:
+        return out
     has_router = getattr(model, 'router', None) is not None
     ckpt_router = [k for k in out if k.startswith('router.')]
     if ckpt_router and not has_router:

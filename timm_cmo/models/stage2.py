@@ -29,7 +29,7 @@ Works with any model whose classifier is ``get_classifier()`` (or ``fc``): timm 
 SyncBatchNorm, timm's BatchNormAct2d) are shifted; dropout and drop-path stay off (MiSLAS's backbones
 have none).
 """
-from typing import Any, Dict, List
+from typing import Any, Container, Dict, List
 
 import torch
 import torch.nn as nn
@@ -167,6 +167,29 @@ def set_stage2_mode(model: nn.Module, shift_bn: bool = True) -> nn.Module:
                 m.train()
     _classifier(model).train()
     return model
+
+
+def fold_weight_scaling_state_dict(state_dict: Dict[str, torch.Tensor], keep: Container[str] = ()) -> Dict[str, torch.Tensor]:
+    """The state dict with every ``<classifier>.lws_scale`` folded into that classifier's ``weight`` / ``bias``
+    (as :func:`fold_weight_scaling` does to a model), except keys in ``keep`` (a model that has the scaling).
+
+    Lets a stage-2 checkpoint load into a plain model of the same architecture (evaluation, Hub export).
+    """
+    scales = [k for k in state_dict if k.endswith('.' + _LWS) and k not in keep]
+    if not scales:
+        return state_dict
+    out = dict(state_dict)
+    for key in scales:
+        prefix = key[:-len(_LWS)]
+        scale = out.pop(key)
+        weight = out.get(prefix + 'weight')
+        if weight is None or weight.ndim != 2 or weight.shape[0] != scale.shape[0]:
+            raise ValueError(f'{key}: no (out_features, in_features) {prefix}weight to fold the weight scaling into '
+                             f'(a cosine-normalised head keeps it)')
+        out[prefix + 'weight'] = weight * scale.unsqueeze(1)
+        if prefix + 'bias' in out:
+            out[prefix + 'bias'] = out[prefix + 'bias'] * scale
+    return out
 
 
 def fold_weight_scaling(model: nn.Module) -> nn.Module:
