@@ -39,7 +39,8 @@ def test_recipes_cover_the_paper_settings():
 def test_recipe_parses_and_states_its_target(recipe):
     text = Path(recipe).read_text()
     assert 'Paper target:' in text
-    args, args_text = train_cmo.parse_args(['-c', recipe, '--data-dir', '/data'])
+    stage2 = ['--initial-checkpoint', 'stage1.pth.tar'] if 'stage2' in yaml.safe_load(text) else []
+    args, args_text = train_cmo.parse_args(['-c', recipe, '--data-dir', '/data'] + stage2)
     assert 'paper_top1' in yaml.safe_load(text)
     assert args.cmo == Path(recipe).stem.endswith(('_cmo', '_cmo_400ep'))
     assert yaml.safe_load(args_text)['model'] == args.model
@@ -544,3 +545,87 @@ def test_corrupt_image_is_named_not_substituted(small_cifar, tmp_path, capsys, p
         train_cmo.main(argv)
     message = str(e.value) + capsys.readouterr().err
     assert f'cannot read image' in message and name in message
+
+
+# --- RIDE and the second stages (LAS, expert assignment) through train_cmo.py ------------------------------------
+
+@pytest.fixture(scope='module')
+def ride_run(small_cifar, tmp_path_factory):
+    out = tmp_path_factory.mktemp('ride')
+    argv = base_argv(small_cifar, out, 'ride', 2, '--model', 'ride_resnet20_cifar', '--loss', 'ride', '--reweight',
+                     'drw', '--drw-epoch', '1', '--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0',
+                     '--ride-diversity-factor', '-0.45')
+    train_cmo.main(argv)
+    return out / 'ride'
+
+
+def test_ride_with_cmo_and_the_router_stage(ride_run, small_cifar, tmp_path):
+    results = json.loads((ride_run / 'results.json').read_text())
+    assert results['model_build']['architecture'] == 'ride_resnet20_cifar'
+    assert results['method']['cmo_epochs'] == 2 and results['method']['drw_epochs'] == 1
+    ckpt = torch.load(ride_run / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert any(k.startswith('experts.2.') for k in ckpt['state_dict'])
+    # stage 2: only the router trains; experts and BN statistics are those of stage 1
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'router', 1, '--model', 'ride_resnet20_cifar', '--stage2', 'router',
+                             '--loss', 'ride_ea', '--ros', '--lr', '0.01', '--initial-checkpoint',
+                             str(ride_run / 'last.pth.tar')))
+    routed = torch.load(tmp_path / 'router' / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
+    for k, v in ckpt['state_dict'].items():
+        assert torch.equal(routed[k], v), k
+    assert any(k.startswith('router.') for k in routed)
+    results = json.loads((tmp_path / 'router' / 'results.json').read_text())
+    assert 1.0 <= results['metrics']['experts_used'] <= 3.0
+    header = (tmp_path / 'router' / 'summary.csv').read_text().splitlines()[0]
+    assert header.endswith('eval_experts_used')
+    # the exported model keeps the router and routes in eval
+    from timm_cmo import hub
+    export = hub.export(tmp_path / 'router', tmp_path / 'export')
+    import timm
+    model = timm.create_model(f'local-dir:{export}', pretrained=True).eval()
+    assert model.router is not None and model.num_experts == 3
+
+
+def test_ride_errors(small_cifar, tmp_path, capsys):
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'r1', 1, '--loss', 'ride'), capsys)
+    assert code == 2 and '--loss ride needs a multi-expert model' in err and 'resnet20_cifar' in err
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'r2', 1, '--model', 'ride_resnet20_cifar', '--loss', 'ride',
+                                    '--model-kwargs', 'num_experts=0'), capsys)
+    assert code == 2 and 'num_experts must be an integer >= 1, got 0' in err
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'r3', 1, '--stage2', 'router', '--loss', 'ride_ea'), capsys)
+    assert code == 2 and '--stage2 router starts from a stage-1 model' in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_las_stage_trains_the_classifier_only(ldam_cmo_run, small_cifar, tmp_path, capsys):
+    """LAS from a stage-1 run: every non-BN backbone weight bit-identical, BN statistics shifted, classifier trained;
+    a stage-1 checkpoint of another class count is refused by name."""
+    ce_stage1 = tmp_path / 'stage1'
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'stage1', 1, '--loss', 'ce', '--reweight', 'drw', '--cmo',
+                             '--cmo-start-epoch', '-1'))
+    stage1 = torch.load(ce_stage1 / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'las', 2, '--stage2', 'las', '--loss', 'las', '--ros',
+                             '--las-smooth-head', '0.3', '--las-smooth-tail', '0.0', '--initial-checkpoint',
+                             str(ce_stage1 / 'last.pth.tar'), '--sched', 'cosine', '--warmup-epochs', '0'))
+    las = torch.load(tmp_path / 'las' / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
+    for k, v in stage1.items():
+        if k.startswith('fc.'):
+            assert not torch.equal(las[k], v), k
+        elif 'running_' in k:
+            assert not torch.equal(las[k], v), k  # BN shift learning
+        elif not k.endswith('num_batches_tracked'):
+            assert torch.equal(las[k], v), k  # conv weights and BN affine parameters untouched
+    assert 'fc.lws_scale' in las
+    # the exported model folds the weight scaling into the classifier
+    from timm_cmo import hub
+    import timm
+    export = hub.export(tmp_path / 'las', tmp_path / 'export')
+    assert timm.create_model(f'local-dir:{export}', pretrained=True).num_classes == 10
+    # a stage-1 model of another class count: named, nothing written
+    bad = dict(torch.load(ce_stage1 / 'last.pth.tar', map_location='cpu', weights_only=True))
+    bad['state_dict'] = dict(bad['state_dict'], **{'fc.weight': bad['state_dict']['fc.weight'][:5],
+                                                   'fc.bias': bad['state_dict']['fc.bias'][:5]})
+    torch.save(bad, tmp_path / 'five.pth.tar')
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'las5', 1, '--stage2', 'las', '--loss', 'las',
+                                    '--initial-checkpoint', str(tmp_path / 'five.pth.tar')), capsys)
+    assert code == 2 and 'fc.weight (5, 64) in the checkpoint, (10, 64) in the model' in err
+    assert not (tmp_path / 'las5').exists()
