@@ -30,6 +30,10 @@ def default_data_dir() -> str:
     return str(REPO.parent / 'shared' / 'data' / 'cifar10')
 
 
+# measured when a bench script starts (it imports this module first), before its own load adds to it
+LOAD_AVG_AT_START = [round(v, 2) for v in os.getloadavg()]
+
+
 def machine_info() -> Dict[str, Any]:
     """CPU model and cores (GPU name when there is one), versions, torch threads, load average."""
     import timm
@@ -39,7 +43,7 @@ def machine_info() -> Dict[str, Any]:
     from timm_cmo.results import cpu_model
     info = dict(cpu=cpu_model(platform.processor() or platform.machine()), cores=os.cpu_count(), torch=torch.__version__, timm=timm.__version__,
                 timm_cmo=timm_cmo.__version__, python=platform.python_version(), torch_threads=torch.get_num_threads(),
-                load_avg_at_start=[round(v, 2) for v in os.getloadavg()])
+                load_avg_at_start=LOAD_AVG_AT_START)
     if torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(0)
     return info
@@ -54,9 +58,7 @@ def report_header(script: str, argv: Optional[Sequence[str]] = None) -> Dict[str
 
 def write_json(path: str, results: Dict[str, Any]) -> None:
     """Write the figures atomically, with the load average at the end of the run."""
+    from timm_cmo.files import write_text_atomic
     results['load_avg_at_end'] = [round(v, 2) for v in os.getloadavg()]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(results, indent=1))

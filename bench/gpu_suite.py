@@ -53,7 +53,7 @@ VARIANTS = {  # name -> (train_cmo.py flags, train_speed.py flags)
     'fp32': ([], []),
     'bf16_cl': (['--amp', '--amp-dtype', 'bfloat16', '--channels-last'], ['--amp', '--channels-last']),
     'bf16_cl_compile': (['--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--torchcompile'],
-                        ['--amp', '--channels-last', '--compile']),
+                        ['--amp', '--channels-last', '--compile', 'on']),
 }
 BATCH = 128  # the recipes' batch size (train_speed.py's too)
 COMPACT_NAME = 'cifar10_lt_r100'

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-""" Training speed of the CIFAR-10-LT ResNet-32 recipe: ordinary loader path vs --data-on-device.
+""" Training speed of the CIFAR-10-LT ResNet-32 recipe: ordinary loader path vs --data-on-device, and models.
 
-Times whole training epochs of ``train_cmo.train_one_epoch`` (ResNet-32, batch 128, the recipe's
-SGD), with CMO off and on (CMO active from the first epoch), for each data path, and reports
+Times whole training epochs of ``train_cmo.train_one_epoch`` (ResNet-32 or ``--models``, e.g. RIDE-ResNet-32
+with its RIDE loss, batch 128, the recipe's SGD), with CMO off and on (CMO active from the first epoch),
+for each data path, and reports
 seconds per epoch, training images per second, the one-off decode time of the fast path, the
 projected 200-epoch time, and the peak resident memory of the process.
 
@@ -30,7 +31,10 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cuda' if __import__('torch').cuda.is_available() else 'cpu')
     p.add_argument('--amp', action='store_true', help='bf16 autocast')
     p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--compile', nargs='+', default=['off'], choices=['off', 'on'],
+                   help='torch.compile the model (off, on, or both: off on)')
+    p.add_argument('--models', nargs='+', default=['resnet32_cifar'],
+                   help='models to time (a multi-expert RIDE model trains with the ride loss)')
     p.add_argument('--out', default='', help='write the figures as JSON here')
     return p.parse_args(argv)
 
@@ -65,7 +69,7 @@ def main(argv=None):
             t0 = time.time()
             images, targets = decode_to_tensor(ds, (32, 32), device)
             decode_s = time.time() - t0
-        for cmo in args.cmo:
+        for model_name, cmo, compiled in [(m, c, k) for m in args.models for c in args.cmo for k in args.compile]:
             if path == 'fast':
                 loader = DeviceLoader(images, targets, 128, mean, std, channels_last=args.channels_last, num_classes=10,
                                       cmo=CMOConfig(start_epoch=-1) if cmo == 'on' else None, seed=0)
@@ -75,15 +79,17 @@ def main(argv=None):
                     std=std, color_jitter=None, train_crop_mode='pad', persistent_workers=True, cmo=cmo == 'on',
                     cmo_start_epoch=-1, num_classes=10, seed=0)
             torch.manual_seed(0)
-            model = timm.create_model('resnet32_cifar', num_classes=10).to(device)
+            model = timm.create_model(model_name, num_classes=10).to(device)
+            ride = hasattr(model, 'num_experts')
             if args.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            if args.compile:
+            if compiled == 'on':
                 model = torch.compile(model)
             opt = create_optimizer_v2(model, opt='momentum', lr=0.1, momentum=0.9, weight_decay=2e-4,
                                       filter_bias_and_bn=False)
-            loss_fn = create_loss('ce', ds.class_counts).to(device)
-            settings.append(dict(path=path, cmo=cmo, loader=loader, model=model, opt=opt, loss_fn=loss_fn, times=[]))
+            loss_fn = create_loss('ride' if ride else 'ce', ds.class_counts, **({'epochs': 200} if ride else {})).to(device)
+            settings.append(dict(model_name=model_name, compiled=compiled, path=path, cmo=cmo, loader=loader, model=model,
+                                 opt=opt, loss_fn=loss_fn, times=[]))
 
     # one warm-up epoch each, then the timed epochs interleaved across the settings (drift hits all alike)
     for epoch in range(args.epochs + 1):
@@ -97,14 +103,15 @@ def main(argv=None):
             if device.type == 'cuda':
                 torch.cuda.synchronize()
             st['times'].append(time.time() - t0)
-            print(f"epoch {epoch} {st['path']} cmo {st['cmo']}: {st['times'][-1]:.1f}s", flush=True)
+            print(f"epoch {epoch} {st['model_name']} {st['path']} cmo {st['cmo']} compile {st['compiled']}: "
+                  f"{st['times'][-1]:.1f}s", flush=True)
     rows = []
     for st in settings:
         timed = sorted(st['times'][1:])
         per_epoch = timed[len(timed) // 2]
         images_per_epoch = len(st['loader']) * 128
         rows.append(dict(
-            path=st['path'], cmo=st['cmo'], s_per_epoch=round(per_epoch, 2), epochs_s=[round(t, 2) for t in st['times']],
+            model=st['model_name'], compiled=st['compiled'], path=st['path'], cmo=st['cmo'], s_per_epoch=round(per_epoch, 2), epochs_s=[round(t, 2) for t in st['times']],
             images_per_s=round(images_per_epoch / per_epoch, 1),
             projected_200_epochs_min=round((200 * per_epoch + (decode_s if st['path'] == 'fast' else 0)) / 60, 1)))
     report = dict(

@@ -216,6 +216,31 @@ def test_push_upload_fails_export_intact_token_never_written(run, tmp_path, monk
     assert TOKEN not in captured.out + captured.err
 
 
+@pytest.mark.parametrize('source', ['env', 'login_cache'])
+def test_server_error_echoing_the_token_never_shows_it(run, tmp_path, monkeypatch, capsys, caplog, source):
+    """A server error that echoes the request (its Authorization header) must not print or log the token when it
+    came from HF_TOKEN or the login cache, not only when it was passed in."""
+    run_dir, _ = run
+    secret = 'hf_' + 'S3cr3tT0kenFromTheEnvironment' + source
+    if source == 'env':
+        monkeypatch.setenv('HF_TOKEN', secret)
+    else:
+        monkeypatch.delenv('HF_TOKEN', raising=False)
+        monkeypatch.setattr(huggingface_hub, 'get_token', lambda: secret)
+
+    def echo(self, *args, **kwargs):
+        raise RuntimeError(f'500 Server Error for request headers {{"authorization": "Bearer {secret}"}}')
+
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', echo)
+    with pytest.raises(hub.HubUploadError) as info:
+        push(run_dir, 'org/name', out_dir=tmp_path / 'exp')
+    assert secret not in str(info.value) and 'Bearer ***' in str(info.value)
+    assert main(['push', str(run_dir), 'org/name', '--out-dir', str(tmp_path / 'exp2')]) == 1
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err + caplog.text
+    assert secret.encode() not in all_file_bytes(tmp_path)
+
+
 def test_push_real_client_offline_mode(run, tmp_path, monkeypatch):
     """No mocks: huggingface_hub in offline mode refuses the request; the export stays."""
     run_dir, _ = run

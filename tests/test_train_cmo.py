@@ -629,3 +629,68 @@ def test_las_stage_trains_the_classifier_only(ldam_cmo_run, small_cifar, tmp_pat
                                     '--initial-checkpoint', str(tmp_path / 'five.pth.tar')), capsys)
     assert code == 2 and 'fc.weight (5, 64) in the checkpoint, (10, 64) in the model' in err
     assert not (tmp_path / 'las5').exists()
+
+
+# --- run records that tell the truth ------------------------------------------------------------------------------
+
+def test_short_run_records_and_evaluation_counts(small_cifar, tmp_path, caplog):
+    """A run too short for the CMO window and the DRW switch says so; summary.csv has the same columns in every row
+    and each epoch's own lr; --evaluate takes the training class counts from the checkpoint or the export."""
+    import logging
+    import re
+    from timm_cmo import hub
+    caplog.set_level(logging.INFO)
+    run = tmp_path / 'short'
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'short', 2, '--cmo', '--loss', 'ce', '--reweight', 'drw', '--drw-epoch', '5',
+                             '--eval-interval', '2', '--log-interval', '1'))
+    assert '--cmo is on but no epoch of this run mixes' in caplog.text
+    assert 'the class weights never apply' in caplog.text
+    assert re.search(r'Final: top1 \d+\.\d\d  top5 \d+\.\d\d', caplog.text)  # rounded, not 28.639999999999997
+    assert 'ETA: ' in caplog.text and 'Epoch 1 done in' in caplog.text and 'ETA of the run' in caplog.text
+    assert re.search(r'Eval: \[ +0/\d+\]  ETA: ', caplog.text)  # progress during evaluation
+    results = json.loads((run / 'results.json').read_text())
+    assert results['method']['cmo_epochs'] == 0 and results['method']['drw_epochs'] == 0
+    rows = [r.split(',') for r in (run / 'summary.csv').read_text().strip().splitlines()]
+    header, e0, e1 = rows
+    assert len(e0) == len(e1) == len(header) and header[:4] == ['epoch', 'train_loss', 'lr', 'epoch_time_s']
+    assert float(e0[2]) == pytest.approx(0.02) and float(e1[2]) == pytest.approx(0.04)  # warm-up lr*(e+1)/5
+    assert e0[header.index('eval_top1')] == '' and float(e1[header.index('eval_top1')]) == pytest.approx(
+        results['metrics']['top1'], abs=1e-3)
+    card = hub.model_card(hub.load_run_args(run), results)
+    assert 'never mixing: 0 of 2 epochs' in card and 'never applied: 0 of 2 epochs' in card
+    # every file a run writes has the permissions open() gives
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in run.iterdir():
+        if path.is_file():
+            assert (path.stat().st_mode & 0o777) == 0o666 & ~umask, path.name
+
+    # --evaluate without the imbalance flags: the checkpoint's counts, not "every class many-shot"
+    plain = ['--data-dir', str(small_cifar), '--model', 'resnet20_cifar', '--workers', '0', '--output', str(tmp_path)]
+    train_cmo.main(plain + ['--evaluate', '--resume', str(run / 'last.pth.tar'), '--experiment', 'eval_ckpt'])
+    got = json.loads((tmp_path / 'eval_ckpt' / 'results.json').read_text())
+    assert got['dataset']['class_counts'] == results['dataset']['class_counts'] == [60, 46, 35, 27, 21, 16, 12, 10, 7, 6]
+    assert 'checkpoint' in got['dataset']['class_counts_from']
+    assert got['metrics']['many'] is None and got['metrics']['top1'] == pytest.approx(results['metrics']['top1'])
+    export = hub.export(run, tmp_path / 'export')
+    train_cmo.main(['--data-dir', str(small_cifar), '--model', f'local-dir:{export}', '--pretrained', '--workers', '0',
+                    '--output', str(tmp_path), '--evaluate', '--experiment', 'eval_export'])
+    got = json.loads((tmp_path / 'eval_export' / 'results.json').read_text())
+    assert got['dataset']['class_counts'] == results['dataset']['class_counts']
+    assert got['metrics']['top1'] == pytest.approx(results['metrics']['top1'])
+
+    # a run started from a local-dir model exports (it once failed with a KeyError)
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'from_export', 1, '--loss', 'ce') + [
+        '--model', f'local-dir:{export}', '--pretrained'])
+    again = hub.export(tmp_path / 'from_export', tmp_path / 'export2')
+    assert json.loads((again / 'config.json').read_text())['architecture'] == 'resnet20_cifar'
+
+
+def test_console_scripts_exit_zero(small_cifar, tmp_path):
+    from importlib.metadata import entry_points
+    scripts = {ep.name: ep for ep in entry_points(group='console_scripts') if ep.name.startswith('timm-cmo')}
+    assert {'timm-cmo-train', 'timm-cmo-convert', 'timm-cmo-preview', 'timm-cmo-hub'} <= set(scripts)
+    train = scripts['timm-cmo-train'].load()
+    assert train(base_argv(small_cifar, tmp_path, 'cli', 1, '--loss', 'ce')) == 0
+    preview = scripts['timm-cmo-preview'].load()
+    assert preview(['--data-dir', str(small_cifar / 'train'), '--num', '4', '--out', str(tmp_path / 'p.png')]) == 0
