@@ -282,19 +282,7 @@ def plot_per_class_accuracy(
         x_title = 'class rank by training images (0 = most)'
     _draw_text(img, (x0 + pw / 2, ty + x_labels_h + 10), x_title, f_label, anchor='mt')
 
-    # title and legend
-    if title:
-        _draw_text(img, (width / 2, 12), title, f_title, anchor='mt')
-    for r, row in enumerate(rows):
-        lx, ly = x0, legend_y + r * _LEGEND_ROW
-        for kind, label, color in row:
-            if kind == 'line':
-                draw.line([lx, ly + 7, lx + 16, ly + 7], fill=color, width=2)
-            else:
-                outline = (150, 150, 150) if kind == 'box' else None
-                draw.rectangle([lx, ly + 1, lx + 14, ly + 13], fill=color, outline=outline)
-            _draw_text(img, (lx + 20, ly + 7), label, f_tick, anchor='lm')
-            lx += _legend_width(f_tick, label)
+    _draw_title_and_legend(img, title, f_title, rows, f_tick, x0, legend_y)
 
     _save_png(img, path)
 
@@ -442,8 +430,22 @@ def plot_reliability(path: Union[str, os.PathLike], bins: Mapping[str, Any], tit
     _draw_text(img, (x0 + pw / 2, ty + label_h + 10), 'confidence (max softmax probability)', f_label, anchor='mt')
 
     # title, legend and the calibration errors
+    _draw_title_and_legend(img, title, f_title, rows, f_tick, x0, legend_y)
+    _draw_text(img, (x0, metrics_y + 7), metrics, f_label, anchor='lm')
+
+    _save_png(img, path)
+
+
+def _draw_title_and_legend(img: Image.Image, title: str, f_title, rows: List[list], font, x0: float,
+                           legend_y: float) -> None:
+    """The centred title and the legend rows (from :func:`_legend_rows`) of a plot.
+
+    Legend kinds: ``line`` (a line sample), ``box`` (a shaded area, grey outline), ``gap`` (a light
+    box outlined in the colour), anything else (a filled box, e.g. ``bar``).
+    """
+    draw = ImageDraw.Draw(img)
     if title:
-        _draw_text(img, (width / 2, 12), title, f_title, anchor='mt')
+        _draw_text(img, (img.width / 2, 12), title, f_title, anchor='mt')
     for r, row in enumerate(rows):
         lx, ly = x0, legend_y + r * _LEGEND_ROW
         for kind, label, color in row:
@@ -452,12 +454,10 @@ def plot_reliability(path: Union[str, os.PathLike], bins: Mapping[str, Any], tit
             elif kind == 'gap':
                 draw.rectangle([lx, ly + 1, lx + 14, ly + 13], fill=(240, 170, 170), outline=color)
             else:
-                draw.rectangle([lx, ly + 1, lx + 14, ly + 13], fill=color)
-            _draw_text(img, (lx + 20, ly + 7), label, f_tick, anchor='lm')
-            lx += _legend_width(f_tick, label)
-    _draw_text(img, (x0, metrics_y + 7), metrics, f_label, anchor='lm')
-
-    _save_png(img, path)
+                draw.rectangle([lx, ly + 1, lx + 14, ly + 13], fill=color,
+                               outline=(150, 150, 150) if kind == 'box' else None)
+            _draw_text(img, (lx + 20, ly + 7), label, font, anchor='lm')
+            lx += _legend_width(font, label)
 
 
 def _save_png(img: Image.Image, path: Union[str, os.PathLike]) -> None:
