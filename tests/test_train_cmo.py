@@ -43,6 +43,7 @@ def test_recipe_parses_and_states_its_target(recipe):
     args, args_text = train_cmo.parse_args(['-c', recipe, '--data-dir', '/data'] + stage2)
     assert 'paper_top1' in yaml.safe_load(text)
     assert args.cmo == Path(recipe).stem.endswith(('_cmo', '_cmo_400ep'))
+    assert args.drop_last is False  # the paper's loaders keep the last incomplete batch
     assert yaml.safe_load(args_text)['model'] == args.model
 
 
@@ -658,6 +659,8 @@ def test_short_run_records_and_evaluation_counts(small_cifar, tmp_path, caplog):
         results['metrics']['top1'], abs=1e-3)
     card = hub.model_card(hub.load_run_args(run), results)
     assert 'never mixing: 0 of 2 epochs' in card and 'never applied: 0 of 2 epochs' in card
+    assert f'expected calibration error {results["metrics"]["ece"]:.2f} %' in card
+    assert (run / 'reliability.png').is_file() and len(results['calibration']['count']) == 15
     # every file a run writes has the permissions open() gives
     umask = os.umask(0)
     os.umask(umask)

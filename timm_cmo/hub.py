@@ -316,6 +316,12 @@ def model_card(
         '',
         f'Top-5: {_fmt(metrics.get("top5"), ".1f")}. Exported weights: {weights}.',
     ]
+    if metrics.get('ece') is not None:
+        results_text[-1] += (f' Calibration: expected calibration error {_fmt(metrics.get("ece"), ".2f")} %, maximum '
+                             f'{_fmt(metrics.get("mce"), ".2f")} % (15 equal-width confidence bins), NLL '
+                             f'{_fmt(metrics.get("nll"), ".3f")}.')
+    if metrics.get('experts_used') is not None:
+        results_text[-1] += f' Experts used per image (expert assignment): {_fmt(metrics["experts_used"], ".2f")}.'
     best = results.get('best')
     if isinstance(best, dict) and best.get('value') is not None:
         results_text[-1] += (f' Best {best.get("metric", "top1")} during training: {_fmt(best["value"], ".2f")} '
