@@ -4,11 +4,14 @@
     python bench/summarize_runs.py ../runs/cifar10_lt_mini --copy-to docs/results/cifar10_lt_mini
 
 Prints (and with ``--copy-to`` writes ``table.md``) a Markdown table of the final-epoch top-1,
-head / middle / tail and per-class accuracy per method and seed, the mean over seeds, and the gain
-of each "+ CMO" method over the same method without CMO, and the time and peak memory of each run.
-``--copy-to`` also copies each run's results.json, summary.csv, args.yaml and per-class CSV (a few KB
-each) and draws ``per_class_<method>.png``: per-class accuracy of each method with and without CMO
-(mean over seeds) against the training images per class.
+head / middle / tail, calibration (ECE) and per-class accuracy per method and seed, the mean over seeds,
+the paper's comparison layout (rows: the base methods CE, CE-DRW, LDAM-DRW, BS, RIDE; columns: as is,
++ ROS, + Remix, + CMO, + CMO + LAS, where runs exist), the gain of each variant over its base method,
+and the time and peak memory of each run. Methods are named like the recipes:
+``<base>[_ros|_remix|_cmo][_las]``. ``--copy-to`` also copies each run's results.json, summary.csv,
+args.yaml, per-class CSV and reliability diagram (a few KB each) and draws ``per_class_<base>.png``:
+per-class accuracy of each variant of a base method (mean over seeds) against the training images
+per class.
 """
 import argparse
 import json
@@ -22,13 +25,27 @@ from typing import Dict, List
 from common import run_name  # (also puts the repo on sys.path)
 from timm_cmo.plot import plot_per_class_accuracy  # noqa: E402
 
-KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml')
-NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS'}
+KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'reliability.png')
+NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE'}
+VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_cmo': '+ CMO', '_cmo_las': '+ CMO + LAS'}
+
+
+def split(method: str):
+    """(base method, variant suffix): ``ce_drw_cmo_las`` -> ``('ce_drw', '_cmo_las')``."""
+    for suffix in sorted(VARIANTS, key=len, reverse=True):
+        if suffix and method.endswith(suffix):
+            return method[:-len(suffix)], suffix
+    return method, ''
 
 
 def label(method: str) -> str:
-    base = method[:-4] if method.endswith('_cmo') else method
-    return NAMES.get(base, base) + (' + CMO' if method.endswith('_cmo') else '')
+    base, variant = split(method)
+    return NAMES.get(base, base) + (' ' + VARIANTS[variant] if variant else '')
+
+
+def order_key(method: str):
+    base, variant = split(method)
+    return (list(NAMES).index(base) if base in NAMES else 99, base, list(VARIANTS).index(variant))
 
 
 def load_runs(root: Path) -> Dict[str, Dict[int, dict]]:
@@ -45,15 +62,14 @@ def fmt(v) -> str:
 
 
 def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
-    order = sorted(runs, key=lambda m: (list(NAMES).index(m.replace('_cmo', '')) if m.replace('_cmo', '') in NAMES
-                                        else 99, m.endswith('_cmo')))
+    order = sorted(runs, key=order_key)
     any_run = next(iter(next(iter(runs.values())).values()))
     names = any_run['class_names']
     counts = any_run['dataset']['class_counts']
     lines = [
-        '| method | seed | top-1 | head | middle | tail | ' + ' | '.join(f'{n} ({c})' for n, c in zip(names, counts))
+        '| method | seed | top-1 | head | middle | tail | ECE | ' + ' | '.join(f'{n} ({c})' for n, c in zip(names, counts))
         + ' | paper (recipe target) |',
-        '|---|---|---|---|---|---|' + '---|' * len(names) + '---|',
+        '|---|---|---|---|---|---|---|' + '---|' * len(names) + '---|',
     ]
     means = {}
     for method in order:
@@ -61,20 +77,21 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
         for seed, r in sorted(seeds.items()):
             m = r['metrics']
             lines.append(f'| {label(method)} | {seed} | {fmt(m["top1"])} | {fmt(m["head"])} | {fmt(m["middle"])} | '
-                         f'{fmt(m["tail"])} | ' + ' | '.join(fmt(a) for a in r['per_class']['top1'])
+                         f'{fmt(m["tail"])} | {fmt(m.get("ece"))} | ' + ' | '.join(fmt(a) for a in r['per_class']['top1'])
                          + f' | {fmt(r.get("paper_top1"))} |')
-        keys = ('top1', 'head', 'middle', 'tail')
-        means[method] = {k: statistics.mean(r['metrics'][k] for r in seeds.values()) for k in keys}
+        keys = ('top1', 'head', 'middle', 'tail', 'ece')
+        means[method] = {k: mean_or_none([r['metrics'].get(k) for r in seeds.values()]) for k in keys}
         means[method]['seeds'] = sorted(seeds)
         if len(seeds) > 1:
             per_class = mean_per_class(seeds)
             lines.append(f'| **{label(method)}** | mean of {len(seeds)} | **{fmt(means[method]["top1"])}** | '
                          f'{fmt(means[method]["head"])} | {fmt(means[method]["middle"])} | {fmt(means[method]["tail"])} | '
-                         + ' | '.join(fmt(a) for a in per_class) + ' | |')
-    lines += ['', '| CMO gain (with minus without, mean over common seeds) | top-1 | head | middle | tail |',
+                         f'{fmt(means[method]["ece"])} | ' + ' | '.join(fmt(a) for a in per_class) + ' | |')
+    lines += [''] + comparison(runs, means)
+    lines += ['', '| gain over the base method (with minus without, mean over common seeds) | top-1 | head | middle | tail |',
               '|---|---|---|---|---|']
     for method in order:
-        base = method[:-4] if method.endswith('_cmo') else None
+        base = split(method)[0] if split(method)[1] else None
         if base and base in runs:
             common = sorted(set(runs[method]) & set(runs[base]))
             if not common:
@@ -94,20 +111,42 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
     return lines
 
 
+def mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def comparison(runs: Dict[str, Dict[int, dict]], means: Dict[str, dict]) -> List[str]:
+    """The paper's comparison layout: a row per base method, a column per variant; top-1 (ECE), mean over seeds."""
+    bases = sorted({split(m)[0] for m in runs}, key=order_key)
+    variants = [v for v in VARIANTS if any(split(m)[1] == v for m in runs)]
+    lines = ['| top-1 (ECE), mean over seeds | ' + ' | '.join(VARIANTS[v] for v in variants) + ' |',
+             '|---|' + '---|' * len(variants)]
+    for base in bases:
+        cells = []
+        for v in variants:
+            m = means.get(base + v)
+            cells.append('–' if m is None else f'{fmt(m["top1"])} ({fmt(m["ece"])})'
+                         + (f' [{len(m["seeds"])} seeds]' if len(m['seeds']) > 1 else ''))
+        lines.append(f'| {NAMES.get(base, base)} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
 def mean_per_class(seeds: Dict[int, dict]) -> List[float]:
     return [statistics.mean(vals) for vals in zip(*(r['per_class']['top1'] for r in seeds.values()))]
 
 
 def plot_pairs(runs: Dict[str, Dict[int, dict]], out: Path, title: str = '') -> List[Path]:
-    """One PNG per method: per-class accuracy without and with CMO, each the mean over its seeds."""
+    """One PNG per base method: per-class accuracy of each of its variants (as is, ROS, Remix, CMO, CMO + LAS),
+    each the mean over its seeds."""
     paths = []
-    for base in sorted(m for m in runs if not m.endswith('_cmo')):
+    for base in sorted({split(m)[0] for m in runs}, key=order_key):
         series = {}
-        for method in (base, base + '_cmo'):
+        for method in (base + v for v in VARIANTS):
             if method in runs:
                 seeds = runs[method]
                 series[f'{label(method)} ({len(seeds)} seed{"s" if len(seeds) > 1 else ""})'] = mean_per_class(seeds)
-        any_run = next(iter(runs[base].values()))
+        any_run = next(iter(runs[next(base + v for v in VARIANTS if base + v in runs)].values()))
         path = out / f'per_class_{base}.png'
         plot_per_class_accuracy(path, series, any_run['dataset']['class_counts'], any_run['class_names'],
                                 title=f'{title}{" " if title else ""}{" vs ".join(series)}')
