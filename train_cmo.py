@@ -284,6 +284,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class RankZeroStopped(RuntimeError):
+    """Rank 0 could not save (non-finite state, write error): the other ranks stop with it."""
+
+
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
     """Parse ``-c recipe`` (a YAML file or a packaged recipe's name) then the command line; validate;
     return (args, args as YAML text)."""
@@ -486,6 +490,10 @@ def train_one_epoch(
         batch_time_m.update(time.time() - end)
         end = time.time()
         if last_batch or batch_idx % args.log_interval == 0:
+            if args.distributed:  # every rank stops together, not only the one that saw it
+                flag = nonfinite.to(torch.int32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                nonfinite = flag.bool()
             if bool(nonfinite):  # host sync only at log points
                 raise NonFiniteLossError(f'non-finite loss in epoch {epoch}, step {batch_idx}')
             total = loss_sum.item()
@@ -1095,11 +1103,23 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     _logger.info(f'Eval: {epoch}  {_metrics_line(eval_metrics)}')
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+            failure = None
             if saver is not None:
                 metric = eval_metrics.get(args.eval_metric) if eval_metrics else None
-                summary.append(epoch, train_loss=train_metrics['loss'], lr=lr,
-                               epoch_time_s=time.time() - epoch_start, eval_metrics=eval_metrics)
-                saver.save(epoch, metric=metric)
+                try:
+                    summary.append(epoch, train_loss=train_metrics['loss'], lr=lr,
+                                   epoch_time_s=time.time() - epoch_start, eval_metrics=eval_metrics)
+                    saver.save(epoch, metric=metric)
+                except (NonFiniteStateError, FileWriteError) as e:
+                    failure = e
+            if args.distributed:  # rank 0 saves; the others must stop with it, not wait for it
+                stop = torch.tensor([0 if failure is None else 1], device=device)
+                dist.broadcast(stop, 0)
+                if failure is None and bool(stop):
+                    failure = RankZeroStopped('rank 0 could not save the epoch (see its log)')
+            if failure is not None:
+                raise failure
+            if saver is not None:
                 epoch_times.append(time.time() - epoch_start)
                 left = num_epochs - epoch - 1
                 _logger.info(f'Epoch {epoch} done in {epoch_times[-1]:.1f}s; {left} left, ETA of the run '
@@ -1107,7 +1127,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     except (NonFiniteLossError, NonFiniteStateError) as e:
         stop_run(args, output_dir, f'stopped on a non-finite {"loss" if isinstance(e, NonFiniteLossError) else "state"}'
                                    f' ({e})')
-    except FileWriteError as e:
+    except (FileWriteError, RankZeroStopped) as e:
         stop_run(args, output_dir, f'{e}')
     except CorruptImageError as e:  # raised in a loader worker, it arrives with the worker's traceback
         stop_run(args, output_dir, str(e).strip().splitlines()[-1].split('CorruptImageError: ')[-1])
