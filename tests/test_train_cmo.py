@@ -275,6 +275,18 @@ def test_torchrun_two_processes(small_cifar, tmp_path):
     assert steps and '3 steps each' in steps[0]  # 240 images / 2 ranks / 32 per batch
 
 
+def test_torchrun_diverging_run_stops_every_rank(small_cifar, tmp_path):
+    """Under torchrun a non-finite loss stops both processes (none is left waiting in a collective)."""
+    argv = base_argv(small_cifar, tmp_path, 'ddp_nan', 3, '--loss', 'ce', '--no-wd-bias-bn', '--lr', '1e30',
+                     '--warmup-lr', '1e-4', '--warmup-epochs', '1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(REPO / 'train_cmo.py')] + argv + ['--device', 'cpu'],
+                          capture_output=True, text=True, timeout=400, env=ENV)
+    assert proc.returncode != 0 and 'non-finite loss' in proc.stderr
+    ckpt = torch.load(tmp_path / 'ddp_nan' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(small_cifar, tmp_path):
     argv = base_argv(small_cifar, tmp_path, 'nan', 3, '--loss', 'ce', '--no-wd-bias-bn')
     # a sane first epoch, then an lr that overflows: the warm-up lr is multiplied by 1e30 after epoch 0
