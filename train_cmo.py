@@ -717,6 +717,19 @@ def open_resume(args) -> Tuple[str, Dict[str, Any]]:
     return path, ckpt
 
 
+def recorded_model_kwargs(args, resume: Tuple[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The factory arguments the ``--resume`` checkpoint's run built its model with (its ``--model-kwargs``, and
+    the router of a ``--stage2 router`` run), so ``--evaluate`` rebuilds that model; {} for another model."""
+    recorded = resume[1].get('run')
+    config = recorded.get('config') if isinstance(recorded, dict) else None
+    if not isinstance(config, dict) or config.get('model') != args.model:
+        return {}
+    kwargs = dict(config.get('model_kwargs') or {})
+    if config.get('stage2') == 'router':
+        kwargs['router'] = True
+    return kwargs
+
+
 def check_resume_config(args, run_config: Dict[str, Any], resume: Tuple[str, Dict[str, Any]], train_ds) -> None:
     """Refuse a resume whose data, model, loss, schedule or seed differ from the checkpoint's run, naming them."""
     path, ckpt = resume
@@ -950,6 +963,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         error(f'--num-classes {num_classes} disagrees with the dataset ({train_ds.num_classes} classes)')
 
     model_kwargs = dict(args.model_kwargs, **({'router': True} if args.stage2 == 'router' else {}))
+    if args.evaluate and resume is not None:
+        model_kwargs = dict(recorded_model_kwargs(args, resume), **model_kwargs)
     try:
         model = create_model(
             args.model,

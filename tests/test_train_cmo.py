@@ -596,6 +596,13 @@ def test_ride_with_cmo_and_the_router_stage(ride_run, small_cifar, tmp_path):
     import timm
     model = timm.create_model(f'local-dir:{export}', pretrained=True).eval()
     assert model.router is not None and model.num_experts == 3
+    # --evaluate of the routed checkpoint builds the router from the checkpoint's record (no --model-kwargs)
+    train_cmo.main(['--evaluate', '--resume', str(tmp_path / 'router' / 'last.pth.tar'), '--model',
+                    'ride_resnet20_cifar', '--data-dir', str(small_cifar), '--imb-ratio', '10', '--workers', '0',
+                    '-b', '32', '--output', str(tmp_path), '--experiment', 'router-eval'])
+    evaluated = json.loads((tmp_path / 'router-eval' / 'results.json').read_text())
+    assert evaluated['metrics']['top1'] == results['metrics']['top1']
+    assert evaluated['metrics']['experts_used'] == pytest.approx(results['metrics']['experts_used'])
 
 
 def test_ride_errors(small_cifar, tmp_path, capsys):
