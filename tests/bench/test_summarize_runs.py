@@ -40,3 +40,25 @@ def test_comparison_table_and_files(tmp_path):
     assert (out / 'table.md').read_text().strip() == text.strip()
     assert (out / 'per_class_ce_drw.png').is_file() and (out / 'per_class_ride.png').is_file()
     assert (out / 'ce_drw_cmo_las-s0' / 'results.json').is_file()
+
+
+def test_resumed_run_time_is_summed_over_epochs(tmp_path):
+    """A resumed run's results.json times only the last part; the table sums summary.csv's epoch times instead,
+    counting an epoch repeated after a kill once (its last row)."""
+    runs = tmp_path / 'runs'
+    fake_run(runs, 'ce', 0, 40., 20.)
+    fake_run(runs, 'ce_cmo', 0, 41., 18.)
+    for method in ('ce', 'ce_cmo'):
+        results = json.loads((runs / f'{method}-s0' / 'results.json').read_text())
+        results['command'] = 'train_cmo.py -c x.yaml --resume last.pth.tar'
+        (runs / f'{method}-s0' / 'results.json').write_text(json.dumps(results))
+    # epochs 0-2, killed during epoch 2 after its row was written, resumed at 2: 60 + 90 + 30 s
+    (runs / 'ce-s0' / 'summary.csv').write_text(
+        'epoch,train_loss,lr,epoch_time_s,eval_top1\n0,2.3,0.1,60.0,\n1,2.0,0.1,90.0,30.0\n2,1.9,0.1,45.0,\n'
+        '2,1.9,0.1,30.0,40.0\n')
+    proc = subprocess.run([sys.executable, str(REPO / 'bench' / 'summarize_runs.py'), str(runs)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '| ce-s0 | 3.0 (resumed: epoch times summed) | 1,300 | cpu |' in proc.stdout
+    # no summary.csv: results.json's figure, marked as the last part only
+    assert '| ce_cmo-s0 | 50.0 (after resume: last part only) | 1,300 | cpu |' in proc.stdout
