@@ -5,6 +5,11 @@ Each run is ``train_cmo.py -c hparams/cifar10_lt_r<rho>_<method>.yaml`` with the
 options given here, in its own folder under ``--out``. A finished run (results.json present) is
 skipped; an interrupted one resumes from its ``last.pth.tar``, so the driver can be restarted.
 
+Second stages start from their stage-1 run of the same seed once it has finished: ``<stage 1>_las``
+(MiSLAS's LAS, e.g. ``ce_drw_cmo_las``) and ``<stage 1>_router`` (RIDE's expert assignment,
+``hparams/cifar10_lt_ride_router.yaml``, e.g. ``ride_cmo_router``) get ``--initial-checkpoint
+<out>/<stage 1>-s<seed>/last.pth.tar``.
+
     python bench/reproduce_cifar.py --data-dir ../shared/data/cifar10 --out ../runs/cifar10_lt_mini \\
         --imb-max 1000 --methods ce ce_cmo bs bs_cmo ldam_drw ldam_drw_cmo --seeds 0 1 --parallel 2 --threads 1 \\
         -- --data-on-device --device cpu --eval-interval 10
@@ -15,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 from common import REPO, run_name
 
@@ -34,16 +40,43 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def command(args, method: str, seed: int):
-    recipe = REPO / 'hparams' / f'cifar10_lt_r{args.rho}_{method}.yaml'
+STAGE2_SUFFIXES = ('_las', '_router')
+POLL_S = 5.0  # seconds between checks of the running processes
+
+
+def stage1_of(method: str) -> Optional[str]:
+    """The stage-1 method a second stage starts from (``ce_drw_cmo_las`` -> ``ce_drw_cmo``), else None."""
+    for suffix in STAGE2_SUFFIXES:
+        if method.endswith(suffix) and len(method) > len(suffix):
+            return method[:-len(suffix)]
+    return None
+
+
+def recipe_of(args, method: str) -> Path:
+    name = 'cifar10_lt_ride_router.yaml' if method.endswith('_router') else f'cifar10_lt_r{args.rho}_{method}.yaml'
+    recipe = REPO / 'hparams' / name
     if not recipe.is_file():
-        raise SystemExit(f'No recipe {recipe}')
+        raise SystemExit(f'No recipe {recipe} (method {method})')
+    return recipe
+
+
+def finished(args, method: str, seed: int) -> bool:
+    return (Path(args.out) / run_name(method, seed) / 'results.json').is_file()
+
+
+def command(args, method: str, seed: int):
+    recipe = recipe_of(args, method)
     run_dir = Path(args.out) / run_name(method, seed)
     cmd = [sys.executable, str(REPO / 'train_cmo.py'), '-c', str(recipe), '--dataset', args.dataset,
            '--data-dir', args.data_dir, '--seed', str(seed), '--output', args.out,
            '--experiment', run_name(method, seed), '--workers', '0', '--checkpoint-hist', '1', '--log-interval', '100']
     if args.imb_max:
         cmd += ['--imb-max', str(args.imb_max)]
+    stage1 = stage1_of(method)
+    if stage1 is not None:
+        cmd += ['--initial-checkpoint', str(Path(args.out) / run_name(stage1, seed) / 'last.pth.tar')]
+        if method.endswith('_router'):  # one router recipe for every imbalance
+            cmd += ['--imb-ratio', str(args.rho)]
     if (run_dir / 'last.pth.tar').is_file():
         cmd += ['--resume', str(run_dir / 'last.pth.tar')]
     extra = [a for a in args.extra if a != '--']
@@ -56,22 +89,28 @@ def main(argv=None):
     queue = []
     for seed in args.seeds:
         for method in args.methods:
-            if (Path(args.out) / run_name(method, seed) / 'results.json').is_file():
+            recipe_of(args, method)  # every recipe exists before anything starts
+            if finished(args, method, seed):
                 print(f'done already: {run_name(method, seed)}', flush=True)
                 continue
             queue.append((method, seed))
+    for method, seed in queue:
+        stage1 = stage1_of(method)
+        if stage1 is not None and (stage1, seed) not in queue and not finished(args, stage1, seed):
+            raise SystemExit(f'{run_name(method, seed)} starts from {run_name(stage1, seed)}, which has not finished '
+                             f'and is not among --methods')
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     running = []
     failed = []
     while queue or running:
-        while queue and len(running) < args.parallel:
-            method, seed = queue.pop(0)
+        while len(running) < args.parallel and next_ready(args, queue) is not None:
+            method, seed = queue.pop(next_ready(args, queue))
             cmd, run_dir = command(args, method, seed)
             log = open(Path(args.out) / f'{run_name(method, seed)}.log', 'a')
             print(f'{time.strftime("%H:%M:%S")} start {run_name(method, seed)}: {" ".join(cmd)}', flush=True)
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), method, seed, log,
                             time.time()))
-        time.sleep(5)
+        time.sleep(POLL_S)
         for item in list(running):
             proc, method, seed, log, start = item
             if proc.poll() is not None:
@@ -82,8 +121,24 @@ def main(argv=None):
                     failed.append(run_name(method, seed))
                 print(f'{time.strftime("%H:%M:%S")} {status} {run_name(method, seed)} in {(time.time() - start) / 60:.1f} min',
                       flush=True)
+        if not running and queue and next_ready(args, queue) is None:
+            break  # only second stages of failed runs are left
+    for method, seed in queue:
+        failed.append(run_name(method, seed))
+        print(f'not run: {run_name(method, seed)} (its stage-1 run {run_name(stage1_of(method), seed)} failed)',
+              flush=True)
     if failed:
         raise SystemExit(f'failed runs: {failed}')
+
+
+def next_ready(args, queue: List[Tuple[str, int]]) -> Optional[int]:
+    """Index of the first queued run that can start now: not a second stage, or one whose stage-1 run has
+    finished (a second stage of a failed run never can); None when none can."""
+    for i, (method, seed) in enumerate(queue):
+        stage1 = stage1_of(method)
+        if stage1 is None or finished(args, stage1, seed):
+            return i
+    return None
 
 
 if __name__ == '__main__':
