@@ -6,7 +6,7 @@
 Prints (and with ``--copy-to`` writes ``table.md``) a Markdown table of the final-epoch top-1,
 head / middle / tail, calibration (ECE) and per-class accuracy per method and seed, the mean over seeds,
 the paper's comparison layout (rows: the base methods CE, CE-DRW, LDAM-DRW, BS, RIDE; columns: as is,
-+ ROS, + Remix, + CMO, + CMO + LAS, where runs exist), the gain of each variant over its base method,
++ ROS, + Remix, + CMO, + CMO + LAS, + EA, + CMO + EA (RIDE's router stage), where runs exist), the gain of each variant over its base method,
 and the time and peak memory of each run. Methods are named like the recipes:
 ``<base>[_ros|_remix|_cmo][_las]``. ``--copy-to`` also copies each run's results.json, summary.csv,
 args.yaml, per-class CSV and reliability diagram (a few KB each) and draws ``per_class_<base>.png``:
@@ -28,7 +28,8 @@ from timm_cmo.plot import plot_per_class_accuracy  # noqa: E402
 
 KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'reliability.png')
 NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE'}
-VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_cmo': '+ CMO', '_cmo_las': '+ CMO + LAS'}
+VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_cmo': '+ CMO', '_cmo_las': '+ CMO + LAS',
+            '_router': '+ EA', '_cmo_router': '+ CMO + EA'}  # EA: RIDE's expert assignment (router stage)
 
 
 def split(method: str):

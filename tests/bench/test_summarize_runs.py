@@ -24,7 +24,7 @@ def test_comparison_table_and_files(tmp_path):
     runs = tmp_path / 'runs'
     for method, top1, ece in (('ce_drw', 40., 20.), ('ce_drw_ros', 41., 22.), ('ce_drw_remix', 42., 10.),
                               ('ce_drw_cmo', 45., 12.), ('ce_drw_cmo_las', 47., 5.), ('ride', 50., 8.),
-                              ('ride_cmo', 53., 7.)):
+                              ('ride_cmo', 53., 7.), ('ride_cmo_router', 52., 6.)):
         fake_run(runs, method, 0, top1, ece)
     fake_run(runs, 'ride', 1, 52., 6.)
     out = tmp_path / 'copy'
@@ -32,9 +32,10 @@ def test_comparison_table_and_files(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
-    assert '| top-1 (ECE), mean over seeds | as is | + ROS | + Remix | + CMO | + CMO + LAS |' in text
-    assert '| CE-DRW | 40.0 (20.0) | 41.0 (22.0) | 42.0 (10.0) | 45.0 (12.0) | 47.0 (5.0) |' in text
-    assert '| RIDE | 51.0 (7.0) [2 seeds] | – | – | 53.0 (7.0) | – |' in text
+    assert '| top-1 (ECE), mean over seeds | as is | + ROS | + Remix | + CMO | + CMO + LAS | + CMO + EA |' in text
+    assert '| CE-DRW | 40.0 (20.0) | 41.0 (22.0) | 42.0 (10.0) | 45.0 (12.0) | 47.0 (5.0) | – |' in text
+    assert '| RIDE | 51.0 (7.0) [2 seeds] | – | – | 53.0 (7.0) | – | 52.0 (6.0) |' in text
+    assert '| RIDE + CMO + EA vs RIDE (seeds 0) | +2.0 |' in text
     assert '| CE-DRW + CMO + LAS vs CE-DRW (seeds 0) | +7.0 |' in text
     assert '| RIDE + CMO vs RIDE (seeds 0) | +3.0 |' in text
     assert (out / 'table.md').read_text().strip() == text.strip()
