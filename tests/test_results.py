@@ -230,3 +230,14 @@ def test_cpu_model_and_peak_memory(monkeypatch):
         raise OSError('no /proc here')
     monkeypatch.setattr('builtins.open', no_proc)
     assert cpu_model('fallback') == 'fallback'
+
+
+def test_plot_title_names_the_dataset_and_its_cap():
+    from timm_cmo.results import _plot_title
+    summary = dict(top1=51.904)
+    capped = dict(model='resnet32_cifar', dataset=dict(name='', data_dir='/data/cifar10/', imb_ratio=100, imb_max=1000))
+    assert _plot_title(capped, summary) == \
+        'resnet32_cifar - cifar10 (imbalance ratio 100, largest class 1000) - top-1 51.90%'
+    full = dict(model='resnet32_cifar', dataset=dict(name='torch/cifar10', imb_ratio=100, imb_max=None))
+    assert _plot_title(full, {}) == 'resnet32_cifar - torch/cifar10 (imbalance ratio 100)'
+    assert _plot_title(dict(dataset=dict(name='inat2018')), {}) == 'inat2018'

@@ -85,8 +85,10 @@ def _plot_title(extra: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     if isinstance(dataset, Mapping):
         name = dataset.get('name') or os.path.basename(str(dataset.get('data_dir') or '').rstrip('/\\'))
         if name:
-            ratio = dataset.get('imb_ratio')
-            parts.append(f'{name} (imbalance ratio {ratio:g})' if isinstance(ratio, (int, float)) else str(name))
+            ratio, cap = dataset.get('imb_ratio'), dataset.get('imb_max')
+            details = ([f'imbalance ratio {ratio:g}'] if isinstance(ratio, (int, float)) else []) + \
+                ([f'largest class {cap:g}'] if isinstance(cap, (int, float)) else [])
+            parts.append(f'{name} ({", ".join(details)})' if details else str(name))
     elif dataset:
         parts.append(str(dataset))
     top1 = summary.get('top1')
