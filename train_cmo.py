@@ -864,8 +864,9 @@ def restore_training_state(resume, model, optimizer, loss_scaler, model_ema, arg
 
 
 def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Module,
-                 counts_source: Optional[str] = 'training split') -> Dict[str, Any]:
-    """The ``extra`` of results.json: what was trained on what, how, and how it was launched."""
+                 counts_source: Optional[str] = 'training split', epochs_min: Optional[float] = None) -> Dict[str, Any]:
+    """The ``extra`` of results.json: what was trained on what, how, and how it was launched. Resources:
+    ``wall_min`` of this process, ``epochs_min`` the epochs' times summed over every start of a resumed run."""
     from timm_cmo.hub import model_build
     return dict(
         model=args.model,
@@ -896,6 +897,7 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Mod
         versions=dict(timm_cmo=timm_cmo.__version__, timm=timm.__version__, torch=torch.__version__),
         resources=dict(
             wall_min=round((time.time() - _START) / 60, 1),
+            epochs_min=None if epochs_min is None else round(epochs_min, 1),
             peak_rss_mib=round(peak_rss_mib()),
             peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2 ** 20) if torch.cuda.is_available() else None,
             device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()),
@@ -1200,9 +1202,12 @@ def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, 
     summary = eval_summary(eval_acc, counts if counts is not None else [1] * eval_acc.num_classes)
     if counts is None:  # no shot groups without the training class counts
         summary.update({k: None for k in ('many', 'medium', 'few', 'head', 'middle', 'tail')})
+    csv_path = os.path.join(output_dir, 'summary.csv')
+    epochs_min = SummaryWriter(csv_path).epoch_minutes() if os.path.isfile(csv_path) else None
     paths = write_results(
         output_dir, summary, eval_acc.per_class(), counts, train_ds.classes,
-        extra=describe_run(args, train_ds, epoch, best, model, counts_source), calibration=eval_acc.calibration())
+        extra=describe_run(args, train_ds, epoch, best, model, counts_source, epochs_min),
+        calibration=eval_acc.calibration())
     _logger.info(f'Final: {_metrics_line(summary)}; results in {paths["json"]}')
     return dict(summary, output_dir=output_dir, **paths)
 

@@ -14,17 +14,17 @@ per-class accuracy of each variant of a base method (mean over seeds) against th
 per class.
 """
 import argparse
-import csv
 import json
 import re
 import shutil
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from common import run_name  # (also puts the repo on sys.path)
 from timm_cmo.plot import plot_per_class_accuracy  # noqa: E402
+from timm_cmo.results import SummaryWriter  # noqa: E402
 
 KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'reliability.png')
 NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE'}
@@ -109,31 +109,14 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
             res = r.get('resources') or {}
             wall = fmt(res.get('wall_min'))
             if '--resume' in r.get('command', ''):
-                summed = summed_epoch_minutes(r.get('_summary_csv'))
+                csv_path = r.get('_summary_csv')
+                summed = SummaryWriter(csv_path).epoch_minutes() if csv_path and csv_path.is_file() else None
                 wall = f'{fmt(summed)} (resumed: epoch times summed)' if summed is not None else \
                     f'{wall} (after resume: last part only)'
             rss = res.get('peak_rss_mib')
             lines.append(f'| {run_name(method, seed)} | {wall} | '
                          f'{"–" if rss is None else f"{rss:,}"} | {res.get("device", "–")} |')
     return lines
-
-
-def summed_epoch_minutes(path) -> Optional[float]:
-    """Minutes of training and evaluation over every epoch of a run, resumed or not, from its summary.csv
-    (``epoch_time_s``; an epoch repeated after a kill counts once, its last row); None without that column."""
-    if path is None or not Path(path).is_file():
-        return None
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
-    if not rows or 'epoch_time_s' not in rows[0]:
-        return None
-    seconds = {}
-    for row in rows:
-        try:
-            seconds[int(row['epoch'])] = float(row['epoch_time_s'])
-        except (TypeError, ValueError):
-            return None
-    return sum(seconds.values()) / 60
 
 
 def mean_or_none(values):

@@ -241,3 +241,19 @@ def test_plot_title_names_the_dataset_and_its_cap():
     full = dict(model='resnet32_cifar', dataset=dict(name='torch/cifar10', imb_ratio=100, imb_max=None))
     assert _plot_title(full, {}) == 'resnet32_cifar - torch/cifar10 (imbalance ratio 100)'
     assert _plot_title(dict(dataset=dict(name='inat2018')), {}) == 'inat2018'
+
+
+def test_summary_epoch_minutes(tmp_path):
+    """Epoch times summed over a resumed run's rows, an epoch recorded twice counted once; None for old files."""
+    from timm_cmo.results import SummaryWriter
+    path = tmp_path / 'summary.csv'
+    writer = SummaryWriter(path)
+    assert writer.epoch_minutes() is None
+    writer.append(0, 2.3, 0.1, 60.0)
+    writer.append(1, 2.0, 0.1, 90.0, dict(top1=30.0))
+    resumed = SummaryWriter(path)  # killed after epoch 1, resumed at 1: the row of epoch 1 is redone
+    resumed.truncate(1)
+    resumed.append(1, 2.0, 0.1, 30.0)
+    assert SummaryWriter(path).epoch_minutes() == pytest.approx(1.5)
+    path.write_text('epoch,train_loss,lr\n0,2.1,0.04\n')  # before epoch times were recorded
+    assert SummaryWriter(path).epoch_minutes() is None

@@ -209,6 +209,10 @@ def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, 
     assert resumed['best'] == reference['best']  # the best metric carried over the resume
     rows = (tmp_path / 'killed' / 'summary.csv').read_text().strip().splitlines()
     assert [r.split(',')[0] for r in rows] == ['epoch', '0', '1', '2']
+    # results.json times the whole run (every epoch, before and after the kill), not only the resumed process
+    resources = json.loads((tmp_path / 'killed' / 'results.json').read_text())['resources']
+    times = [float(r.split(',')[3]) for r in rows[1:]]
+    assert resources['epochs_min'] == round(sum(times) / 60, 1) and all(t > 0 for t in times)
 
 
 def test_evaluate_checkpoint_and_exported_model(ldam_cmo_run, small_cifar, tmp_path):

@@ -254,6 +254,17 @@ class SummaryWriter:
             with self.path.open(encoding='utf-8', newline='') as f:
                 self.rows = [row for row in csv.DictReader(f)]
 
+    def epoch_minutes(self) -> Optional[float]:
+        """Minutes of training and evaluation summed over the recorded epochs, resumes included (an epoch
+        recorded twice counts once, its last row); None when a row lacks its ``epoch_time_s``."""
+        seconds = {}
+        for row in self.rows:
+            try:
+                seconds[int(row['epoch'])] = float(row['epoch_time_s'])
+            except (KeyError, TypeError, ValueError):
+                return None
+        return sum(seconds.values()) / 60 if seconds else None
+
     def truncate(self, start_epoch: int) -> None:
         """Forget rows of epochs >= ``start_epoch`` (a resumed run redoes them)."""
         kept = [r for r in self.rows if str(r.get('epoch', '')).isdigit() and int(r['epoch']) < start_epoch]
