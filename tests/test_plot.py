@@ -71,3 +71,20 @@ def test_plain_mapping_without_ece_and_many_bins(tmp_path):
 def test_bad_bins(tmp_path, bins, message):
     with pytest.raises(ValueError, match=message):
         plot_reliability(tmp_path / 'x.png', bins)
+
+
+def test_long_titles_fit_the_image(tmp_path):
+    """A title longer than the plot is drawn smaller, never cut at the image's edges."""
+    from timm_cmo.plot import plot_per_class_accuracy
+    title = ('mini CIFAR-10-LT: CE-DRW (1 seed) vs CE-DRW + ROS (1 seed) vs CE-DRW + Remix (1 seed) vs '
+             'CE-DRW + CMO (1 seed) vs CE-DRW + CMO + LAS (1 seed)')
+    g = torch.Generator().manual_seed(0)
+    cal = _metric(torch.randn(500, 10, generator=g) * 3, torch.randint(0, 10, (500,), generator=g)).calibration()
+    plot_reliability(tmp_path / 'rel.png', cal, title=title)
+    plot_per_class_accuracy(tmp_path / 'acc.png', {f'run {i}': [80, 60, 40, 20, 10] for i in range(5)},
+                            [500, 200, 100, 30, 10], title=title)
+    for name in ('rel.png', 'acc.png'):
+        img = np.asarray(Image.open(tmp_path / name).convert('RGB'))
+        band = img[5:40]  # the title's rows
+        assert (band[:, :4] == 255).all() and (band[:, -4:] == 255).all(), name  # blank margins
+        assert (band < 128).any(), name  # the title is drawn

@@ -45,6 +45,28 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _fit_title(title: str, max_width: float, size: int = 16, min_size: int = 12) -> Tuple[Any, List[str]]:
+    """``(font, lines)``: the title on one line in the largest font from ``size`` down to ``min_size`` that
+    fits ``max_width`` pixels, else wrapped at spaces in ``min_size``."""
+    font = _font(size)
+    for s in range(size, min_size - 1, -1):
+        font = _font(s)
+        if not title or _text_size(font, title)[0] <= max_width:
+            return font, [title] if title else []
+    lines: List[str] = []
+    for word in title.split(' '):
+        if lines and _text_size(font, lines[-1] + ' ' + word)[0] <= max_width:
+            lines[-1] += ' ' + word
+        else:
+            lines.append(word)
+    return font, lines
+
+
+def _title_height(font, lines: List[str]) -> int:
+    """Pixels the title's lines take, with the space below them (0 without a title)."""
+    return len(lines) * (_text_size(font, 'Ag')[1] + 5) + 7 if lines else 0
+
+
 def _text_size(font, text: str) -> Tuple[int, int]:
     left, top, right, bottom = font.getbbox(text)
     return right - left, bottom - top
@@ -163,7 +185,7 @@ def plot_per_class_accuracy(
     names = [_short(str(class_names[i])) if class_names is not None else str(i) for i in order]
     show_names = num_classes <= 30
 
-    f_title, f_label, f_tick = _font(16), _font(13), _font(11)
+    f_label, f_tick = _font(13), _font(11)
     pw = int(min(1600, max(480, (40 + 12 * (num_series - 1)) * num_classes if show_names
                            else 600 + 2 * num_series * num_classes)))
     ph = _PLOT_HEIGHT if pw <= 800 else _PLOT_HEIGHT + 60
@@ -182,7 +204,8 @@ def plot_per_class_accuracy(
     groups = shot_groups(counts, many=many, few=few)._asdict()
     legend = _legend_items(labels, groups, many, few)
     rows = _legend_rows(legend, f_tick, left + pw + right - left - 10)
-    legend_y = 16 + (_text_size(f_title, title)[1] + 12 if title else 0)
+    f_title, title_lines = _fit_title(title, left + pw + right - 20)
+    legend_y = 16 + _title_height(f_title, title_lines)
     top = legend_y + _LEGEND_ROW * len(rows) + 10
     bottom_margin = 8 + x_labels_h + 10 + _text_size(f_label, 'X')[1] + 12
     width, height = left + pw + right, top + ph + bottom_margin
@@ -282,7 +305,7 @@ def plot_per_class_accuracy(
         x_title = 'class rank by training images (0 = most)'
     _draw_text(img, (x0 + pw / 2, ty + x_labels_h + 10), x_title, f_label, anchor='mt')
 
-    _draw_title_and_legend(img, title, f_title, rows, f_tick, x0, legend_y)
+    _draw_title_and_legend(img, title_lines, f_title, rows, f_tick, x0, legend_y)
 
     _save_png(img, path)
 
@@ -340,16 +363,17 @@ def plot_reliability(path: Union[str, os.PathLike], bins: Mapping[str, Any], tit
         ece = 100. * float(np.sum(gaps[ok] * count[ok]) / total) if total else float('nan')
         mce = 100. * float(gaps[ok].max()) if ok.any() else float('nan')
 
-    f_title, f_label, f_tick = _font(16), _font(13), _font(11)
+    f_label, f_tick = _font(13), _font(11)
     pw = ph = 380
     hist_h = 100
     left, right = 70, 24
     legend = [('bar', 'accuracy', BAR_COLOR), ('gap', 'gap to confidence', GAP_COLOR),
               ('line', 'perfect calibration', _DIAGONAL)]
     rows = _legend_rows(legend, f_tick, pw)
+    f_title, title_lines = _fit_title(title, left + pw + right - 20)
     metrics = (f'ECE {ece:.2f}%   MCE {mce:.2f}%   {int(total)} samples' if total
                else 'no samples')
-    legend_y = 16 + (_text_size(f_title, title)[1] + 12 if title else 0)
+    legend_y = 16 + _title_height(f_title, title_lines)
     metrics_y = legend_y + _LEGEND_ROW * len(rows)
     top = metrics_y + _LEGEND_ROW + 8
     label_h = _text_size(f_tick, '0')[1]
@@ -430,22 +454,22 @@ def plot_reliability(path: Union[str, os.PathLike], bins: Mapping[str, Any], tit
     _draw_text(img, (x0 + pw / 2, ty + label_h + 10), 'confidence (max softmax probability)', f_label, anchor='mt')
 
     # title, legend and the calibration errors
-    _draw_title_and_legend(img, title, f_title, rows, f_tick, x0, legend_y)
+    _draw_title_and_legend(img, title_lines, f_title, rows, f_tick, x0, legend_y)
     _draw_text(img, (x0, metrics_y + 7), metrics, f_label, anchor='lm')
 
     _save_png(img, path)
 
 
-def _draw_title_and_legend(img: Image.Image, title: str, f_title, rows: List[list], font, x0: float,
+def _draw_title_and_legend(img: Image.Image, title_lines: List[str], f_title, rows: List[list], font, x0: float,
                            legend_y: float) -> None:
-    """The centred title and the legend rows (from :func:`_legend_rows`) of a plot.
+    """The centred title (lines from :func:`_fit_title`) and the legend rows (from :func:`_legend_rows`) of a plot.
 
     Legend kinds: ``line`` (a line sample), ``box`` (a shaded area, grey outline), ``gap`` (a light
     box outlined in the colour), anything else (a filled box, e.g. ``bar``).
     """
     draw = ImageDraw.Draw(img)
-    if title:
-        _draw_text(img, (img.width / 2, 12), title, f_title, anchor='mt')
+    for i, line in enumerate(title_lines):
+        _draw_text(img, (img.width / 2, 12 + i * (_text_size(f_title, 'Ag')[1] + 5)), line, f_title, anchor='mt')
     for r, row in enumerate(rows):
         lx, ly = x0, legend_y + r * _LEGEND_ROW
         for kind, label, color in row:
