@@ -444,6 +444,13 @@ def format_seconds(seconds: float) -> str:
     return f'{h}:{rem // 60:02d}:{rem % 60:02d}'
 
 
+def run_eta(epoch_times: List[float], left: int) -> float:
+    """Seconds for ``left`` more epochs: the mean epoch time of this process, leaving out its first epoch
+    (start-up, ``--torchcompile`` compilation) once later ones are timed."""
+    timed = epoch_times[1:] or epoch_times
+    return sum(timed) / len(timed) * left if timed else 0.
+
+
 def train_one_epoch(
         epoch: int, model: nn.Module, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
         amp_autocast=suppress, loss_scaler=None, model_ema=None, train_mode=None,
@@ -1140,7 +1147,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 epoch_times.append(time.time() - epoch_start)
                 left = num_epochs - epoch - 1
                 _logger.info(f'Epoch {epoch} done in {epoch_times[-1]:.1f}s; {left} left, ETA of the run '
-                             f'{format_seconds(sum(epoch_times) / len(epoch_times) * left)}')
+                             f'{format_seconds(run_eta(epoch_times, left))}')
     except (NonFiniteLossError, NonFiniteStateError) as e:
         stop_run(args, output_dir, f'stopped on a non-finite {"loss" if isinstance(e, NonFiniteLossError) else "state"}'
                                    f' ({e})')

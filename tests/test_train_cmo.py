@@ -609,6 +609,15 @@ def test_ride_with_cmo_and_the_router_stage(ride_run, small_cifar, tmp_path):
     assert evaluated['metrics']['experts_used'] == pytest.approx(results['metrics']['experts_used'])
 
 
+def test_run_eta_leaves_out_the_start_up_epoch():
+    """The first epoch of a process (compilation, start-up) does not inflate the run's ETA once others are timed:
+    a 190 s first epoch then 45 s epochs give 45 s per epoch left, not a mean of 93 s."""
+    assert train_cmo.run_eta([190., 45., 45.], 100) == pytest.approx(4500.)
+    assert train_cmo.run_eta([190.], 2) == pytest.approx(380.)
+    assert train_cmo.run_eta([], 5) == 0.
+    assert train_cmo.format_seconds(train_cmo.run_eta([190., 45., 45.], 100)) == '1:15:00'
+
+
 def test_ride_errors(small_cifar, tmp_path, capsys):
     code, err = main_exit(base_argv(small_cifar, tmp_path, 'r1', 1, '--loss', 'ride'), capsys)
     assert code == 2 and '--loss ride needs a multi-expert model' in err and 'resnet20_cifar' in err
