@@ -1209,8 +1209,7 @@ def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, 
     summary = eval_summary(eval_acc, counts if counts is not None else [1] * eval_acc.num_classes)
     if counts is None:  # no shot groups without the training class counts
         summary.update({k: None for k in ('many', 'medium', 'few', 'head', 'middle', 'tail')})
-    csv_path = os.path.join(output_dir, 'summary.csv')
-    epochs_min = SummaryWriter(csv_path).epoch_minutes() if os.path.isfile(csv_path) else None
+    epochs_min = SummaryWriter(os.path.join(output_dir, 'summary.csv')).epoch_minutes()  # None without the file
     paths = write_results(
         output_dir, summary, eval_acc.per_class(), counts, train_ds.classes,
         extra=describe_run(args, train_ds, epoch, best, model, counts_source, epochs_min),

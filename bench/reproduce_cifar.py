@@ -103,8 +103,8 @@ def main(argv=None):
     running = []
     failed = []
     while queue or running:
-        while len(running) < args.parallel and next_ready(args, queue) is not None:
-            method, seed = queue.pop(next_ready(args, queue))
+        while len(running) < args.parallel and (ready := next_ready(args, queue)) is not None:
+            method, seed = queue.pop(ready)
             cmd, run_dir = command(args, method, seed)
             log = open(Path(args.out) / f'{run_name(method, seed)}.log', 'a')
             print(f'{time.strftime("%H:%M:%S")} start {run_name(method, seed)}: {" ".join(cmd)}', flush=True)

@@ -109,8 +109,7 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
             res = r.get('resources') or {}
             wall = fmt(res.get('wall_min'))
             if '--resume' in r.get('command', ''):
-                csv_path = r.get('_summary_csv')
-                summed = SummaryWriter(csv_path).epoch_minutes() if csv_path and csv_path.is_file() else None
+                summed = SummaryWriter(r['_summary_csv']).epoch_minutes()  # None without the file or its times
                 wall = f'{fmt(summed)} (resumed: epoch times summed)' if summed is not None else \
                     f'{wall} (after resume: last part only)'
             rss = res.get('peak_rss_mib')
