@@ -29,6 +29,8 @@ def test_recipes_cover_the_paper_settings():
             for method in ('ce', 'ce_drw', 'ldam_drw', 'bs'):
                 assert f'{ds}_lt_r{rho}_{method}' in names
                 assert f'{ds}_lt_r{rho}_{method}_cmo' in names
+        for method in ('ce', 'ce_drw', 'ldam_drw', 'ride'):  # the paper's oversampling comparison (rho 100)
+            assert {f'{ds}_lt_r100_{method}_{variant}' for variant in ('ros', 'remix', 'cmo')} <= names
     for name in ('imagenet_lt_resnet50_ce_cmo', 'imagenet_lt_resnet50_ce_drw_cmo', 'imagenet_lt_resnet50_bs_cmo',
                  'imagenet_lt_resnet50_bs_cmo_400ep', 'inat2018_resnet50_ce_drw_cmo', 'inat2018_resnet50_bs_cmo',
                  'imagenet_lt_resnet101_bs_cmo', 'imagenet_lt_resnet152_bs_cmo', 'imagenet_lt_wrn50_bs_cmo'):
@@ -334,6 +336,8 @@ LOOP_CASES = {
     'remix-ce-drw': (dict(remix=True), ('ce', 'drw')),
     'remix-cutmix-ros-smoothing-ldam': (dict(remix=True, remix_mode='cutmix', ros_r=1.0, label_smoothing=0.1),
                                         ('ldam', 'drw')),
+    'remix-ride-drw': (dict(remix=True), ('ride', 'drw')),
+    'ros-ride-drw': (dict(ros_r=1.0), ('ride', 'drw')),
 }
 
 
@@ -356,7 +360,10 @@ def test_library_loop_equals_train_one_epoch(tiny_lt, case, epoch):
     states = []
     for path in ('library', 'script'):
         torch.manual_seed(0)
-        model = timm.create_model('resnet20_cifar', num_classes=10, head_norm=loss_name == 'ldam')
+        if loss_name == 'ride':  # RIDE's loss takes every expert's logits (cosine heads)
+            model = timm.create_model('ride_resnet20_cifar', num_classes=10)
+        else:
+            model = timm.create_model('resnet20_cifar', num_classes=10, head_norm=loss_name == 'ldam')
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         loader = create_cmo_loader(tiny_lt, (3, 32, 32), 16, is_training=True, device='cpu', num_workers=0,
                                    num_classes=10, train_crop_mode='pad', color_jitter=None, seed=1, epochs=4,
