@@ -62,9 +62,14 @@ def _fit_title(title: str, max_width: float, size: int = 16, min_size: int = 12)
     return font, lines
 
 
+def _title_line_step(font) -> int:
+    """Pixels from one title line to the next."""
+    return _text_size(font, 'Ag')[1] + 5
+
+
 def _title_height(font, lines: List[str]) -> int:
     """Pixels the title's lines take, with the space below them (0 without a title)."""
-    return len(lines) * (_text_size(font, 'Ag')[1] + 5) + 7 if lines else 0
+    return len(lines) * _title_line_step(font) + 7 if lines else 0
 
 
 def _text_size(font, text: str) -> Tuple[int, int]:
@@ -469,7 +474,7 @@ def _draw_title_and_legend(img: Image.Image, title_lines: List[str], f_title, ro
     """
     draw = ImageDraw.Draw(img)
     for i, line in enumerate(title_lines):
-        _draw_text(img, (img.width / 2, 12 + i * (_text_size(f_title, 'Ag')[1] + 5)), line, f_title, anchor='mt')
+        _draw_text(img, (img.width / 2, 12 + i * _title_line_step(f_title)), line, f_title, anchor='mt')
     for r, row in enumerate(rows):
         lx, ly = x0, legend_y + r * _LEGEND_ROW
         for kind, label, color in row:
