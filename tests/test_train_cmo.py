@@ -317,6 +317,42 @@ def test_data_on_device_run(small_cifar, tmp_path):
     assert 'Decoded 240 images' in proc.stderr
 
 
+PATH_CASES = {
+    'ce': ['--loss', 'ce'],
+    'cmo-ldam-drw-head-norm-ema': LDAM_CMO,
+    'cmo-elem-back-effective-bs-smoothing-keep-last': [
+        '--cmo', '--cmo-mode', 'elem', '--cmo-variant', 'back', '--cmo-effective', '--cmo-start-epoch', '-1',
+        '--cmo-end-epochs', '0', '--loss', 'bs', '--smoothing', '0.1', '--no-drop-last'],
+    'ros-sqrt-cmo-ce-drw': ['--ros', '--ros-r', '0.5', '--cmo', '--cmo-start-epoch', '0', '--cmo-end-epochs', '1',
+                            '--loss', 'ce', '--reweight', 'drw', '--drw-epoch', '1'],
+    'remix-cutmix-ros-la': ['--remix', '--remix-mode', 'cutmix', '--ros', '--loss', 'la'],
+    'ride-remix-drw': ['--model', 'ride_resnet20_cifar', '--loss', 'ride', '--reweight', 'drw', '--drw-epoch', '1',
+                       '--remix'],
+}
+
+
+@pytest.mark.parametrize('case', list(PATH_CASES))
+def test_data_on_device_run_equals_ordinary_run(small_cifar, tmp_path, case):
+    """With the random crop and flip off, ``--data-on-device`` and the ordinary loader train the same model to the
+    bit: same losses, same evaluation, same weights. (With them on, the two paths draw crops from different
+    generators; their statistics are tested in tests/data/test_device_loader.py.)"""
+    runs = {}
+    for path, extra in (('ordinary', []), ('device', ['--data-on-device'])):
+        train_cmo.main(base_argv(small_cifar, tmp_path, path, 2, '--crop-padding', '0', '--hflip', '0', '--device',
+                                 'cpu', *PATH_CASES[case], *extra))
+        rows = (tmp_path / path / 'summary.csv').read_text().strip().splitlines()
+        header = rows[0].split(',')
+        keep = [i for i, name in enumerate(header) if name != 'epoch_time_s']
+        runs[path] = [[row.split(',')[i] for i in keep] for row in rows]
+        runs[path + '-weights'] = torch.load(tmp_path / path / 'last.pth.tar', map_location='cpu',
+                                             weights_only=True)['state_dict']
+    assert runs['ordinary'] == runs['device']
+    ordinary, device = runs['ordinary-weights'], runs['device-weights']
+    assert ordinary.keys() == device.keys()
+    for k in ordinary:
+        assert torch.equal(ordinary[k], device[k]), k
+
+
 def test_torchcompile_eager_backend(small_cifar, tmp_path):
     proc = run_script(base_argv(small_cifar, tmp_path, 'compiled', 1, '--data-on-device', '--device', 'cpu',
                                 '--torchcompile', 'eager', '--loss', 'ce'))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data.random_erasing import RandomErasing
+from timm.data.loader import adapt_to_chs
 from torchvision import transforms
 
 from .cmo import CMOConfig, MixInfo, host_to_device
@@ -67,6 +68,24 @@ def decode_to_tensor(
     _logger.info(f'Decoded {len(targets)} images to {tuple(images.shape)} uint8 on {device} '
                  f'({images.numel() / 2 ** 20:.1f} MiB, {time.time() - start:.1f}s)')
     return images, targets
+
+
+def normalization(
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) on the 0-255 scale, shaped (1, C, 1, 1), for normalising uint8 batches.
+
+    Scaled in double precision before the cast, as timm's ``PrefetchLoader`` does, so both paths
+    normalise to the same bits (scaling after the cast differs by an ulp and the runs drift apart).
+    """
+    mean, std = adapt_to_chs(mean, channels), adapt_to_chs(std, channels)
+    shape = (1, channels, 1, 1)
+    return (torch.tensor([m * 255 for m in mean], device=device, dtype=dtype).view(shape),
+            torch.tensor([s * 255 for s in std], device=device, dtype=dtype).view(shape))
 
 
 def pad_crop_flip(
@@ -163,9 +182,7 @@ class DeviceLoader:
             seed=seed, num_replicas=num_replicas, rank=rank)
         self.seed = seed
         self.rank = self.planner.rank
-        channels = images.shape[1]
-        self.mean = torch.tensor(mean, device=self.device, dtype=img_dtype).view(1, channels, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device, dtype=img_dtype).view(1, channels, 1, 1) * 255
+        self.mean, self.std = normalization(mean, std, images.shape[1], self.device, img_dtype)
         self.random_erasing = RandomErasing(
             re_prob, mode=re_mode, max_count=re_count, device=self.device) if re_prob > 0 else None
         self.mixer = cmo.mixer(self.num_classes, label_smoothing) if cmo is not None else None
@@ -240,9 +257,7 @@ class DeviceEvalLoader:
         self.images = images[self.rank::self.num_replicas]
         self.targets = targets[self.rank::self.num_replicas]
         self.batch_size = batch_size
-        channels = images.shape[1]
-        self.mean = torch.tensor(mean, device=images.device, dtype=img_dtype).view(1, channels, 1, 1) * 255
-        self.std = torch.tensor(std, device=images.device, dtype=img_dtype).view(1, channels, 1, 1) * 255
+        self.mean, self.std = normalization(mean, std, images.shape[1], images.device, img_dtype)
         self.channels_last = channels_last
         self.img_dtype = img_dtype
 
