@@ -3,7 +3,8 @@
 
 Each run is ``train_cmo.py -c hparams/cifar10_lt_r<rho>_<method>.yaml`` with the data, seed and speed
 options given here, in its own folder under ``--out``. A finished run (results.json present) is
-skipped; an interrupted one resumes from its ``last.pth.tar``, so the driver can be restarted.
+skipped; an interrupted one resumes from its ``last.pth.tar`` (one stopped before its first checkpoint
+starts afresh, its folder kept as ``<run>.stopped-<time>``), so the driver can be restarted.
 
 Second stages start from their stage-1 run of the same seed once it has finished: ``<stage 1>_las``
 (MiSLAS's LAS, e.g. ``ce_drw_cmo_las``) and ``<stage 1>_router`` (RIDE's expert assignment,
@@ -106,6 +107,9 @@ def main(argv=None):
         while len(running) < args.parallel and (ready := next_ready(args, queue)) is not None:
             method, seed = queue.pop(ready)
             cmd, run_dir = command(args, method, seed)
+            if (moved := set_aside_unstarted(run_dir)) is not None:
+                print(f'{run_dir.name} stopped before its first checkpoint: its folder is kept as {moved.name}, '
+                      f'the run starts afresh', flush=True)
             log = open(Path(args.out) / f'{run_name(method, seed)}.log', 'a')
             print(f'{time.strftime("%H:%M:%S")} start {run_name(method, seed)}: {" ".join(cmd)}', flush=True)
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), method, seed, log,
@@ -129,6 +133,16 @@ def main(argv=None):
               flush=True)
     if failed:
         raise SystemExit(f'failed runs: {failed}')
+
+
+def set_aside_unstarted(run_dir: Path) -> Optional[Path]:
+    """Move aside the folder of a run stopped before its first checkpoint (args.yaml and a log, no
+    ``last.pth.tar``), which train_cmo.py would refuse to start in; returns where it went (None: nothing moved)."""
+    if not run_dir.is_dir() or (run_dir / 'last.pth.tar').is_file() or not any(run_dir.iterdir()):
+        return None
+    target = run_dir.with_name(f'{run_dir.name}.stopped-{time.strftime("%Y%m%d-%H%M%S")}')
+    run_dir.rename(target)
+    return target
 
 
 def next_ready(args, queue: List[Tuple[str, int]]) -> Optional[int]:

@@ -74,3 +74,23 @@ def test_second_stage_without_its_stage1_is_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match='ce_drw_cmo_las-s0 starts from ce_drw_cmo-s0, which has not finished'):
         reproduce_cifar.main(['--data-dir', '/data', '--out', str(tmp_path / 'runs'), '--methods', 'ce_drw_cmo_las'])
     assert not (tmp_path / 'order.txt').exists()
+
+
+def test_restart_after_a_run_stopped_before_its_first_checkpoint(tmp_path, monkeypatch, capsys):
+    """Such a run leaves args.yaml and a log but no last.pth.tar; train_cmo.py would refuse that folder, so the driver
+    keeps it aside and starts afresh, while a run with a checkpoint stays in place to resume."""
+    out = tmp_path / 'runs'
+    stopped, resumable = out / 'ce-s0', out / 'ce_cmo-s0'
+    for run in (stopped, resumable):
+        run.mkdir(parents=True)
+        (run / 'args.yaml').write_text('seed: 0\n')
+    (resumable / 'last.pth.tar').write_bytes(b'checkpoint')
+    log = tmp_path / 'order.txt'
+    fake_commands(monkeypatch, log)
+    reproduce_cifar.main(['--data-dir', '/data', '--out', str(out), '--methods', 'ce', 'ce_cmo', '--parallel', '1'])
+    assert sorted(log.read_text().split()) == ['ce-s0', 'ce_cmo-s0']
+    kept = list(out.glob('ce-s0.stopped-*'))
+    assert len(kept) == 1 and (kept[0] / 'args.yaml').read_text() == 'seed: 0\n'
+    assert (stopped / 'results.json').is_file() and not (stopped / 'args.yaml').exists()
+    assert (resumable / 'last.pth.tar').read_bytes() == b'checkpoint' and not list(out.glob('ce_cmo-s0.stopped-*'))
+    assert f'its folder is kept as {kept[0].name}' in capsys.readouterr().out
