@@ -258,3 +258,42 @@ def test_distributed_shares(lt_data):
     ev = [DeviceEvalLoader(images, targets, 50, CIFAR_MEAN, CIFAR_STD, num_replicas=2, rank=r) for r in range(2)]
     got = [torch.cat([y for _, y in e]) for e in ev]
     assert torch.equal(got[0], targets[0::2]) and torch.equal(got[1], targets[1::2])
+
+
+def erased_fractions(loader, epochs):
+    """Per image: the share of its pixels that random erasing ('const' mode: zeros) set, over ``epochs``."""
+    out = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            out.append((x == 0).all(1).flatten(1).float().mean(1))
+    return torch.cat(out).numpy()
+
+
+@pytest.mark.parametrize('cmo,count', [(False, 1), (True, 2)])
+def test_random_erasing_same_law_on_both_paths(lt_parity, cmo, count):
+    """Random erasing draws from the global generators on both paths (as timm's), so the batches differ;
+    what must agree is the law: how often an image is erased and how much of it, before CMO pastes."""
+    import random
+    ds, images, targets = lt_parity
+    random.seed(0)
+    torch.manual_seed(0)
+    cmo_flags = dict(cmo_start_epoch=-1, cmo_prob=1.0) if cmo else {}
+    erase = dict(re_prob=0.5, re_mode='const', re_count=count)
+    fast = DeviceLoader(images, targets, 32, CIFAR_MEAN, CIFAR_STD, padding=0, hflip=0., num_classes=10,
+                        cmo=CMOConfig.from_flags(**cmo_flags) if cmo else None, **erase)
+    paths = {'device': erased_fractions(fast, 8)}
+    for prefetch in (True, False):
+        ordinary = ordinary_loader(ds, no_aug=False, train_crop_mode='pad', crop_padding=0, hflip=0., cmo=cmo,
+                                   use_prefetcher=prefetch, **cmo_flags, **erase)
+        paths[f'ordinary-prefetch={prefetch}'] = erased_fractions(ordinary, 8)
+    # a real pixel never normalises to exactly 0 (the means are not integers on the 0-255 scale)
+    unerased = DeviceLoader(images, targets, 32, CIFAR_MEAN, CIFAR_STD, padding=0, hflip=0., num_classes=10)
+    assert erased_fractions(unerased, 1).max() == 0
+    d = paths['device']
+    lo, hi = (0.5, 0.75) if cmo else (0.45, 0.55)  # p = 0.5 per image; with CMO background or foreground
+    for name, o in paths.items():
+        assert lo < (o > 0).mean() < hi, name
+        table = [[(d > 0).sum(), (d == 0).sum()], [(o > 0).sum(), (o == 0).sum()]]
+        assert stats.chi2_contingency(table).pvalue > 1e-3, name
+        assert stats.ks_2samp(d[d > 0], o[o > 0]).pvalue > 1e-3, name

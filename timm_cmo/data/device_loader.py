@@ -86,6 +86,24 @@ def normalization(
             torch.tensor([s * 255 for s in std], device=device, dtype=dtype).view(shape))
 
 
+def normalize(
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        random_erasing: Optional[RandomErasing] = None,
+) -> torch.Tensor:
+    """Model input from a (B, C, H, W) uint8 batch: ``(x - mean) / std`` in ``dtype`` (the pair from
+    :func:`normalization`), then timm's random erasing if given, then channels-last if asked."""
+    x = x.to(dtype).sub_(mean).div_(std)
+    if random_erasing is not None:
+        x = random_erasing(x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def pad_crop_flip(
         x: torch.Tensor,
         padding: int,
@@ -210,12 +228,7 @@ class DeviceLoader:
     def _augment(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Crop, flip and normalise the images ``idx``."""
         x = pad_crop_flip(self.images[idx], self.padding, self.hflip, generator)
-        x = x.to(self.img_dtype).sub_(self.mean).div_(self.std)
-        if self.random_erasing is not None:
-            x = self.random_erasing(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return normalize(x, self.mean, self.std, self.img_dtype, self.channels_last, self.random_erasing)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         plan = self.planner.plan(self.epoch)
@@ -265,7 +278,4 @@ class DeviceEvalLoader:
     def __iter__(self):
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            x = self.images[sl].to(self.img_dtype).sub_(self.mean).div_(self.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.targets[sl]
+            yield normalize(self.images[sl], self.mean, self.std, self.img_dtype, self.channels_last), self.targets[sl]
