@@ -1,4 +1,6 @@
 """The data-on-device fast path has the ordinary loader's semantics: crops, flips, class draws, lambda, window."""
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -274,21 +276,19 @@ def erased_fractions(loader, epochs):
 def test_random_erasing_same_law_on_both_paths(lt_parity, cmo, count):
     """Random erasing draws from the global generators on both paths (as timm's), so the batches differ;
     what must agree is the law: how often an image is erased and how much of it, before CMO pastes."""
-    import random
     ds, images, targets = lt_parity
     random.seed(0)
     torch.manual_seed(0)
     cmo_flags = dict(cmo_start_epoch=-1, cmo_prob=1.0) if cmo else {}
     erase = dict(re_prob=0.5, re_mode='const', re_count=count)
-    fast = DeviceLoader(images, targets, 32, CIFAR_MEAN, CIFAR_STD, padding=0, hflip=0., num_classes=10,
-                        cmo=CMOConfig.from_flags(**cmo_flags) if cmo else None, **erase)
+    fast = device_loader(images, targets, cmo=cmo, batch_size=32, padding=0, hflip=0., **cmo_flags, **erase)
     paths = {'device': erased_fractions(fast, 8)}
     for prefetch in (True, False):
         ordinary = ordinary_loader(ds, no_aug=False, train_crop_mode='pad', crop_padding=0, hflip=0., cmo=cmo,
                                    use_prefetcher=prefetch, **cmo_flags, **erase)
         paths[f'ordinary-prefetch={prefetch}'] = erased_fractions(ordinary, 8)
     # a real pixel never normalises to exactly 0 (the means are not integers on the 0-255 scale)
-    unerased = DeviceLoader(images, targets, 32, CIFAR_MEAN, CIFAR_STD, padding=0, hflip=0., num_classes=10)
+    unerased = device_loader(images, targets, cmo=False, batch_size=32, padding=0, hflip=0.)
     assert erased_fractions(unerased, 1).max() == 0
     d = paths['device']
     lo, hi = (0.5, 0.75) if cmo else (0.45, 0.55)  # p = 0.5 per image; with CMO background or foreground
