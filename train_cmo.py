@@ -966,7 +966,10 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     resume = open_resume(args) if args.resume else None
     train_ds, eval_ds = (None, None)
     if args.data_dir:
-        train_ds, eval_ds = build_datasets(args)
+        try:
+            train_ds, eval_ds = build_datasets(args)
+        except (OSError, ValueError) as e:  # a missing folder or list file, a bad list line, an empty class
+            error(f'--data-dir {args.data_dir}: {e}')
     num_classes = args.num_classes or (train_ds.num_classes if train_ds is not None else None)
     if train_ds is not None and num_classes != train_ds.num_classes:
         error(f'--num-classes {num_classes} disagrees with the dataset ({train_ds.num_classes} classes)')
@@ -1011,6 +1014,13 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     if resume is not None:
         check_resume_config(args, run_config, resume, train_ds)
+    loss_kwargs = {dst: getattr(args, src) for src, dst in LOSS_KWARGS.get(args.loss, {}).items()}
+    try:
+        loss_fn = create_loss(
+            args.loss, train_ds.class_counts, reweight=args.reweight, drw_epoch=args.drw_epoch, epochs=args.epochs,
+            cb_beta=args.cb_beta, **loss_kwargs).to(device)
+    except ValueError as e:  # e.g. a class without training images under a loss that needs every count
+        error(f'--loss {args.loss}: {e}')
     output_dir = None
     resuming_here = False
     if args.rank == 0:
@@ -1059,11 +1069,6 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     else:
         train_loader = build_train_loader(args, train_ds, data_config, device, num_classes)
         eval_loader = build_eval_loader(args, eval_ds, data_config, device)
-
-    loss_kwargs = {dst: getattr(args, src) for src, dst in LOSS_KWARGS.get(args.loss, {}).items()}
-    loss_fn = create_loss(
-        args.loss, train_ds.class_counts, reweight=args.reweight, drw_epoch=args.drw_epoch, epochs=args.epochs,
-        cb_beta=args.cb_beta, **loss_kwargs).to(device)
 
     sched_args = argparse.Namespace(**vars(args))
     if sched_args.warmup_lr is None:

@@ -588,6 +588,34 @@ def test_non_finite_state_is_never_checkpointed(small_cifar, tmp_path):
     assert not (tmp_path / 'diverge' / 'results.json').exists()
 
 
+@pytest.mark.parametrize('case', ['no-folder', 'no-list', 'empty-by-profile', 'empty-in-list'])
+def test_bad_data_fails_before_the_run_folder(small_cifar, tmp_path, capsys, case):
+    """Bad data arguments end like a bad flag (status 2, the value named), before anything is written."""
+    argv = base_argv(small_cifar, tmp_path, 'bad', 1, '--loss', 'ce')
+    if case == 'no-folder':
+        argv += ['--data-dir', str(tmp_path / 'nowhere')]
+        message = f"--data-dir {tmp_path / 'nowhere'}: Dataset root"
+    elif case == 'no-list':
+        argv += ['--train-list', 'missing.txt']
+        message = "List file '" + str(small_cifar / 'missing.txt') + "' does not exist"
+    elif case == 'empty-by-profile':
+        argv += ['--imb-ratio', '100', '--imb-max', '20']
+        message = 'classes [6, 7, 8, 9] without images'
+    else:  # a list without class 1: a loss over class counts cannot take an empty class
+        for split in ('train', 'test'):
+            lines = [f'{p.relative_to(small_cifar)} {0 if p.parent.name == "airplane" else 2}'
+                     for p in sorted((small_cifar / split).glob('*/*.jpg')) if p.parent.name in ('airplane', 'bird')]
+            (tmp_path / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+        argv += ['--train-list', str(tmp_path / 'train.txt'), '--val-list', str(tmp_path / 'test.txt'),
+                 '--imb-ratio', '1']
+        message = '--loss ce: class_counts must be finite and positive; classes [1]'
+    with pytest.raises(SystemExit) as e:
+        train_cmo.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'bad').exists()
+
+
 @pytest.mark.parametrize('path', ['ordinary', 'device'])
 def test_corrupt_image_is_named_not_substituted(small_cifar, tmp_path, capsys, path):
     import shutil

@@ -161,6 +161,14 @@ def test_empty_and_bad_ratio(image_root, tmp_path):
         LongTailDataset(create_lt_dataset('', str(image_root), list_file='LT_train.txt').dataset, indices=[])
 
 
+def test_profile_that_empties_classes_is_refused(cifar10_dir):
+    """rho 100 over 10 classes keeps n_max / 100 in the last class: n_max 20 would leave classes 6-9 empty."""
+    assert long_tail_counts(20, 10, 100) == [20, 11, 7, 4, 2, 1, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match=r'classes \[6, 7, 8, 9\] without images.*imb_max 20.*needs at least 100'):
+        create_lt_dataset('', str(cifar10_dir), split='train', imb_ratio=100, imb_max=20)
+    assert min(long_tail_counts(100, 10, 100)) == 1 and min(long_tail_counts(99, 10, 100)) == 0
+
+
 # --- torchvision CIFAR (download code path, offline) ----------------------------------------
 
 def _write_fake_cifar10_archive(path, n_train=250, n_test=50, seed=0):

@@ -293,7 +293,15 @@ def create_lt_dataset(
     n_max = int(full.class_counts.max())
     if imb_max is not None:
         n_max = min(n_max, int(imb_max))
-    counts = long_tail_counts(n_max, full.num_classes, imb_ratio if imb_ratio is not None else 1.)
+    rho = imb_ratio if imb_ratio is not None else 1.
+    counts = long_tail_counts(n_max, full.num_classes, rho)
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        need = next(n for n in range(int(rho), int(rho) + 3) if long_tail_counts(n, full.num_classes, rho)[-1] > 0)
+        raise ValueError(
+            f'the long-tail profile leaves classes {empty} without images: the largest class keeps {n_max} '
+            f'(imb_max {imb_max}, largest source class {int(full.class_counts.max())}) and imb_ratio {rho:g} '
+            f'needs at least {need}')
     indices = long_tail_indices(full.targets, counts, seed=imb_seed)
     dataset = LongTailDataset(base, indices=full.indices[indices], num_classes=full.num_classes, classes=full.classes)
     short = [c for c, (want, have) in enumerate(zip(counts, dataset.class_counts)) if have < want]
