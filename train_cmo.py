@@ -39,7 +39,6 @@ import yaml
 
 import timm
 from timm import utils
-from timm.data import resolve_data_config
 from timm.layers import convert_sync_batchnorm
 from timm.models import create_model, model_parameters, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -50,6 +49,7 @@ from timm_cmo.checkpoint import (
     LAST, CheckpointError, CheckpointSaver, NonFiniteStateError, find_resume_checkpoint, load_checkpoint_file,
     remove_stale_temporaries, state_dict_from_checkpoint)
 from timm_cmo.data import CMO_VARIANTS, CMOConfig, CorruptImageError, MixInfo, create_cmo_loader, create_lt_dataset
+from timm_cmo.data.config import input_channels, input_img_mode, resolve_run_data_config
 from timm_cmo.data.cmo import cmo_active
 from timm_cmo.data.remix import RemixMixup
 from timm_cmo.data.sampler import derive_seed
@@ -131,6 +131,8 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--img-size', type=int, default=None, metavar='N')
     group.add_argument('--in-chans', type=int, default=None, metavar='N')
     group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N')
+    group.add_argument('--input-img-mode', default=None, type=str, metavar='MODE',
+                       help="PIL mode images are decoded to (default: 'L' for --in-chans 1, else 'RGB')")
     group.add_argument('--crop-pct', default=None, type=float, metavar='N')
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
@@ -344,6 +346,10 @@ def validate_args(args: argparse.Namespace) -> None:
         except ValueError as e:
             field = str(e).split()[0]
             bad(f'remix_{field}', getattr(args, f'remix_{field}', None), str(e))
+    try:
+        input_img_mode(vars(args))  # also checks --in-chans against --input-size
+    except ValueError as e:
+        error(str(e))
     if args.imb_ratio is not None and not args.imb_ratio >= 1:
         bad('imb_ratio', args.imb_ratio, 'must be >= 1 (n_max / n_min)')
     if args.imb_max is not None and args.imb_max < 1:
@@ -621,7 +627,7 @@ def check_output_dir(args, output_dir: str) -> bool:
 
 
 def build_datasets(args):
-    common = dict(download=args.dataset_download)
+    common = dict(download=args.dataset_download, input_img_mode=input_img_mode(vars(args)))
     if args.class_map:
         common['class_map'] = args.class_map
     train_ds = create_lt_dataset(
@@ -981,7 +987,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         model = create_model(
             args.model,
             pretrained=args.pretrained,
-            in_chans=args.in_chans,
+            in_chans=input_channels(vars(args)),
             num_classes=num_classes,
             drop_rate=args.drop,
             drop_path_rate=args.drop_path,
@@ -1003,7 +1009,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         _logger.warning('LDAM is meant for a cosine-normalised head: consider --head-norm.')
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args)
-    data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
+    data_config = resolve_run_data_config(vars(args), model=model, verbose=args.rank == 0)
 
     model.to(device=device)
     if args.channels_last:

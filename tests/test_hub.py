@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 import timm_cmo  # noqa: F401
@@ -34,9 +35,9 @@ RUN_ARGS = dict(
 )
 
 
-def random_model(seed: int = 0) -> torch.nn.Module:
+def random_model(seed: int = 0, in_chans: int = 3) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model('resnet20_cifar', num_classes=10, head_norm=True)
+    model = timm.create_model('resnet20_cifar', num_classes=10, head_norm=True, in_chans=in_chans)
     with torch.no_grad():  # non-trivial BN statistics so that eval logits depend on them
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -49,8 +50,8 @@ def random_model(seed: int = 0) -> torch.nn.Module:
 def make_run(run_dir: Path, ema: bool = False, **arg_overrides) -> torch.nn.Module:
     """A run folder as train_cmo.py writes it: args.yaml, last.pth.tar (timm CheckpointSaver layout), results.json."""
     run_dir.mkdir(parents=True)
-    model = random_model()
     args = dict(RUN_ARGS, **arg_overrides)
+    model = random_model(in_chans=args['in_chans'] or 3)
     (run_dir / 'args.yaml').write_text(yaml.safe_dump(args))
     ckpt = {
         'epoch': 199, 'arch': 'resnet20_cifar',
@@ -151,6 +152,29 @@ def test_hf_hub_cache_offline_round_trip(run, tmp_path, monkeypatch):
         ref, out_logits = model(x), loaded(x)
     assert ref.std() > 1e-3
     torch.testing.assert_close(out_logits, ref)
+
+
+def test_one_channel_run_exports_its_data_config(tmp_path):
+    """A --in-chans 1 run: the model's pretrained config holds 3-channel values, the export holds the run's."""
+    run_dir = tmp_path / 'run'
+    model = make_run(run_dir, in_chans=1, input_size=None, mean=None, std=None)
+    out = export(run_dir, tmp_path / 'export')
+    pcfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    default = timm.create_model('resnet20_cifar').pretrained_cfg
+    assert len(default['mean']) == 3 and pcfg['input_size'] == [1, *default['input_size'][1:]]
+    assert pcfg['mean'] == pytest.approx([sum(default['mean']) / 3])
+    assert pcfg['std'] == pytest.approx([sum(default['std']) / 3])
+
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    data_config = timm.data.resolve_model_data_config(loaded)
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    gray = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8), mode='L')
+    x = transform(gray)
+    assert x.shape == (1, 32, 32)
+    torch.testing.assert_close(x, (torch.from_numpy(np.array(gray)).float()[None] / 255 - pcfg['mean'][0])
+                               / pcfg['std'][0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[None]), model(x[None]))
 
 
 def test_export_ema_and_errors(tmp_path):

@@ -63,6 +63,9 @@ def test_yaml_keys_dashes_and_command_line_override(tmp_path):
     ('loss: hinge\n', [], "--loss 'hinge': unknown loss"),
     ('', ['--reweight', 'sometimes'], "--reweight 'sometimes'"),
     ('imb_ratio: 0.5\n', [], '--imb-ratio 0.5'),
+    ('', ['--in-chans', '2'], 'in_chans 2: images decode to 1 (L) or 3 (RGB)'),
+    ('input_img_mode: RGB\n', ['--in-chans', '1'], "input_img_mode 'RGB' decodes to 3 channels"),
+    ('', ['--in-chans', '3', '--input-size', '1', '32', '32'], 'in_chans 3 disagrees with input_size'),
 ])
 def test_bad_config_fails_before_training(tmp_path, capsys, content, argv, message):
     cfg = tmp_path / 'bad.yaml'
@@ -328,6 +331,8 @@ PATH_CASES = {
     'remix-cutmix-ros-la': ['--remix', '--remix-mode', 'cutmix', '--ros', '--loss', 'la'],
     'ride-remix-drw': ['--model', 'ride_resnet20_cifar', '--loss', 'ride', '--reweight', 'drw', '--drw-epoch', '1',
                        '--remix'],
+    'one-channel-cmo-ce': ['--in-chans', '1', '--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0',
+                           '--loss', 'ce'],
 }
 
 

@@ -30,6 +30,7 @@ import timm
 from timm.models import model_entrypoint, parse_model_name, save_for_hf
 
 from .checkpoint import CheckpointError, load_checkpoint_file, state_dict_from_checkpoint
+from .data.config import input_channels, resolve_run_data_config
 from .data.dataset import shot_groups
 from .files import write_text_atomic
 from .models.stage2 import fold_weight_scaling_state_dict
@@ -154,7 +155,7 @@ def create_run_model(args: Dict[str, Any], num_classes: Optional[int] = None,
 
     ``build`` (results.json's ``model_build``: architecture and factory arguments) rebuilds exactly what
     was trained, also for runs started from ``local-dir:`` / ``hf-hub:`` models; without it the model
-    comes from ``args`` (``model``, ``model_kwargs``, ``head_norm``, ``in_chans``).
+    comes from ``args`` (``model``, ``model_kwargs``, ``head_norm``, ``in_chans`` / ``input_size``).
     """
     num_classes = int(num_classes if num_classes is not None else args['num_classes'])
     if build and build.get('architecture'):
@@ -164,19 +165,26 @@ def create_run_model(args: Dict[str, Any], num_classes: Optional[int] = None,
     kwargs['num_classes'] = num_classes
     if args.get('head_norm'):
         kwargs['head_norm'] = True
-    if args.get('in_chans'):
-        kwargs['in_chans'] = int(args['in_chans'])
+    if input_channels(args) != 3:
+        kwargs['in_chans'] = input_channels(args)
     return timm.create_model(args['model'], pretrained=False, **kwargs)
 
 
-def run_data_config(args: Dict[str, Any]) -> Dict[str, Any]:
-    """The preprocessing options set in ``args`` (input_size, mean, std, crop_pct, interpolation, ...)."""
+def run_data_config(args: Dict[str, Any], model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """The preprocessing options set in ``args`` (input_size, mean, std, crop_pct, interpolation, ...).
+
+    With ``model`` and other than 3 input channels, input_size, mean and std are the run's (the model's
+    pretrained config holds 3-channel values).
+    """
     out = {}
     for key in _DATA_CONFIG_KEYS:
         value = args.get(key)
         if value is None or value == '':
             continue
         out[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    if model is not None and input_channels(args) != 3:
+        resolved = resolve_run_data_config(args, model)
+        out.update({key: resolved[key] for key in ('input_size', 'mean', 'std')})
     return out
 
 
@@ -410,7 +418,7 @@ def export(
     stage = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     try:
         save_for_hf(model, stage, model_config=model_config, safe_serialization=True,
-                    data_config=run_data_config(args) or None)
+                    data_config=run_data_config(args, model) or None)
         _add_run_record(stage / 'config.json', results)
         card = model_card(args, results, repo_id=repo_id, checkpoint=checkpoint, use_ema=use_ema, checkpoint_meta=meta)
         (stage / 'README.md').write_text(card, encoding='utf-8')

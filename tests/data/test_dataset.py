@@ -216,3 +216,19 @@ def test_torch_cifar10_download_path_offline(tmp_path, monkeypatch):
     test = create_lt_dataset('torch/cifar10', root, split='test', imb_ratio=5)
     assert len(test) == 50
     assert len(calls) == 1  # already there: no second download
+
+    # one channel: torchvision's CIFAR yields RGB, so the view converts in front of whatever transform is set
+    gray = create_lt_dataset('torch/cifar10', root, split='train', imb_ratio=5, input_img_mode='L')
+    assert gray[0][0].mode == 'L' and gray[0][0].tobytes() == img.convert('L').tobytes()
+    to_tensor = torchvision.transforms.PILToTensor()
+    gray.transform = to_tensor
+    assert gray.transform is to_tensor  # the view reports the transform it was given
+    assert torch.equal(gray[0][0], to_tensor(img.convert('L')))
+
+
+def test_folder_source_in_one_channel(cifar10_dir):
+    rgb = create_lt_dataset('', str(cifar10_dir / 'test.tar'))
+    gray = create_lt_dataset('', str(cifar10_dir / 'test.tar'), input_img_mode='L')
+    for i in (0, len(gray) - 1):
+        assert gray[i][0].mode == 'L' and gray[i][1] == rgb[i][1]
+        assert gray[i][0].tobytes() == rgb[i][0].convert('L').tobytes()

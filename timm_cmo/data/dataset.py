@@ -118,6 +118,25 @@ def dataset_class_names(dataset: Any) -> Optional[List[str]]:
     return None
 
 
+class ConvertMode:
+    """PIL image -> the same image in ``mode`` (``'L'``, ``'RGB'``, ...), then ``transform`` if given.
+
+    Put in front of a source's own transform (torchvision's CIFAR yields RGB only) to decode to ``mode``.
+    """
+
+    def __init__(self, mode: str, transform: Optional[Any] = None):
+        self.mode = mode
+        self.transform = transform
+
+    def __call__(self, img: Image.Image) -> Any:
+        if img.mode != self.mode:
+            img = img.convert(self.mode)
+        return img if self.transform is None else self.transform(img)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(mode={self.mode!r}, transform={self.transform!r})'
+
+
 class LongTailDataset(torch.utils.data.Dataset):
     """A view of a dataset restricted to ``indices``, exposing labels and class counts.
 
@@ -132,6 +151,8 @@ class LongTailDataset(torch.utils.data.Dataset):
         indices: The kept sample indices; all samples when None.
         num_classes: Number of classes; defaults to the source's class count or max label + 1.
         classes: Class names in index order.
+        input_img_mode: PIL mode the images are decoded to (``'RGB'``, ``'L'`` for one channel);
+            None keeps the source's. It applies to every view of the same source.
     """
 
     def __init__(
@@ -140,6 +161,7 @@ class LongTailDataset(torch.utils.data.Dataset):
             indices: Optional[Sequence[int]] = None,
             num_classes: Optional[int] = None,
             classes: Optional[List[str]] = None,
+            input_img_mode: Optional[str] = None,
     ):
         all_targets = dataset_targets(dataset)
         self.dataset = dataset
@@ -157,13 +179,22 @@ class LongTailDataset(torch.utils.data.Dataset):
         self.num_classes = num_classes
         self.classes = classes if classes else [str(c) for c in range(num_classes)]
         self.class_counts = np.bincount(self.targets, minlength=num_classes)
+        self.input_img_mode = input_img_mode
+        if input_img_mode is not None:
+            if isinstance(dataset, ImageDataset):
+                dataset.input_img_mode = input_img_mode  # timm's reader path decodes to it
+            else:
+                self.transform = self.transform  # wraps the source's transform in ConvertMode
 
     @property
     def transform(self):
-        return self.dataset.transform
+        transform = self.dataset.transform
+        return transform.transform if isinstance(transform, ConvertMode) else transform
 
     @transform.setter
     def transform(self, transform):
+        if self.input_img_mode is not None and not isinstance(self.dataset, ImageDataset):
+            transform = ConvertMode(self.input_img_mode, transform)
         self.dataset.transform = transform
 
     @property
@@ -231,6 +262,7 @@ def create_lt_dataset(
         list_file: Optional[str] = None,
         download: bool = False,
         imb_max: Optional[int] = None,
+        input_img_mode: Optional[str] = None,
         **kwargs: Any,
 ) -> LongTailDataset:
     """Create a (long-tailed) dataset, in the spirit of timm's ``create_dataset``.
@@ -254,6 +286,7 @@ def create_lt_dataset(
         list_file: List file, see above.
         download: Let torchvision download CIFAR when it is missing.
         imb_max: Cap on the largest class (n_max = min(largest source class, imb_max)).
+        input_img_mode: PIL mode images are decoded to (``'L'``: one channel); None: the source's (RGB).
         **kwargs: Passed to timm's ``create_dataset`` (e.g. ``class_map``); ``num_classes`` and
             ``check_files`` apply to list files.
 
@@ -283,7 +316,7 @@ def create_lt_dataset(
             raise FileNotFoundError(f'Dataset root {root!r} does not exist')
         base = create_dataset(name, root=_resolve_root(root, split), split=split, **kwargs)
 
-    full = LongTailDataset(base, num_classes=num_classes)
+    full = LongTailDataset(base, num_classes=num_classes, input_img_mode=input_img_mode)
     if imb_ratio is None and imb_max is None:
         return full
     if not is_train:
@@ -303,7 +336,8 @@ def create_lt_dataset(
             f'(imb_max {imb_max}, largest source class {int(full.class_counts.max())}) and imb_ratio {rho:g} '
             f'needs at least {need}')
     indices = long_tail_indices(full.targets, counts, seed=imb_seed)
-    dataset = LongTailDataset(base, indices=full.indices[indices], num_classes=full.num_classes, classes=full.classes)
+    dataset = LongTailDataset(base, indices=full.indices[indices], num_classes=full.num_classes, classes=full.classes,
+                              input_img_mode=input_img_mode)
     short = [c for c, (want, have) in enumerate(zip(counts, dataset.class_counts)) if have < want]
     if short:
         _logger.warning(f'Classes {short} have fewer source images than the long-tail profile asks for.')

@@ -17,6 +17,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data.loader import adapt_to_chs
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
@@ -80,7 +81,9 @@ def normalization(
 
     Scaled in double precision before the cast, as timm's ``PrefetchLoader`` does, so both paths
     normalise to the same bits (scaling after the cast differs by an ulp and the runs drift apart).
+    A scalar, or a length other than ``channels``, is adapted as timm does (repeated / averaged).
     """
+    mean, std = adapt_to_chs(mean, channels), adapt_to_chs(std, channels)
     shape = (1, channels, 1, 1)
     return (torch.tensor([m * 255 for m in mean], device=device, dtype=dtype).view(shape),
             torch.tensor([s * 255 for s in std], device=device, dtype=dtype).view(shape))
