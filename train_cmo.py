@@ -346,8 +346,8 @@ def validate_args(args: argparse.Namespace) -> None:
         except ValueError as e:
             field = str(e).split()[0]
             bad(f'remix_{field}', getattr(args, f'remix_{field}', None), str(e))
-    try:
-        input_img_mode(vars(args))  # also checks --in-chans against --input-size
+    try:  # a Hub model's channels are known once it is built; here the flags are checked against each other
+        input_img_mode(args.input_img_mode, input_channels(vars(args), default=None))
     except ValueError as e:
         error(str(e))
     if args.imb_ratio is not None and not args.imb_ratio >= 1:
@@ -627,7 +627,7 @@ def check_output_dir(args, output_dir: str) -> bool:
 
 
 def build_datasets(args):
-    common = dict(download=args.dataset_download, input_img_mode=input_img_mode(vars(args)))
+    common = dict(download=args.dataset_download)
     if args.class_map:
         common['class_map'] = args.class_map
     train_ds = create_lt_dataset(
@@ -730,17 +730,34 @@ def open_resume(args) -> Tuple[str, Dict[str, Any]]:
     return path, ckpt
 
 
+def recorded_config(args, resume: Tuple[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The run configuration the ``--resume`` checkpoint records, if its run trained the same ``--model``."""
+    recorded = resume[1].get('run')
+    config = recorded.get('config') if isinstance(recorded, dict) else None
+    return config if isinstance(config, dict) and config.get('model') == args.model else None
+
+
 def recorded_model_kwargs(args, resume: Tuple[str, Dict[str, Any]]) -> Dict[str, Any]:
     """The factory arguments the ``--resume`` checkpoint's run built its model with (its ``--model-kwargs``, and
     the router of a ``--stage2 router`` run), so ``--evaluate`` rebuilds that model; {} for another model."""
-    recorded = resume[1].get('run')
-    config = recorded.get('config') if isinstance(recorded, dict) else None
-    if not isinstance(config, dict) or config.get('model') != args.model:
+    config = recorded_config(args, resume)
+    if config is None:
         return {}
     kwargs = dict(config.get('model_kwargs') or {})
     if config.get('stage2') == 'router':
         kwargs['router'] = True
     return kwargs
+
+
+def adopt_recorded_input(args, resume: Tuple[str, Dict[str, Any]]) -> None:
+    """``--evaluate`` of a checkpoint whose run set the input channels (``--in-chans 1``): take its
+    ``--in-chans`` / ``--input-size`` / ``--input-img-mode`` unless this command sets the channels."""
+    config = recorded_config(args, resume)
+    if config is None or input_channels(vars(args), default=None) is not None:
+        return
+    for key in ('in_chans', 'input_size', 'input_img_mode'):
+        if config.get(key) is not None and getattr(args, key) is None:
+            setattr(args, key, config[key])
 
 
 def check_resume_config(args, run_config: Dict[str, Any], resume: Tuple[str, Dict[str, Any]], train_ds) -> None:
@@ -970,6 +987,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     # everything that can fail on bad input is checked before the first file is written
     resume = open_resume(args) if args.resume else None
+    if args.evaluate and resume is not None:
+        adopt_recorded_input(args, resume)
     train_ds, eval_ds = (None, None)
     if args.data_dir:
         try:
@@ -987,7 +1006,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         model = create_model(
             args.model,
             pretrained=args.pretrained,
-            in_chans=input_channels(vars(args)),
+            in_chans=input_channels(vars(args), default=None),
             num_classes=num_classes,
             drop_rate=args.drop,
             drop_path_rate=args.drop_path,
@@ -1010,6 +1029,13 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args)
     data_config = resolve_run_data_config(vars(args), model=model, verbose=args.rank == 0)
+    try:
+        img_mode = input_img_mode(args.input_img_mode, data_config['input_size'][0])
+    except ValueError as e:  # e.g. a two-channel Hub model
+        error(f'--model {args.model}: {e}')
+    for ds in (train_ds, eval_ds):
+        if ds is not None:
+            ds.input_img_mode = img_mode
 
     model.to(device=device)
     if args.channels_last:

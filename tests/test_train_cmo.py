@@ -241,6 +241,24 @@ def test_evaluate_checkpoint_and_exported_model(ldam_cmo_run, small_cifar, tmp_p
     assert got['top1'] == pytest.approx(ref['top1'])
 
 
+def test_one_channel_run_evaluates_from_checkpoint_and_export(small_cifar, tmp_path):
+    """A --in-chans 1 run evaluates to the same figures from its checkpoint and from its export, neither command
+    repeating --in-chans (the checkpoint records it; the exported config holds the input size and mean/std)."""
+    from timm_cmo import hub
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'gray', 1, '--in-chans', '1', '--loss', 'ce'))
+    ckpt = torch.load(tmp_path / 'gray' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['state_dict']['conv1.weight'].shape[1] == 1
+    ref = json.loads((tmp_path / 'gray' / 'results.json').read_text())['metrics']
+    common = ['--evaluate', '--data-dir', str(small_cifar), '--imb-ratio', '10', '--workers', '0',
+              '--output', str(tmp_path)]
+    export = hub.export(tmp_path / 'gray', tmp_path / 'export')
+    for exp, model in (('eval_ckpt', ['--model', 'resnet20_cifar', '--resume', str(tmp_path / 'gray' / 'last.pth.tar')]),
+                       ('eval_export', ['--model', f'local-dir:{export}', '--pretrained'])):
+        train_cmo.main(common + model + ['--experiment', exp])
+        got = json.loads((tmp_path / exp / 'results.json').read_text())['metrics']
+        assert got['top1'] == pytest.approx(ref['top1']) and got['nll'] == pytest.approx(ref['nll']), exp
+
+
 def test_hub_export_loads_from_offline_cache(ldam_cmo_run, tmp_path):
     """The exported run, placed where huggingface_hub caches a download, rebuilds through timm offline."""
     from timm_cmo import hub

@@ -182,8 +182,8 @@ def run_data_config(args: Dict[str, Any], model: Optional[torch.nn.Module] = Non
         if value is None or value == '':
             continue
         out[key] = tuple(value) if isinstance(value, (list, tuple)) else value
-    if model is not None and input_channels(args) != 3:
-        resolved = resolve_run_data_config(args, model)
+    resolved = resolve_run_data_config(args, model) if model is not None else None
+    if resolved is not None and resolved['input_size'][0] != 3:
         out.update({key: resolved[key] for key in ('input_size', 'mean', 'std')})
     return out
 

@@ -10,7 +10,7 @@ from timm_cmo.data.device_loader import normalization
 
 
 def test_input_channels_order_and_conflict():
-    assert input_channels({}) == 3
+    assert input_channels({}) == 3 and input_channels({}, default=None) is None
     assert input_channels({'in_chans': 1}) == 1
     assert input_channels({'input_size': [1, 28, 28]}) == 1
     assert input_channels({'in_chans': 1, 'input_size': (1, 28, 28)}) == 1
@@ -18,22 +18,21 @@ def test_input_channels_order_and_conflict():
         input_channels({'in_chans': 3, 'input_size': [1, 28, 28]})
 
 
-@pytest.mark.parametrize('args,mode', [
-    ({}, 'RGB'), ({'in_chans': 1}, 'L'), ({'input_size': [1, 32, 32]}, 'L'),
-    ({'in_chans': 4, 'input_img_mode': 'RGBA'}, 'RGBA'), ({'in_chans': 1, 'input_img_mode': 'I;16'}, 'I;16'),
+@pytest.mark.parametrize('mode,channels,expected', [
+    (None, 3, 'RGB'), (None, 1, 'L'), (None, None, None), ('RGBA', 4, 'RGBA'), ('I;16', 1, 'I;16'), ('L', None, 'L'),
 ])
-def test_input_img_mode(args, mode):
-    assert input_img_mode(args) == mode
+def test_input_img_mode(mode, channels, expected):
+    assert input_img_mode(mode, channels) == expected
 
 
-@pytest.mark.parametrize('args,message', [
-    ({'in_chans': 2}, 'in_chans 2: images decode to 1 (L) or 3 (RGB)'),
-    ({'in_chans': 1, 'input_img_mode': 'RGB'}, "input_img_mode 'RGB' decodes to 3 channels; the model takes 1"),
-    ({'input_img_mode': 'XYZ'}, "input_img_mode 'XYZ' is not a PIL image mode"),
+@pytest.mark.parametrize('mode,channels,message', [
+    (None, 2, 'in_chans 2: images decode to 1 (L) or 3 (RGB)'),
+    ('RGB', 1, "input_img_mode 'RGB' decodes to 3 channels; the model takes 1"),
+    ('XYZ', None, "input_img_mode 'XYZ' is not a PIL image mode"),
 ])
-def test_input_img_mode_errors(args, message):
+def test_input_img_mode_errors(mode, channels, message):
     with pytest.raises(ValueError) as e:
-        input_img_mode(args)
+        input_img_mode(mode, channels)
     assert message in str(e.value)
 
 
@@ -46,6 +45,10 @@ def test_resolve_run_data_config():
     assert gray['mean'] == pytest.approx((sum(base['mean']) / 3,)) and gray['std'] == pytest.approx((sum(base['std']) / 3,))
     assert {k: v for k, v in gray.items() if k not in ('input_size', 'mean', 'std')} == \
         {k: v for k, v in base.items() if k not in ('input_size', 'mean', 'std')}
+    # without channel arguments the model's pretrained config decides (a one-channel Hub model)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(1, 32, 32), mean=(0.5,), std=(0.2,))
+    assert resolve_run_data_config({}, model)['input_size'] == (1, 32, 32)
+    assert resolve_run_data_config({}, model)['mean'] == (0.5,)
     # a single given value is repeated over the channels; --img-size keeps the channel count
     assert resolve_run_data_config({'in_chans': 1, 'mean': [0.5]}, model)['mean'] == (0.5,)
     assert resolve_run_data_config({'in_chans': 4, 'mean': [0.5], 'img_size': 28}, model)['mean'] == (0.5,) * 4

@@ -16,8 +16,8 @@ __all__ = ['input_channels', 'input_img_mode', 'resolve_run_data_config']
 _MODE_BY_CHANNELS = {1: 'L', 3: 'RGB'}
 
 
-def input_channels(args: Mapping[str, Any]) -> int:
-    """Image channels the model takes: ``input_size[0]``, else ``in_chans``, else 3.
+def input_channels(args: Mapping[str, Any], default: Optional[int] = 3) -> Optional[int]:
+    """Image channels the arguments ask for: ``input_size[0]``, else ``in_chans``, else ``default``.
 
     Raises:
         ValueError: ``input_size`` and ``in_chans`` disagree.
@@ -28,19 +28,22 @@ def input_channels(args: Mapping[str, Any]) -> int:
         if in_chans is not None and int(in_chans) != int(input_size[0]):
             raise ValueError(f'in_chans {in_chans} disagrees with input_size {tuple(input_size)}')
         return int(input_size[0])
-    return int(in_chans) if in_chans is not None else 3
+    return int(in_chans) if in_chans is not None else default
 
 
-def input_img_mode(args: Mapping[str, Any]) -> str:
-    """PIL mode images are decoded to: ``input_img_mode``, else ``'L'`` for 1 channel and ``'RGB'`` for 3.
+def input_img_mode(mode: Optional[str], channels: Optional[int]) -> Optional[str]:
+    """PIL mode images are decoded to: ``mode`` if given, else ``'L'`` for 1 channel and ``'RGB'`` for 3.
+
+    ``channels`` None (not known yet, e.g. before a Hub model's config is read) checks only a given
+    mode and otherwise returns None.
 
     Raises:
-        ValueError: an unknown mode, a mode whose band count is not :func:`input_channels`, or a
-            channel count with no default mode.
+        ValueError: an unknown mode, a mode whose band count is not ``channels``, or a channel count
+            with no default mode.
     """
-    channels = input_channels(args)
-    mode = args.get('input_img_mode')
     if mode is None:
+        if channels is None:
+            return None
         if channels not in _MODE_BY_CHANNELS:
             raise ValueError(f'in_chans {channels}: images decode to 1 (L) or 3 (RGB) channels by default; '
                              f'name a PIL mode with {channels} bands in input_img_mode')
@@ -49,7 +52,7 @@ def input_img_mode(args: Mapping[str, Any]) -> str:
         bands = Image.getmodebands(mode)
     except (KeyError, ValueError):
         raise ValueError(f'input_img_mode {mode!r} is not a PIL image mode') from None
-    if bands != channels:
+    if channels is not None and bands != channels:
         raise ValueError(f'input_img_mode {mode!r} decodes to {bands} channels; the model takes {channels}')
     return mode
 
@@ -59,10 +62,11 @@ def resolve_run_data_config(
         model: Optional[nn.Module] = None,
         verbose: bool = False,
 ) -> Dict[str, Any]:
-    """timm's ``resolve_data_config(args, model=model)`` with ``input_size``'s channels set to
-    :func:`input_channels` and mean / std matched to them (repeated or averaged, as timm's loader does)."""
+    """timm's ``resolve_data_config(args, model=model)`` with ``input_size``'s channels set to those the
+    arguments ask for (else the model's pretrained config's) and mean / std matched to them (repeated or
+    averaged, as timm's loader does)."""
     config = resolve_data_config(dict(args), model=model, verbose=verbose)
-    channels = input_channels(args)
+    channels = input_channels(args, default=config['input_size'][0])
     config['input_size'] = (channels, *tuple(config['input_size'])[1:])
     config['mean'] = tuple(adapt_to_chs(tuple(config['mean']), channels))
     config['std'] = tuple(adapt_to_chs(tuple(config['std']), channels))

@@ -179,12 +179,24 @@ class LongTailDataset(torch.utils.data.Dataset):
         self.num_classes = num_classes
         self.classes = classes if classes else [str(c) for c in range(num_classes)]
         self.class_counts = np.bincount(self.targets, minlength=num_classes)
-        self.input_img_mode = input_img_mode
         if input_img_mode is not None:
-            if isinstance(dataset, ImageDataset):
-                dataset.input_img_mode = input_img_mode  # timm's reader path decodes to it
-            else:
-                self.transform = self.transform  # wraps the source's transform in ConvertMode
+            self.input_img_mode = input_img_mode
+
+    @property
+    def input_img_mode(self) -> Optional[str]:
+        """PIL mode the images are decoded to (None: the source's own)."""
+        if isinstance(self.dataset, ImageDataset):
+            return self.dataset.input_img_mode
+        transform = self.dataset.transform
+        return transform.mode if isinstance(transform, ConvertMode) else None
+
+    @input_img_mode.setter
+    def input_img_mode(self, mode: Optional[str]):
+        if isinstance(self.dataset, ImageDataset):
+            self.dataset.input_img_mode = mode  # timm's reader path decodes to it
+        else:  # in front of the source's transform, which then sees images in ``mode``
+            transform = self.transform
+            self.dataset.transform = transform if mode is None else ConvertMode(mode, transform)
 
     @property
     def transform(self):
@@ -193,9 +205,8 @@ class LongTailDataset(torch.utils.data.Dataset):
 
     @transform.setter
     def transform(self, transform):
-        if self.input_img_mode is not None and not isinstance(self.dataset, ImageDataset):
-            transform = ConvertMode(self.input_img_mode, transform)
-        self.dataset.transform = transform
+        mode = None if isinstance(self.dataset, ImageDataset) else self.input_img_mode
+        self.dataset.transform = transform if mode is None else ConvertMode(mode, transform)
 
     @property
     def target_transform(self):
