@@ -252,7 +252,8 @@ def test_one_channel_run_evaluates_from_checkpoint_and_export(small_cifar, tmp_p
     common = ['--evaluate', '--data-dir', str(small_cifar), '--imb-ratio', '10', '--workers', '0',
               '--output', str(tmp_path)]
     export = hub.export(tmp_path / 'gray', tmp_path / 'export')
-    for exp, model in (('eval_ckpt', ['--model', 'resnet20_cifar', '--resume', str(tmp_path / 'gray' / 'last.pth.tar')]),
+    last = str(tmp_path / 'gray' / 'last.pth.tar')
+    for exp, model in (('eval_ckpt', ['--model', 'resnet20_cifar', '--resume', last]),
                        ('eval_export', ['--model', f'local-dir:{export}', '--pretrained'])):
         train_cmo.main(common + model + ['--experiment', exp])
         got = json.loads((tmp_path / exp / 'results.json').read_text())['metrics']

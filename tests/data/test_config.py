@@ -42,7 +42,8 @@ def test_resolve_run_data_config():
     assert resolve_run_data_config({}, model) == base  # 3 channels: timm's own
     gray = resolve_run_data_config({'in_chans': 1}, model)
     assert gray['input_size'] == (1, *base['input_size'][1:])
-    assert gray['mean'] == pytest.approx((sum(base['mean']) / 3,)) and gray['std'] == pytest.approx((sum(base['std']) / 3,))
+    assert gray['mean'] == pytest.approx((sum(base['mean']) / 3,))
+    assert gray['std'] == pytest.approx((sum(base['std']) / 3,))
     assert {k: v for k, v in gray.items() if k not in ('input_size', 'mean', 'std')} == \
         {k: v for k, v in base.items() if k not in ('input_size', 'mean', 'std')}
     # without channel arguments the model's pretrained config decides (a one-channel Hub model)

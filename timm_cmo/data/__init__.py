@@ -2,8 +2,8 @@
 from .cmo import CMO_VARIANTS, CMOConfig, CMOMixup, MixInfo, cmo_active, rand_bbox, soft_target
 from .config import input_channels, input_img_mode, resolve_run_data_config
 from .dataset import (
-    ConvertMode, CorruptImageError, LongTailDataset, ShotGroups, create_lt_dataset, dataset_class_names, dataset_targets, long_tail_counts,
-    long_tail_indices, shot_groups,
+    ConvertMode, CorruptImageError, LongTailDataset, ShotGroups, create_lt_dataset, dataset_class_names,
+    dataset_targets, long_tail_counts, long_tail_indices, shot_groups,
 )
 from .loader import CMOCollate, CMOLoader, PlanBatchSampler, create_cmo_loader, resolve_device
 from .plan import BatchPlan, EpochPlanner
