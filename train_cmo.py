@@ -632,10 +632,10 @@ def build_datasets(args):
         common['class_map'] = args.class_map
     train_ds = create_lt_dataset(
         args.dataset, args.data_dir, split=args.train_split, imb_ratio=args.imb_ratio, imb_seed=args.imb_seed,
-        imb_max=args.imb_max, list_file=args.train_list, **common)
+        imb_max=args.imb_max, list_file=args.train_list, is_train=True, **common)
     eval_ds = create_lt_dataset(
         args.dataset, args.data_dir, split=args.val_split, list_file=args.val_list,
-        num_classes=train_ds.num_classes, **common)
+        num_classes=train_ds.num_classes, is_train=False, **common)
     return train_ds, eval_ds
 
 

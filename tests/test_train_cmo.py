@@ -612,7 +612,7 @@ def test_non_finite_state_is_never_checkpointed(small_cifar, tmp_path):
     assert not (tmp_path / 'diverge' / 'results.json').exists()
 
 
-@pytest.mark.parametrize('case', ['no-folder', 'no-list', 'empty-by-profile', 'empty-in-list'])
+@pytest.mark.parametrize('case', ['no-folder', 'no-list', 'no-eval-split', 'empty-by-profile', 'empty-in-list'])
 def test_bad_data_fails_before_the_run_folder(small_cifar, tmp_path, capsys, case):
     """Bad data arguments end like a bad flag (status 2, the value named), before anything is written."""
     argv = base_argv(small_cifar, tmp_path, 'bad', 1, '--loss', 'ce')
@@ -622,6 +622,11 @@ def test_bad_data_fails_before_the_run_folder(small_cifar, tmp_path, capsys, cas
     elif case == 'no-list':
         argv += ['--train-list', 'missing.txt']
         message = "List file '" + str(small_cifar / 'missing.txt') + "' does not exist"
+    elif case == 'no-eval-split':  # train/ only: evaluating on the folder above would mean the training images
+        (tmp_path / 'data').mkdir()
+        (tmp_path / 'data' / 'train').symlink_to(small_cifar / 'train')
+        argv += ['--data-dir', str(tmp_path / 'data')]
+        message = "holds per-split data (train) but no 'validation' split"
     elif case == 'empty-by-profile':
         argv += ['--imb-ratio', '100', '--imb-max', '20']
         message = 'classes [6, 7, 8, 9] without images'

@@ -161,6 +161,39 @@ def test_empty_and_bad_ratio(image_root, tmp_path):
         LongTailDataset(create_lt_dataset('', str(image_root), list_file='LT_train.txt').dataset, indices=[])
 
 
+def _class_folders(root, classes, per_class, cifar10_dir):
+    """Real CIFAR-10 JPEGs under root/<name>/ for each (name, CIFAR-10 class) pair."""
+    with tarfile.open(cifar10_dir / 'test.tar') as tf:
+        for name, cls in classes:
+            os.makedirs(root / name, exist_ok=True)
+            for k in range(per_class):
+                (root / name / f'{k:04d}.jpg').write_bytes(tf.extractfile(f'./{cls}/{k:04d}.jpg').read())
+
+
+def test_missing_split_is_an_error_not_the_root(tmp_path, cifar10_dir, caplog):
+    """A folder with train/ but no evaluation split must not evaluate on root (the training images)."""
+    _class_folders(tmp_path / 'train', [('airplane', 'airplane'), ('cat', 'cat')], 2, cifar10_dir)
+    assert len(create_lt_dataset('', str(tmp_path), split='train')) == 4
+    with pytest.raises(FileNotFoundError, match=r"holds per-split data \(train\) but no 'validation' split"):
+        create_lt_dataset('', str(tmp_path), split='validation')
+    # the training split is never read from an evaluation folder, whatever --train-split is called
+    _class_folders(tmp_path / 'only_test' / 'test', [('airplane', 'airplane')], 2, cifar10_dir)
+    for split in ('train', 'trn'):
+        with pytest.raises(FileNotFoundError, match=rf"holds per-split data \(test\) but no '{split}' split"):
+            create_lt_dataset('', str(tmp_path / 'only_test'), split=split, is_train=True)
+    assert len(create_lt_dataset('', str(tmp_path), split='trn', is_train=True, imb_ratio=2)) == 3  # -> train/
+    # a plain folder of class folders: both splits read it, and evaluating on it says so
+    create_lt_dataset('', str(tmp_path / 'train'), split='validation')
+    assert 'reads the same images as training' in caplog.text
+
+
+def test_class_named_like_a_split_is_not_a_split(tmp_path, cifar10_dir):
+    """CIFAR-100 has a class called 'train': in a plain class-folder tree it stays a class."""
+    _class_folders(tmp_path, [('airplane', 'airplane'), ('train', 'truck'), ('test', 'ship')], 3, cifar10_dir)
+    ds = create_lt_dataset('', str(tmp_path), split='train')
+    assert ds.classes == ['airplane', 'test', 'train'] and ds.class_counts.tolist() == [3, 3, 3]
+
+
 def test_profile_that_empties_classes_is_refused(cifar10_dir):
     """rho 100 over 10 classes keeps n_max / 100 in the last class: n_max 20 would leave classes 6-9 empty."""
     assert long_tail_counts(20, 10, 100) == [20, 11, 7, 4, 2, 1, 0, 0, 0, 0]

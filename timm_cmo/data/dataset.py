@@ -252,15 +252,33 @@ class LongTailDataset(torch.utils.data.Dataset):
                 f'min={int(self.class_counts.min())})')
 
 
-def _resolve_root(root: str, split: str) -> str:
-    """Pick ``root/<split>`` or ``root/<split>.tar`` when root is a folder holding per-split data."""
+def _split_paths(root: str, names: Sequence[str]) -> List[str]:
+    """``root/<name>.tar`` files and ``root/<name>`` folders of class folders that exist, in the order of
+    ``names``. A folder of images is a class, not a split: CIFAR-100 has a class named ``train``."""
+    def is_split(path: str) -> bool:
+        if path.endswith('.tar'):
+            return os.path.isfile(path)
+        if not os.path.isdir(path):
+            return False
+        with os.scandir(path) as entries:
+            return any(e.is_dir() for e in entries)
+    return [p for n in names for p in (os.path.join(root, n), os.path.join(root, n + '.tar')) if is_split(p)]
+
+
+def _resolve_root(root: str, split: str, is_train: bool) -> str:
+    """Pick ``root/<split>`` or ``root/<split>.tar`` when root is a folder holding per-split data; root itself
+    when it holds none (a plain folder of class folders). A folder holding other splits but not this one is an
+    error: reading root would silently mix the splits (e.g. evaluate on the training images)."""
     if not os.path.isdir(root):
         return root
-    names = _TRAIN_SPLITS if split in _TRAIN_SPLITS else (split,) + _EVAL_SPLIT_FILES
-    for name in names:
-        for candidate in (os.path.join(root, name), os.path.join(root, name + '.tar')):
-            if os.path.exists(candidate):
-                return candidate
+    found = _split_paths(root, (split,) + (_TRAIN_SPLITS if is_train else _EVAL_SPLIT_FILES))
+    if found:
+        return found[0]
+    others = _split_paths(root, _TRAIN_SPLITS + _EVAL_SPLIT_FILES)
+    if others:
+        raise FileNotFoundError(
+            f'{root!r} holds per-split data ({", ".join(os.path.basename(p) for p in others)}) but no {split!r} '
+            f'split; name the folder with the split argument (--train-split / --val-split) or give a list file')
     return root
 
 
@@ -274,6 +292,7 @@ def create_lt_dataset(
         download: bool = False,
         imb_max: Optional[int] = None,
         input_img_mode: Optional[str] = None,
+        is_train: Optional[bool] = None,
         **kwargs: Any,
 ) -> LongTailDataset:
     """Create a (long-tailed) dataset, in the spirit of timm's ``create_dataset``.
@@ -298,6 +317,9 @@ def create_lt_dataset(
         download: Let torchvision download CIFAR when it is missing.
         imb_max: Cap on the largest class (n_max = min(largest source class, imb_max)).
         input_img_mode: PIL mode images are decoded to (``'L'``: one channel); None: the source's (RGB).
+        is_train: Whether ``split`` is the training split (made long-tailed; a missing folder of that name
+            is looked for as ``train``/``training``, never as an evaluation split). None: ``split`` is
+            ``'train'`` or ``'training'``.
         **kwargs: Passed to timm's ``create_dataset`` (e.g. ``class_map``); ``num_classes`` and
             ``check_files`` apply to list files.
 
@@ -310,7 +332,7 @@ def create_lt_dataset(
         raise ValueError(f'imb_max must be >= 1, got {imb_max}')
     num_classes = kwargs.pop('num_classes', None)
     check_files = kwargs.pop('check_files', True)
-    is_train = split in _TRAIN_SPLITS
+    is_train = split in _TRAIN_SPLITS if is_train is None else is_train
 
     if list_file is not None:
         if not os.path.exists(list_file) and not os.path.isabs(list_file):
@@ -321,11 +343,15 @@ def create_lt_dataset(
         base = ImageDataset(root, reader=reader, **kwargs)
         num_classes = reader.num_classes
     elif name.lower().startswith('torch/'):
-        base = create_dataset(name, root=root, split=split, download=download, **kwargs)
+        base = create_dataset(name, root=root, split='train' if is_train else split, download=download, **kwargs)
     else:
         if not os.path.exists(root):
             raise FileNotFoundError(f'Dataset root {root!r} does not exist')
-        base = create_dataset(name, root=_resolve_root(root, split), split=split, **kwargs)
+        split_root = _resolve_root(root, split, is_train)
+        if not is_train and os.path.isdir(root) and split_root == root:
+            _logger.warning(f'{root!r} has no per-split folders: the {split!r} split reads the same images as '
+                            f'training would.')
+        base = create_dataset(name, root=split_root, split=split, search_split=False, **kwargs)
 
     full = LongTailDataset(base, num_classes=num_classes, input_img_mode=input_img_mode)
     if imb_ratio is None and imb_max is None:
