@@ -259,6 +259,20 @@ def test_torch_cifar10_download_path_offline(tmp_path, monkeypatch):
     assert torch.equal(gray[0][0], to_tensor(img.convert('L')))
 
 
+def test_torch_cifar10_missing_copy_is_named(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('no network')
+
+    monkeypatch.setattr(torchvision.datasets.cifar, 'download_and_extract_archive', offline)
+    root = str(tmp_path / 'none')
+    with pytest.raises(FileNotFoundError, match=r"torch/cifar10: no copy under .*none' and downloading is off"):
+        create_lt_dataset('torch/cifar10', root, imb_ratio=5)
+    with pytest.raises(FileNotFoundError, match=r"torch/cifar10: no copy under .*none' and the download failed.*no net"):
+        create_lt_dataset('torch/cifar10', root, imb_ratio=5, download=True)
+
+
 def test_folder_source_in_one_channel(cifar10_dir):
     rgb = create_lt_dataset('', str(cifar10_dir / 'test.tar'))
     gray = create_lt_dataset('', str(cifar10_dir / 'test.tar'), input_img_mode='L')

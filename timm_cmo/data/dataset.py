@@ -343,7 +343,11 @@ def create_lt_dataset(
         base = ImageDataset(root, reader=reader, **kwargs)
         num_classes = reader.num_classes
     elif name.lower().startswith('torch/'):
-        base = create_dataset(name, root=root, split='train' if is_train else split, download=download, **kwargs)
+        try:
+            base = create_dataset(name, root=root, split='train' if is_train else split, download=download, **kwargs)
+        except (OSError, RuntimeError) as e:  # torchvision: not found (RuntimeError) or the download failed
+            how = 'the download failed' if download else 'downloading is off (--dataset-download)'
+            raise FileNotFoundError(f'{name}: no copy under {root!r} and {how}: {e}') from None
     else:
         if not os.path.exists(root):
             raise FileNotFoundError(f'Dataset root {root!r} does not exist')
