@@ -167,3 +167,16 @@ def test_bad_arguments(cifar_lt):
         preview.make_preview(cifar_lt, scale=0)
     with pytest.raises(SystemExit):
         preview.main(['--out', 'x.png'])  # --data-dir is required
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--imb-ratio', '100', '--imb-max', '20'], 'classes [6, 7, 8, 9] without images'),
+    (['--list-file', 'missing.txt'], "missing.txt' does not exist"),
+])
+def test_bad_data_is_a_flag_error(cifar10_dir, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        preview.main(['--data-dir', str(cifar10_dir), '--out', str(tmp_path / 'x.png')] + argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f'--data-dir {cifar10_dir}:' in err and message in err
+    assert not (tmp_path / 'x.png').exists()

@@ -292,11 +292,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point (``timm-cmo-preview``): writes the PNG, prints its path, returns 0."""
-    args = _parser().parse_args(argv)
-    dataset = create_lt_dataset(
-        args.dataset, args.data_dir, split=args.split,
-        imb_ratio=args.imb_ratio if args.imb_ratio and args.imb_ratio > 0 else None,
-        imb_max=args.imb_max, imb_seed=args.imb_seed, list_file=args.list_file, download=args.download)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        dataset = create_lt_dataset(
+            args.dataset, args.data_dir, split=args.split,
+            imb_ratio=args.imb_ratio if args.imb_ratio and args.imb_ratio > 0 else None,
+            imb_max=args.imb_max, imb_seed=args.imb_seed, list_file=args.list_file, download=args.download)
+    except (OSError, ValueError) as e:  # a missing folder or list file, a bad list line, an empty class
+        parser.error(f'--data-dir {args.data_dir}: {e}')
     make_preview(dataset, num=args.num, r=args.cmo_r, seed=args.seed, scale=args.scale, out=args.out,
                  size=args.size, mode=args.mode, beta=args.cmo_beta)
     print(args.out)
