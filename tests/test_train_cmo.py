@@ -827,4 +827,6 @@ def test_console_scripts_exit_zero(small_cifar, tmp_path):
     train = scripts['timm-cmo-train'].load()
     assert train(base_argv(small_cifar, tmp_path, 'cli', 1, '--loss', 'ce')) == 0
     preview = scripts['timm-cmo-preview'].load()
-    assert preview(['--data-dir', str(small_cifar / 'train'), '--num', '4', '--out', str(tmp_path / 'p.png')]) == 0
+    # 60 images a class: rho 10 (the default 100 would leave the last class empty, an error since 3b6955e)
+    assert preview(['--data-dir', str(small_cifar / 'train'), '--imb-ratio', '10', '--num', '4',
+                    '--out', str(tmp_path / 'p.png')]) == 0
