@@ -181,7 +181,9 @@ def test_missing_split_is_an_error_not_the_root(tmp_path, cifar10_dir, caplog):
     for split in ('train', 'trn'):
         with pytest.raises(FileNotFoundError, match=rf"holds per-split data \(test\) but no '{split}' split"):
             create_lt_dataset('', str(tmp_path / 'only_test'), split=split, is_train=True)
-    assert len(create_lt_dataset('', str(tmp_path), split='trn', is_train=True, imb_ratio=2)) == 3  # -> train/
+    with caplog.at_level('INFO'):
+        assert len(create_lt_dataset('', str(tmp_path), split='trn', is_train=True, imb_ratio=2)) == 3
+    assert f"No 'trn' split under {str(tmp_path)!r}: reading {str(tmp_path / 'train')!r}" in caplog.text
     # a plain folder of class folders: both splits read it, and evaluating on it says so
     create_lt_dataset('', str(tmp_path / 'train'), split='validation')
     assert 'reads the same images as training' in caplog.text

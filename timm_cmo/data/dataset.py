@@ -273,6 +273,8 @@ def _resolve_root(root: str, split: str, is_train: bool) -> str:
         return root
     found = _split_paths(root, (split,) + (_TRAIN_SPLITS if is_train else _EVAL_SPLIT_FILES))
     if found:
+        if os.path.basename(found[0]) not in (split, split + '.tar'):
+            _logger.info(f'No {split!r} split under {root!r}: reading {found[0]!r} for it.')
         return found[0]
     others = _split_paths(root, _TRAIN_SPLITS + _EVAL_SPLIT_FILES)
     if others:
