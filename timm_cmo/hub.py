@@ -165,8 +165,9 @@ def create_run_model(args: Dict[str, Any], num_classes: Optional[int] = None,
     kwargs['num_classes'] = num_classes
     if args.get('head_norm'):
         kwargs['head_norm'] = True
-    if input_channels(args) != 3:
-        kwargs['in_chans'] = input_channels(args)
+    channels = input_channels(args)
+    if channels != 3:
+        kwargs['in_chans'] = channels
     return timm.create_model(args['model'], pretrained=False, **kwargs)
 
 

@@ -137,6 +137,11 @@ class ConvertMode:
         return f'{type(self).__name__}(mode={self.mode!r}, transform={self.transform!r})'
 
 
+def _with_mode(transform: Optional[Any], mode: Optional[str]) -> Optional[Any]:
+    """``transform`` behind a :class:`ConvertMode` to ``mode``; as is when ``mode`` is None."""
+    return transform if mode is None else ConvertMode(mode, transform)
+
+
 class LongTailDataset(torch.utils.data.Dataset):
     """A view of a dataset restricted to ``indices``, exposing labels and class counts.
 
@@ -195,8 +200,7 @@ class LongTailDataset(torch.utils.data.Dataset):
         if isinstance(self.dataset, ImageDataset):
             self.dataset.input_img_mode = mode  # timm's reader path decodes to it
         else:  # in front of the source's transform, which then sees images in ``mode``
-            transform = self.transform
-            self.dataset.transform = transform if mode is None else ConvertMode(mode, transform)
+            self.dataset.transform = _with_mode(self.transform, mode)
 
     @property
     def transform(self):
@@ -206,7 +210,7 @@ class LongTailDataset(torch.utils.data.Dataset):
     @transform.setter
     def transform(self, transform):
         mode = None if isinstance(self.dataset, ImageDataset) else self.input_img_mode
-        self.dataset.transform = transform if mode is None else ConvertMode(mode, transform)
+        self.dataset.transform = _with_mode(transform, mode)
 
     @property
     def target_transform(self):
