@@ -4,9 +4,11 @@
     python bench/summarize_runs.py ../runs/cifar10_lt_mini --copy-to docs/results/cifar10_lt_mini
 
 Prints (and with ``--copy-to`` writes ``table.md``) a Markdown table of the final-epoch top-1,
-head / middle / tail, calibration (ECE) and per-class accuracy per method and seed, the mean over seeds,
+head / middle / tail, calibration (ECE, MCE, NLL) and per-class accuracy per method and seed, the mean over seeds,
 the paper's comparison layout (rows: the base methods CE, CE-DRW, LDAM-DRW, BS, RIDE; columns: as is,
-+ ROS, + Remix, + CMO, + CMO + LAS, + EA, + CMO + EA (RIDE's router stage), where runs exist), the gain of each variant over its base method,
++ ROS, + Remix, + CMO, + CMO + LAS, + EA, + CMO + EA (RIDE's router stage), where runs exist; with several seeds
+each cell lists the per-seed top-1 too), the gain of each variant over its base method (head / middle / tail and
+many / medium / few shot, with the top-1 gain of each seed, so a sign that flips between seeds shows),
 and the time and peak memory of each run. Methods are named like the recipes:
 ``<base>[_ros|_remix|_cmo][_las]``. ``--copy-to`` also copies each run's results.json, summary.csv,
 args.yaml, per-class CSV and reliability diagram (a few KB each) and draws ``per_class_<base>.png``:
@@ -30,6 +32,9 @@ KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'r
 NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE'}
 VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_cmo': '+ CMO', '_cmo_las': '+ CMO + LAS',
             '_router': '+ EA', '_cmo_router': '+ CMO + EA'}  # EA: RIDE's expert assignment (router stage)
+RUN_KEYS = ('top1', 'head', 'middle', 'tail', 'ece', 'mce', 'nll')  # per-run table columns
+GAIN_KEYS = {'top1': 'top-1', 'head': 'head', 'middle': 'middle', 'tail': 'tail',
+             'many': 'many (>100)', 'medium': 'medium (20-100)', 'few': 'few (<20)'}
 
 
 def split(method: str):
@@ -70,39 +75,36 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
     names = any_run['class_names']
     counts = any_run['dataset']['class_counts']
     lines = [
-        '| method | seed | top-1 | head | middle | tail | ECE | ' + ' | '.join(f'{n} ({c})' for n, c in zip(names, counts))
-        + ' | paper (recipe target) |',
-        '|---|---|---|---|---|---|---|' + '---|' * len(names) + '---|',
+        '| method | seed | top-1 | head | middle | tail | ECE | MCE | NLL | '
+        + ' | '.join(f'{n} ({c})' for n, c in zip(names, counts)) + ' | paper (recipe target) |',
+        '|---|---|' + '---|' * len(RUN_KEYS) + '---|' * len(names) + '---|',
     ]
     means = {}
     for method in order:
         seeds = runs[method]
         for seed, r in sorted(seeds.items()):
-            m = r['metrics']
-            lines.append(f'| {label(method)} | {seed} | {fmt(m["top1"])} | {fmt(m["head"])} | {fmt(m["middle"])} | '
-                         f'{fmt(m["tail"])} | {fmt(m.get("ece"))} | ' + ' | '.join(fmt(a) for a in r['per_class']['top1'])
+            lines.append(f'| {label(method)} | {seed} | ' + ' | '.join(fmt(r['metrics'].get(k)) for k in RUN_KEYS)
+                         + ' | ' + ' | '.join(fmt(a) for a in r['per_class']['top1'])
                          + f' | {fmt(r.get("paper_top1"))} |')
-        keys = ('top1', 'head', 'middle', 'tail', 'ece')
-        means[method] = {k: mean_or_none([r['metrics'].get(k) for r in seeds.values()]) for k in keys}
-        means[method]['seeds'] = sorted(seeds)
+        means[method] = {k: mean_or_none([r['metrics'].get(k) for r in seeds.values()]) for k in RUN_KEYS}
+        means[method]['seeds'] = {s: r['metrics']['top1'] for s, r in sorted(seeds.items())}
         if len(seeds) > 1:
-            per_class = mean_per_class(seeds)
             lines.append(f'| **{label(method)}** | mean of {len(seeds)} | **{fmt(means[method]["top1"])}** | '
-                         f'{fmt(means[method]["head"])} | {fmt(means[method]["middle"])} | {fmt(means[method]["tail"])} | '
-                         f'{fmt(means[method]["ece"])} | ' + ' | '.join(fmt(a) for a in per_class) + ' | |')
+                         + ' | '.join(fmt(means[method][k]) for k in RUN_KEYS[1:]) + ' | '
+                         + ' | '.join(fmt(a) for a in mean_per_class(seeds)) + ' | |')
     lines += [''] + comparison(runs, means)
-    lines += ['', '| gain over the base method (with minus without, mean over common seeds) | top-1 | head | middle | tail |',
-              '|---|---|---|---|---|']
+    lines += ['', '| gain over the base method (with minus without, mean over common seeds) | '
+              + ' | '.join(GAIN_KEYS.values()) + ' | top-1 gain per seed |', '|---|' + '---|' * (len(GAIN_KEYS) + 1)]
     for method in order:
         base = split(method)[0] if split(method)[1] else None
         if base and base in runs:
             common = sorted(set(runs[method]) & set(runs[base]))
             if not common:
                 continue
-            gains = {k: statistics.mean(runs[method][s]['metrics'][k] - runs[base][s]['metrics'][k] for s in common)
-                     for k in ('top1', 'head', 'middle', 'tail')}
+            per_seed = {k: [gain(runs[method][s], runs[base][s], k) for s in common] for k in GAIN_KEYS}
             lines.append(f'| {label(method)} vs {label(base)} (seeds {", ".join(map(str, common))}) | '
-                         + ' | '.join(f'{gains[k]:+.1f}' for k in ('top1', 'head', 'middle', 'tail')) + ' |')
+                         + ' | '.join(signed(mean_or_none(per_seed[k])) for k in GAIN_KEYS) + ' | '
+                         + ', '.join(signed(g) for g in per_seed['top1']) + ' |')
     lines += ['', '| run | wall time (min) | peak RSS (MiB) | device |', '|---|---|---|---|']
     for method in order:
         for seed, r in sorted(runs[method].items()):
@@ -123,6 +125,16 @@ def mean_or_none(values):
     return statistics.mean(values) if values else None
 
 
+def gain(run: dict, base: dict, key: str):
+    """``run`` minus ``base`` on one metric; None where either lacks it (e.g. an empty shot group)."""
+    a, b = run['metrics'].get(key), base['metrics'].get(key)
+    return None if a is None or b is None else a - b
+
+
+def signed(v) -> str:
+    return '–' if v is None else f'{v:+.1f}'
+
+
 def comparison(runs: Dict[str, Dict[int, dict]], means: Dict[str, dict]) -> List[str]:
     """The paper's comparison layout: a row per base method, a column per variant; top-1 (ECE), mean over seeds."""
     bases = sorted({split(m)[0] for m in runs}, key=order_key)
@@ -133,8 +145,8 @@ def comparison(runs: Dict[str, Dict[int, dict]], means: Dict[str, dict]) -> List
         cells = []
         for v in variants:
             m = means.get(base + v)
-            cells.append('–' if m is None else f'{fmt(m["top1"])} ({fmt(m["ece"])})'
-                         + (f' [{len(m["seeds"])} seeds]' if len(m['seeds']) > 1 else ''))
+            cells.append('–' if m is None else f'{fmt(m["top1"])} ({fmt(m["ece"])})' + (
+                f' [seeds: {", ".join(fmt(t) for t in m["seeds"].values())}]' if len(m['seeds']) > 1 else ''))
         lines.append(f'| {NAMES.get(base, base)} | ' + ' | '.join(cells) + ' |')
     return lines
 

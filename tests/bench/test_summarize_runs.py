@@ -12,7 +12,8 @@ def fake_run(root: Path, method: str, seed: int, top1: float, ece: float):
     run = root / f'{method}-s{seed}'
     run.mkdir(parents=True)
     results = dict(
-        metrics=dict(top1=top1, head=top1 + 10, middle=top1, tail=top1 - 10, ece=ece),
+        metrics=dict(top1=top1, head=top1 + 10, middle=top1, tail=top1 - 10, many=top1 + 5, medium=top1,
+                     few=top1 - 5, ece=ece, mce=2 * ece, nll=ece / 10),
         per_class=dict(top1=[top1 + 10, top1, top1 - 10]), class_names=NAMES,
         dataset=dict(class_counts=[100, 30, 5]), paper_top1=None, command='train_cmo.py -c x.yaml',
         resources=dict(wall_min=50.0, peak_rss_mib=1300, device='cpu'))
@@ -27,6 +28,7 @@ def test_comparison_table_and_files(tmp_path):
                               ('ride_cmo', 53., 7.), ('ride_cmo_router', 52., 6.)):
         fake_run(runs, method, 0, top1, ece)
     fake_run(runs, 'ride', 1, 52., 6.)
+    fake_run(runs, 'ride_cmo', 1, 51., 9.)  # below RIDE at seed 1: the per-seed gains show the flip
     out = tmp_path / 'copy'
     proc = subprocess.run([sys.executable, str(REPO / 'bench' / 'summarize_runs.py'), str(runs), '--copy-to', str(out)],
                           capture_output=True, text=True, timeout=300)
@@ -34,10 +36,14 @@ def test_comparison_table_and_files(tmp_path):
     text = proc.stdout
     assert '| top-1 (ECE), mean over seeds | as is | + ROS | + Remix | + CMO | + CMO + LAS | + CMO + EA |' in text
     assert '| CE-DRW | 40.0 (20.0) | 41.0 (22.0) | 42.0 (10.0) | 45.0 (12.0) | 47.0 (5.0) | – |' in text
-    assert '| RIDE | 51.0 (7.0) [2 seeds] | – | – | 53.0 (7.0) | – | 52.0 (6.0) |' in text
-    assert '| RIDE + CMO + EA vs RIDE (seeds 0) | +2.0 |' in text
+    assert '| RIDE | 51.0 (7.0) [seeds: 50.0, 52.0] | – | – | 52.0 (8.0) [seeds: 53.0, 51.0] | – | 52.0 (6.0) |' in text
+    # per run: top-1, head, middle, tail, ECE, MCE, NLL, per class, paper
+    assert '| CE-DRW + CMO | 0 | 45.0 | 55.0 | 45.0 | 35.0 | 12.0 | 24.0 | 1.2 | 55.0 | 45.0 | 35.0 | – |' in text
+    assert '| **RIDE** | mean of 2 | **51.0** | 61.0 | 51.0 | 41.0 | 7.0 | 14.0 | 0.7 | 61.0 | 51.0 | 41.0 | |' in text
+    # gains: top-1, head, middle, tail, many, medium, few, then the top-1 gain of each seed
+    assert '| RIDE + CMO + EA vs RIDE (seeds 0) | +2.0 | +2.0 | +2.0 | +2.0 | +2.0 | +2.0 | +2.0 | +2.0 |' in text
     assert '| CE-DRW + CMO + LAS vs CE-DRW (seeds 0) | +7.0 |' in text
-    assert '| RIDE + CMO vs RIDE (seeds 0) | +3.0 |' in text
+    assert '| RIDE + CMO vs RIDE (seeds 0, 1) | +1.0 | +1.0 | +1.0 | +1.0 | +1.0 | +1.0 | +1.0 | +3.0, -1.0 |' in text
     assert (out / 'table.md').read_text().strip() == text.strip()
     assert (out / 'per_class_ce_drw.png').is_file() and (out / 'per_class_ride.png').is_file()
     assert (out / 'ce_drw_cmo_las-s0' / 'results.json').is_file()
