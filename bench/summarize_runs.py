@@ -33,6 +33,7 @@ NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ri
 VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_cmo': '+ CMO', '_cmo_las': '+ CMO + LAS',
             '_router': '+ EA', '_cmo_router': '+ CMO + EA'}  # EA: RIDE's expert assignment (router stage)
 RUN_KEYS = ('top1', 'head', 'middle', 'tail', 'ece', 'mce', 'nll')  # per-run table columns
+DIGITS = {'nll': 2}  # decimals of a column where 1 is too few (NLL in nats; the rest are %)
 GAIN_KEYS = {'top1': 'top-1', 'head': 'head', 'middle': 'middle', 'tail': 'tail',
              'many': 'many (>100)', 'medium': 'medium (20-100)', 'few': 'few (<20)'}
 
@@ -65,8 +66,8 @@ def load_runs(root: Path) -> Dict[str, Dict[int, dict]]:
     return runs
 
 
-def fmt(v) -> str:
-    return '–' if v is None else f'{v:.1f}'
+def fmt(v, digits: int = 1) -> str:
+    return '–' if v is None else f'{v:.{digits}f}'
 
 
 def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
@@ -83,14 +84,15 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
     for method in order:
         seeds = runs[method]
         for seed, r in sorted(seeds.items()):
-            lines.append(f'| {label(method)} | {seed} | ' + ' | '.join(fmt(r['metrics'].get(k)) for k in RUN_KEYS)
+            lines.append(f'| {label(method)} | {seed} | ' + ' | '.join(fmt(r['metrics'].get(k), DIGITS.get(k, 1))
+                                                                      for k in RUN_KEYS)
                          + ' | ' + ' | '.join(fmt(a) for a in r['per_class']['top1'])
                          + f' | {fmt(r.get("paper_top1"))} |')
         means[method] = {k: mean_or_none([r['metrics'].get(k) for r in seeds.values()]) for k in RUN_KEYS}
         means[method]['seeds'] = {s: r['metrics']['top1'] for s, r in sorted(seeds.items())}
         if len(seeds) > 1:
             lines.append(f'| **{label(method)}** | mean of {len(seeds)} | **{fmt(means[method]["top1"])}** | '
-                         + ' | '.join(fmt(means[method][k]) for k in RUN_KEYS[1:]) + ' | '
+                         + ' | '.join(fmt(means[method][k], DIGITS.get(k, 1)) for k in RUN_KEYS[1:]) + ' | '
                          + ' | '.join(fmt(a) for a in mean_per_class(seeds)) + ' | |')
     lines += [''] + comparison(runs, means)
     lines += ['', '| gain over the base method (with minus without, mean over common seeds) | '

@@ -38,8 +38,8 @@ def test_comparison_table_and_files(tmp_path):
     assert '| CE-DRW | 40.0 (20.0) | 41.0 (22.0) | 42.0 (10.0) | 45.0 (12.0) | 47.0 (5.0) | – |' in text
     assert '| RIDE | 51.0 (7.0) [seeds: 50.0, 52.0] | – | – | 52.0 (8.0) [seeds: 53.0, 51.0] | – | 52.0 (6.0) |' in text
     # per run: top-1, head, middle, tail, ECE, MCE, NLL, per class, paper
-    assert '| CE-DRW + CMO | 0 | 45.0 | 55.0 | 45.0 | 35.0 | 12.0 | 24.0 | 1.2 | 55.0 | 45.0 | 35.0 | – |' in text
-    assert '| **RIDE** | mean of 2 | **51.0** | 61.0 | 51.0 | 41.0 | 7.0 | 14.0 | 0.7 | 61.0 | 51.0 | 41.0 | |' in text
+    assert '| CE-DRW + CMO | 0 | 45.0 | 55.0 | 45.0 | 35.0 | 12.0 | 24.0 | 1.20 | 55.0 | 45.0 | 35.0 | – |' in text
+    assert '| **RIDE** | mean of 2 | **51.0** | 61.0 | 51.0 | 41.0 | 7.0 | 14.0 | 0.70 | 61.0 | 51.0 | 41.0 | |' in text
     # gains: top-1, head, middle, tail, many, medium, few, then the top-1 gain of each seed
     assert '| RIDE + CMO + EA vs RIDE (seeds 0) | +2.0 | +2.0 | +2.0 | +2.0 | +2.0 | +2.0 | +2.0 | +2.0 |' in text
     assert '| CE-DRW + CMO + LAS vs CE-DRW (seeds 0) | +7.0 |' in text
