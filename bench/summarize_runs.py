@@ -66,8 +66,9 @@ def load_runs(root: Path) -> Dict[str, Dict[int, dict]]:
     return runs
 
 
-def fmt(v, digits: int = 1) -> str:
-    return '–' if v is None else f'{v:.{digits}f}'
+def fmt(v, digits: int = 1, sign: str = '') -> str:
+    """``v`` with ``digits`` decimals (``sign='+'``: signed), '–' for a missing value."""
+    return '–' if v is None else f'{v:{sign}.{digits}f}'
 
 
 def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
@@ -105,8 +106,8 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
                 continue
             per_seed = {k: [gain(runs[method][s], runs[base][s], k) for s in common] for k in GAIN_KEYS}
             lines.append(f'| {label(method)} vs {label(base)} (seeds {", ".join(map(str, common))}) | '
-                         + ' | '.join(signed(mean_or_none(per_seed[k])) for k in GAIN_KEYS) + ' | '
-                         + ', '.join(signed(g) for g in per_seed['top1']) + ' |')
+                         + ' | '.join(fmt(mean_or_none(per_seed[k]), sign='+') for k in GAIN_KEYS) + ' | '
+                         + ', '.join(fmt(g, sign='+') for g in per_seed['top1']) + ' |')
     lines += ['', '| run | wall time (min) | peak RSS (MiB) | device |', '|---|---|---|---|']
     for method in order:
         for seed, r in sorted(runs[method].items()):
@@ -131,10 +132,6 @@ def gain(run: dict, base: dict, key: str):
     """``run`` minus ``base`` on one metric; None where either lacks it (e.g. an empty shot group)."""
     a, b = run['metrics'].get(key), base['metrics'].get(key)
     return None if a is None or b is None else a - b
-
-
-def signed(v) -> str:
-    return '–' if v is None else f'{v:+.1f}'
 
 
 def comparison(runs: Dict[str, Dict[int, dict]], means: Dict[str, dict]) -> List[str]:
