@@ -706,7 +706,8 @@ def build_train_loader(args, train_ds, data_config, device, num_classes):
 
 
 def cpu_name() -> str:
-    return f'{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+    threads = torch.get_num_threads()
+    return f'{cpu_model()}, {os.cpu_count()} cores, {threads} torch thread{"" if threads == 1 else "s"}'
 
 
 def run_record(run_config: Dict[str, Any], train_ds) -> Dict[str, Any]:

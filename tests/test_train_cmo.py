@@ -159,6 +159,8 @@ def test_end_to_end_outputs(ldam_cmo_run):
     assert results['method']['cmo'] and results['method']['loss'] == 'ldam'
     assert 'train_cmo.py' in results['command'] and results['epoch'] == 2
     assert results['resources']['peak_rss_mib'] > 100 and results['resources']['wall_min'] > 0
+    if not torch.cuda.is_available():  # OMP_NUM_THREADS=1: the count and its noun agree
+        assert results['resources']['device'].endswith(' cores, 1 torch thread'), results['resources']['device']
     rows = (run / 'per_class_accuracy.csv').read_text().strip().splitlines()
     assert len(rows) == 11
     assert len((run / 'summary.csv').read_text().strip().splitlines()) == 4
