@@ -25,7 +25,7 @@ setup(
     install_requires=[
         'torch>=2.1',
         'torchvision>=0.16',
-        'timm>=1.0',
+        'timm>=1.0.31',  # timm.models._input (model args recorded for the Hub export), timm.loss.compute_class_weights
         'huggingface-hub',
         'safetensors',
         'pyyaml',

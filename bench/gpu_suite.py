@@ -6,7 +6,8 @@ started in the repository root, does everything in order and never starts what t
 hold (each step is checked against the budget with its estimated seconds; measured ones once
 step 1 has run):
 
-  0  install  ``pip install -e ".[test]"`` when a requirement is missing (nothing otherwise)
+  0  install  when a requirement of setup.py is missing (nothing otherwise): from ``shared/wheels`` if there
+              is one (offline), else ``pip install -e ".[test]"``
      check    nvidia-smi and torch: the GPU, its memory, the versions
   1  timings  bench/mixing_cost.py; bench/train_speed.py: ordinary loader vs --data-on-device with CMO
               off/on (fp32), then --data-on-device + CMO with bf16 + channels-last, and also compiled;
@@ -57,6 +58,7 @@ VARIANTS = {  # name -> (train_cmo.py flags, train_speed.py flags)
 }
 BATCH = 128  # the recipes' batch size (train_speed.py's too)
 COMPACT_NAME = 'cifar10_lt_r100'
+WHEELS = REPO / 'shared' / 'wheels'  # wheels of requirements the GPU image may lack (it cannot download)
 PER_CLASS, NUM_CLASSES, TEST_IMAGES = 5000, 10, 10000  # CIFAR-10
 RESULT_FILES = ('results.json', 'summary.csv', 'args.yaml', 'per_class_accuracy.csv', 'per_class_accuracy.png',
                 'train.log')
@@ -294,9 +296,17 @@ class CostModel:
         got = self.step_s(name)
         return got if got is not None else self.g[f'{name}_s']
 
+    def run_factor(self, variant: str) -> float:
+        """A run's seconds per epoch over train_speed.py's (train_cmo.py's own per-step work), as finished runs of
+        ``variant`` measured it (``runs.observed`` of an earlier session's measured.json); 1 without any."""
+        ratios = [o['s_per_epoch'] / (self.s_per_image(variant, o['parallel']) * self.n_epoch)
+                  for o in (self.m.get('runs') or {}).get('observed', [])
+                  if o.get('variant') == variant and o.get('s_per_epoch')]
+        return statistics.median(ratios) if ratios else 1.
+
     def run_s(self, variant: str, p: int, epochs: int, eval_interval: int) -> float:
         """One run of ``epochs`` epochs with ``p`` runs at once: start-up, training epochs, evaluations."""
-        per_image = self.s_per_image(variant, p)
+        per_image = self.s_per_image(variant, p) * self.run_factor(variant)
         evals = math.ceil(epochs / eval_interval) + 1
         return self.startup_s(variant, p) + epochs * self.n_epoch * per_image + evals * self.n_test * per_image / 3
 
@@ -549,7 +559,9 @@ class Suite:
         else:
             t = 0.
             install = 0. if a.no_install else (2. if not missing_requirements() else m.fixed_s('install'))
-            rows.append(('0', 'install', 'pip install -e ".[test]" (only when a requirement is missing)'
+            rows.append(('0', 'install', ('pip install --no-index --find-links shared/wheels <missing>'
+                                          if WHEELS.is_dir() else 'pip install -e ".[test]"')
+                         + ' (only when a requirement is missing)'
                          if not a.no_install else 'skipped (--no-install)', install))
             rows.append(('0', 'check', f'{"nvidia-smi, " if a.device == "cuda" else ""}torch, timm, timm_cmo: '
                                        f'the {"GPU" if a.device == "cuda" else "CPU"} and the versions',
@@ -602,7 +614,7 @@ class Suite:
                         'every requirement of setup.py is installed already: nothing to fetch')
             self.measured['step_s']['install'] = time.time() - t
             return
-        cmd = [sys.executable, '-m', 'pip', 'install', '--retries', '1', '--timeout', '15', '-e', '.[test]']
+        cmd = install_command(missing)
         self.log(f'missing: {", ".join(missing)}; {" ".join(cmd)}')
         proc = start_process(cmd, self.pack_dir / 'logs' / 'install.log', self.env)
         rc = self.wait(proc, min(300., max(10., self.left() - self.reserve())))
@@ -822,7 +834,8 @@ class Suite:
         self.log(f'runs: {len(queue)} to do, {p} at a time, variant {variant} '
                  f'({" ".join(VARIANTS[variant][0]) or "fp32, eager"}); one run ~'
                  f'{self.run_cost(variant, p) * a.margin:.0f}s at {p} at a time; {available:.0f}s left for runs')
-        self.measured['runs'] = dict(variant=variant, parallel=p)
+        self.measured['runs'] = dict(variant=variant, parallel=p,
+                                     observed=list((self.model.m.get('runs') or {}).get('observed', [])))
         t_step = time.time()
         est_total = self.run_cost(variant, p) * a.margin * math.ceil(len(queue) / max(1, p))
         if queue and not self.fits(self.run_cost(variant, 1, a.epochs - max(self.epochs_done(run_name(*queue[0])),
@@ -867,7 +880,8 @@ class Suite:
                 self.log(f'start {name} (~{need:.0f}s, {a.epochs - done} epochs{", resumed" if done else ""}): '
                          f'{" ".join(shlex.quote(c) for c in cmd)}')
                 running[name] = dict(proc=start_process(cmd, self.runs_dir / f'{name}.log', self.env),
-                                     start=time.time(), first_row=None, resumed_at=done, est=need)
+                                     start=time.time(), first_row=None, resumed_at=done, est=need,
+                                     p=len(running) + 1)
             if not running and queue and time.time() >= run_deadline:
                 for method, seed in queue:
                     self.runs[run_name(method, seed)] = dict(status='skipped', note='budget: deadline', epochs=0)
@@ -938,6 +952,10 @@ class Suite:
         if rc == 0 and (run_dir / 'results.json').is_file():
             res = json.loads((run_dir / 'results.json').read_text())
             info.update(status='done', top1=res['metrics'].get('top1'))
+            if info['s_per_epoch'] and 'runs' in self.measured:  # for the next session's --estimates
+                self.measured['runs']['observed'].append(dict(
+                    name=name, variant=self.measured['runs']['variant'], parallel=r.get('p', 1),
+                    s_per_epoch=info['s_per_epoch']))
         elif rc is None:
             info.update(status='incomplete', note=f'stopped at {why} after {done} of {self.args.epochs} epochs'
                                                  f'{"; last.pth.tar kept" if (run_dir / "last.pth.tar").is_file() else ""}')
@@ -1129,6 +1147,24 @@ if sys.argv[1] == 'cuda':
     info['bf16_matmul_tflops'] = round(20 * 2 * 4096 ** 3 / (time.perf_counter() - t) / 1e12, 1)
 print('CHECK ' + json.dumps(info))
 '''
+
+
+def install_command(missing: List[str], wheels: Path = WHEELS) -> List[str]:
+    """The pip command for ``missing`` (as missing_requirements() words them).
+
+    With a ``wheels`` folder (``shared/wheels``, made before the session with ``pip download``) holding a
+    wheel of some of them, those are installed from that folder and nothing else (the GPU machine cannot
+    download; a missing test extra without a wheel does not stop them). Otherwise ``pip install -e
+    ".[test]"`` (a machine that can reach the package index).
+    """
+    def norm(name: str) -> str:
+        return re.sub(r'[-_.]+', '_', name).lower()
+    held = {norm(w.name.split('-')[0]) for w in wheels.glob('*.whl')} if wheels.is_dir() else set()
+    reqs = [req.split(' (')[0] for req in missing]
+    reqs = [req for req in reqs if norm(re.match(r'[A-Za-z0-9_.\-]+', req).group(0)) in held]
+    if reqs:
+        return [sys.executable, '-m', 'pip', 'install', '--no-index', '--find-links', str(wheels), *reqs]
+    return [sys.executable, '-m', 'pip', 'install', '--retries', '1', '--timeout', '15', '-e', '.[test]']
 
 
 def missing_requirements() -> List[str]:

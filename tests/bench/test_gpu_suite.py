@@ -96,6 +96,33 @@ def test_cost_model_uses_measurements(gpu_suite):
     evals = 21 * 10000 * 1e-5 / 3
     assert measured.run_s('fp32', 1, 200, 10) == pytest.approx(5. + 1e-4 * 22406 + epochs + evals)
     assert measured.fixed_s('summary') == 3. and guess.fixed_s('summary') == gpu_suite.GUESSES['cuda']['summary_s']
+    # a finished run of an earlier session took 1.25x train_speed.py's seconds per epoch (at 2 at a time):
+    # the next plan's runs take 1.25x too; runs of another variant do not count
+    m = dict(measured.m, runs=dict(observed=[
+        dict(variant='fp32', parallel=2, s_per_epoch=1.25 * 1.5e-5 * 97 * 128),
+        dict(variant='bf16_cl', parallel=1, s_per_epoch=9.)]))
+    seen = gpu_suite.CostModel('cuda', 12406, 10000, m)
+    assert seen.run_factor('fp32') == pytest.approx(1.25) and measured.run_factor('fp32') == 1.
+    assert seen.run_s('fp32', 1, 200, 10) == pytest.approx(5. + 1e-4 * 22406 + 1.25 * (epochs + evals))
+
+
+def test_install_finds_a_too_old_timm_and_installs_it_from_the_wheels_folder(gpu_suite, monkeypatch, tmp_path):
+    # the GPU image had timm 1.0.29, which lacks timm.models._input: setup.py asks for more
+    from importlib import metadata
+    real = metadata.version
+    monkeypatch.setattr(metadata, 'version', lambda name: '1.0.29' if name == 'timm' else real(name))
+    missing = gpu_suite.missing_requirements()
+    timm_req = re.search(r"'(timm>=[0-9.]+)'", (REPO / 'setup.py').read_text()).group(1)
+    assert missing == [f'{timm_req} (have 1.0.29)']
+    wheels = tmp_path / 'wheels'
+    without = gpu_suite.install_command(missing, wheels)  # no folder: the package index
+    assert without[-4:] == ['--timeout', '15', '-e', '.[test]']
+    wheels.mkdir()
+    assert gpu_suite.install_command(missing, wheels) == without  # a folder without the wheel
+    (wheels / 'timm-1.0.31-py3-none-any.whl').write_bytes(b'')
+    # a test extra missing too (no wheel of it): timm is still installed, from the folder only
+    offline = gpu_suite.install_command(missing + ['scipy'], wheels)
+    assert offline[1:] == ['-m', 'pip', 'install', '--no-index', '--find-links', str(wheels), timm_req]
 
 
 def test_plan_only_lists_the_steps_in_order_and_runs_nothing(tmp_path):
@@ -163,6 +190,10 @@ def test_dry_mode_runs_every_step_and_packs_the_results(tiny_data, tmp_path):
     assert '| speed_paths | fast | on |' in summary and table.strip() in summary
     assert measured['variants']['fp32']['s_per_image'] > 0 and measured['parallel']['p'] == 2
     assert set(measured['step_s']) >= {'check', 'mixing', 'speed_paths', 'probe', 'summary'}
+    # the finished runs' seconds per epoch, for the next session's --estimates
+    observed = measured['runs']['observed']
+    assert sorted(o['name'] for o in observed) == ['ce-s0', 'ce_cmo-s0']
+    assert all(o['variant'] == measured['runs']['variant'] and o['s_per_epoch'] > 0 for o in observed)
     # the runs are resumable train_cmo.py runs of the recipes with the fast path
     args = (tmp_path / 'work' / 'runs' / 'ce_cmo-s0' / 'args.yaml').read_text()
     assert 'data_on_device: true' in args and 'cmo: true' in args and 'epochs: 2' in args
