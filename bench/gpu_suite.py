@@ -296,17 +296,19 @@ class CostModel:
         got = self.step_s(name)
         return got if got is not None else self.g[f'{name}_s']
 
-    def run_factor(self, variant: str) -> float:
-        """A run's seconds per epoch over train_speed.py's (train_cmo.py's own per-step work), as finished runs of
-        ``variant`` measured it (``runs.observed`` of an earlier session's measured.json); 1 without any."""
-        ratios = [o['s_per_epoch'] / (self.s_per_image(variant, o['parallel']) * self.n_epoch)
+    def run_factor(self) -> float:
+        """A run's seconds per epoch over train_speed.py's (train_cmo.py's own work around the same steps), the
+        median over the finished runs of an earlier session (``runs.observed`` of its measured.json), each
+        against its own variant; 1 without any. One factor for every variant: the variant that ran is not
+        made to look slower than the ones that did not."""
+        ratios = [o['s_per_epoch'] / (self.s_per_image(o['variant'], o['parallel']) * self.n_epoch)
                   for o in (self.m.get('runs') or {}).get('observed', [])
-                  if o.get('variant') == variant and o.get('s_per_epoch')]
+                  if o.get('variant') in VARIANTS and o.get('s_per_epoch')]
         return statistics.median(ratios) if ratios else 1.
 
     def run_s(self, variant: str, p: int, epochs: int, eval_interval: int) -> float:
         """One run of ``epochs`` epochs with ``p`` runs at once: start-up, training epochs, evaluations."""
-        per_image = self.s_per_image(variant, p) * self.run_factor(variant)
+        per_image = self.s_per_image(variant, p) * self.run_factor()
         evals = math.ceil(epochs / eval_interval) + 1
         return self.startup_s(variant, p) + epochs * self.n_epoch * per_image + evals * self.n_test * per_image / 3
 
@@ -599,7 +601,7 @@ class Suite:
         lines.append(f'one run: start-up ~{m.startup_s(variant, p):.0f}s + {a.epochs} epochs x '
                      f'{m.s_per_image(variant, p) * m.n_epoch:.2f}s with {p} at a time '
                      f'({m.s_per_image(variant, 1) * m.n_epoch:.2f}s alone) + evaluations'
-                     + ('' if replan else '; step 2 re-plans with what step 1 measures'))
+                     + ('' if replan or a.no_timings else '; step 2 re-plans with what step 1 measures'))
         return '\n'.join(lines)
 
     # -- steps
