@@ -600,7 +600,9 @@ class Suite:
             lines.append(f'{step:<5}{name:<22}{m.fixed_s(name) * a.margin:>8.0f}{t:>8.0f}  {title}')
         lines.append(f'one run: start-up ~{m.startup_s(variant, p):.0f}s + {a.epochs} epochs x '
                      f'{m.s_per_image(variant, p) * m.n_epoch:.2f}s with {p} at a time '
-                     f'({m.s_per_image(variant, 1) * m.n_epoch:.2f}s alone) + evaluations'
+                     f'({m.s_per_image(variant, 1) * m.n_epoch:.2f}s alone)'
+                     + (f', x{m.run_factor():.2f} for train_cmo.py (its earlier runs)' if m.run_factor() != 1. else '')
+                     + ' + evaluations'
                      + ('' if replan or a.no_timings else '; step 2 re-plans with what step 1 measures'))
         return '\n'.join(lines)
 
