@@ -146,9 +146,15 @@ def find_data_dir(explicit: Optional[str] = None, full: bool = False) -> Optiona
 
 
 def show(path) -> str:
-    """A path as the plan prints it: relative to the repository when near it."""
-    rel = os.path.relpath(os.path.abspath(path), REPO)
-    return str(path) if rel.startswith(os.path.join('..', '..')) else rel
+    """A path as the plan and the log print it: ``$OUT/...`` under the returned-files folder, relative to the
+    repository when near it, else as given (no machine's home folder in the stored logs)."""
+    path = os.path.abspath(path)
+    if os.environ.get('OUT'):
+        rel = os.path.relpath(path, os.path.abspath(os.environ['OUT']))
+        if rel == '.' or not rel.startswith('..'):
+            return '$OUT' if rel == '.' else os.path.join('$OUT', rel)
+    rel = os.path.relpath(path, REPO)
+    return path if rel.startswith(os.path.join('..', '..')) else rel
 
 
 def lt_counts(rho: float, imb_max: Optional[int], per_class: int = PER_CLASS, classes: int = NUM_CLASSES):
@@ -1080,7 +1086,7 @@ class Suite:
                     for f in files:
                         tf.add(f, arcname=f'{n}/{f.name}')
         self.measured['step_s']['pack'] = time.time() - t
-        note = f'{tar_path} ({tar_path.stat().st_size / 1024:.0f} KiB)' + (
+        note = f'{show(tar_path)} ({tar_path.stat().st_size / 1024:.0f} KiB)' + (
             f', gpu_suite_resume.tar.gz ({", ".join(n for n, _ in kept)}: resume with --resume-from)' if kept else '')
         if len(kept) < len(incomplete):
             note += f'; no room for the checkpoints of {", ".join(n for n in incomplete if n not in dict(kept))}'

@@ -126,6 +126,17 @@ def test_install_finds_a_too_old_timm_and_installs_it_from_the_wheels_folder(gpu
     assert offline[1:] == ['-m', 'pip', 'install', '--no-index', '--find-links', str(wheels), timm_req]
 
 
+def test_paths_in_the_log_name_no_machine_folder(gpu_suite, monkeypatch, tmp_path):
+    # the GPU machine's $OUT was /root/out: the stored log says $OUT instead
+    monkeypatch.setenv('OUT', str(tmp_path / 'out'))
+    assert gpu_suite.show(tmp_path / 'out') == '$OUT'
+    assert gpu_suite.show(tmp_path / 'out' / 'gpu_suite.tar.gz') == '$OUT/gpu_suite.tar.gz'
+    assert gpu_suite.show(REPO / 'shared' / 'data') == 'shared/data'
+    assert gpu_suite.show(tmp_path / 'outside') == str(tmp_path / 'outside')  # neither: as given
+    monkeypatch.delenv('OUT')
+    assert gpu_suite.show(tmp_path / 'out' / 'gpu_suite.tar.gz') == str(tmp_path / 'out' / 'gpu_suite.tar.gz')
+
+
 def test_plan_only_lists_the_steps_in_order_and_runs_nothing(tmp_path):
     proc = run_suite('--plan-only', '--work', tmp_path / 'work', '--out', tmp_path / 'out')
     assert proc.returncode == 0, proc.stderr[-3000:]
