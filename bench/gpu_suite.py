@@ -566,11 +566,12 @@ class Suite:
             lines[1:2] = []
         else:
             t = 0.
-            install = 0. if a.no_install else (2. if not missing_requirements() else m.fixed_s('install'))
-            rows.append(('0', 'install', ('pip install --no-index --find-links shared/wheels <missing>'
-                                          if WHEELS.is_dir() else 'pip install -e ".[test]"')
-                         + ' (only when a requirement is missing)'
-                         if not a.no_install else 'skipped (--no-install)', install))
+            missing = [] if a.no_install else missing_requirements()
+            install = 0. if a.no_install else (m.fixed_s('install') if missing else 2.)
+            pip = ' '.join(show(c) if os.path.isabs(c) else c for c in install_command(missing)[3:])
+            why = f'missing: {", ".join(missing)}' if missing else 'only when a requirement is missing'
+            rows.append(('0', 'install', f'pip {pip} ({why})' if not a.no_install else 'skipped (--no-install)',
+                         install))
             rows.append(('0', 'check', f'{"nvidia-smi, " if a.device == "cuda" else ""}torch, timm, timm_cmo: '
                                        f'the {"GPU" if a.device == "cuda" else "CPU"} and the versions',
                          m.fixed_s('check')))
@@ -964,7 +965,7 @@ class Suite:
             info.update(status='done', top1=res['metrics'].get('top1'))
             if info['s_per_epoch'] and 'runs' in self.measured:  # for the next session's --estimates
                 self.measured['runs']['observed'].append(dict(
-                    name=name, variant=self.measured['runs']['variant'], parallel=r.get('p', 1),
+                    name=name, variant=self.measured['runs']['variant'], parallel=r['p'],
                     s_per_epoch=info['s_per_epoch']))
         elif rc is None:
             info.update(status='incomplete', note=f'stopped at {why} after {done} of {self.args.epochs} epochs'
