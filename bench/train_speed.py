@@ -4,7 +4,7 @@
 Times whole training epochs of ``train_cmo.train_one_epoch`` (ResNet-32 or ``--models``, e.g. RIDE-ResNet-32
 with its RIDE loss, batch 128, the recipe's SGD), with CMO off and on (CMO active from the first epoch),
 for each data path, and reports
-seconds per epoch, training images per second, the one-off decode time of the fast path, the
+the median seconds per timed epoch, training images per second, the one-off decode time of the fast path, the
 projected 200-epoch time, and the peak resident memory of the process.
 
     python bench/train_speed.py --data-dir ../shared/data/cifar10 --threads 2 --workers 2 \\
@@ -12,6 +12,7 @@ projected 200-epoch time, and the peak resident memory of the process.
 """
 import argparse
 import json
+import statistics
 import time
 from types import SimpleNamespace
 
@@ -107,8 +108,7 @@ def main(argv=None):
                   f"{st['times'][-1]:.1f}s", flush=True)
     rows = []
     for st in settings:
-        timed = sorted(st['times'][1:])
-        per_epoch = timed[len(timed) // 2]
+        per_epoch = statistics.median(st['times'][1:])  # of an even count: the mean of the middle two
         images_per_epoch = len(st['loader']) * 128
         rows.append(dict(
             model=st['model_name'], compiled=st['compiled'], path=st['path'], cmo=st['cmo'], s_per_epoch=round(per_epoch, 2), epochs_s=[round(t, 2) for t in st['times']],
