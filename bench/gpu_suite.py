@@ -151,7 +151,7 @@ def show(path) -> str:
     path = os.path.abspath(path)
     if os.environ.get('OUT'):
         rel = os.path.relpath(path, os.path.abspath(os.environ['OUT']))
-        if rel == '.' or not rel.startswith('..'):
+        if not rel.startswith('..'):
             return '$OUT' if rel == '.' else os.path.join('$OUT', rel)
     rel = os.path.relpath(path, REPO)
     return path if rel.startswith(os.path.join('..', '..')) else rel

@@ -127,7 +127,7 @@ def test_install_finds_a_too_old_timm_and_installs_it_from_the_wheels_folder(gpu
 
 
 def test_paths_in_the_log_name_no_machine_folder(gpu_suite, monkeypatch, tmp_path):
-    # the GPU machine's $OUT was /root/out: the stored log says $OUT instead
+    # the GPU machine's $OUT is a folder of that machine: the stored log says $OUT instead
     monkeypatch.setenv('OUT', str(tmp_path / 'out'))
     assert gpu_suite.show(tmp_path / 'out') == '$OUT'
     assert gpu_suite.show(tmp_path / 'out' / 'gpu_suite.tar.gz') == '$OUT/gpu_suite.tar.gz'

@@ -1,4 +1,5 @@
 """bench/train_speed.py: the figures it reports from the epochs it timed (a scripted clock, real data)."""
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -12,13 +13,8 @@ import train_speed  # noqa: E402
 def test_median_of_timed_epochs(cifar10_dir, tmp_path, monkeypatch):
     # every time.time() call advances the clock by the next step: decode (0.5 s), then per epoch a start and an end
     durations = [9.0, 1.0, 3.0, 2.0, 6.0]  # warm-up epoch, then 4 timed epochs: median 2.5 (the middle two's mean)
-    steps = iter([0.0, 0.5] + [x for d in durations for x in (0.0, d)])
-    clock = SimpleNamespace(now=0.0)
-
-    def fake_time():
-        clock.now += next(steps)
-        return clock.now
-    monkeypatch.setattr(train_speed, 'time', SimpleNamespace(time=fake_time))
+    ticks = itertools.accumulate([0.0, 0.5] + [x for d in durations for x in (0.0, d)])
+    monkeypatch.setattr(train_speed, 'time', SimpleNamespace(time=lambda: next(ticks)))
     out = tmp_path / 'speed.json'
     train_speed.main(['--data-dir', str(cifar10_dir), '--imb-max', '200', '--paths', 'fast', '--cmo', 'on',
                       '--epochs', '4', '--threads', '1', '--device', 'cpu', '--out', str(out)])
