@@ -1182,7 +1182,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             f'Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on '
             f'{len(train_ds)} images, {num_classes} classes, class counts max {int(train_ds.class_counts.max())} '
             f'min {int(train_ds.class_counts.min())}; loss {args.loss}/{args.reweight}, CMO '
-            f'{"on" if args.cmo else "off"}{", ROS r=%g" % args.ros_r if args.ros else ""}'
+            f'{("on" + (f" ({args.cmo_variant})" if args.cmo_variant != "cmo" else "")) if args.cmo else "off"}'
+            f'{", ROS r=%g" % args.ros_r if args.ros else ""}'
             f'{", Remix" if args.remix else ""}'
             f'{mixup_text(args)}; '
             f'epochs {start_epoch}..{num_epochs - 1}, {len(train_loader)} steps each.')
