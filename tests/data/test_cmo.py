@@ -237,7 +237,7 @@ def test_augment_variants_in_elem_mode_replace_the_planned_positions(variant):
     x_bg, _, _ = _normalised(6, 0)
     x_fg, _, _ = _normalised(6, 1)
     orig = x_bg.clone()
-    y_bg, y_fg = torch.arange(6), torch.arange(6) + 4
+    y_bg = torch.arange(6)
     y_planned = torch.tensor([-1, 5, -1, -1, 8, 9])  # foregrounds for positions 1, 4, 5 (the plan's form)
     out, target = mixer.paste(x_bg, y_bg, x_fg[[1, 4, 5]].clone(), y_planned)
     apply = y_planned >= 0

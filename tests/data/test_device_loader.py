@@ -106,7 +106,7 @@ PARITY_CASES = {
     'rank1-of-2': dict(cmo=True, cmo_start_epoch=-1, num_replicas=2, rank=1),
     'remix': dict(cmo=False, remix=True),
     'remix-cutmix-ros-smoothing': dict(cmo=False, remix=True, remix_mode='cutmix', ros_r=1.0, label_smoothing=0.1),
-    'mixup': dict(cmo=False, mixup=1.0),
+    'timm-mixup': dict(cmo=False, mixup=1.0),
     'cutmix-elem-prob-odd-batches-smoothing': dict(cmo=False, cutmix=1.0, mixup_mode='elem', mixup_prob=0.7,
                                                    batch_size=25, drop_last=False, label_smoothing=0.1),
     'mixup-pair-odd-batches': dict(cmo=False, mixup=1.0, mixup_mode='pair', batch_size=25, drop_last=False),
