@@ -51,6 +51,7 @@ from timm_cmo.checkpoint import (
 from timm_cmo.data import CMO_VARIANTS, CMOConfig, CorruptImageError, MixInfo, create_cmo_loader, create_lt_dataset
 from timm_cmo.data.config import input_channels, input_img_mode, resolve_run_data_config
 from timm_cmo.data.cmo import cmo_active
+from timm_cmo.data.mixup import MixupCutmix
 from timm_cmo.data.remix import RemixMixup
 from timm_cmo.data.sampler import derive_seed
 from timm_cmo.files import FileWriteError, write_text_atomic
@@ -195,6 +196,19 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--remix-tau', type=float, default=0.5, help='Remix lambda threshold in (0, 1)')
     group.add_argument('--remix-alpha', type=float, default=1.0, help='Remix lambda ~ Beta(alpha, alpha)')
     group.add_argument('--remix-mode', type=str, default='mixup', help='mixup | cutmix')
+
+    group = parser.add_argument_group("Mixup and CutMix (timm's; each batch with itself reversed, not with --cmo / --remix)")
+    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0')
+    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0')
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                       help='cutmix min/max box-side ratio, overrides alpha and enables cutmix if set')
+    group.add_argument('--mixup-prob', type=float, default=1.0,
+                       help='probability of mixup or cutmix per batch / pair / sample')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                       help='probability of cutmix instead of mixup when both are enabled')
+    group.add_argument('--mixup-mode', type=str, default='batch', help='batch | pair | elem: one draw per ...')
+    group.add_argument('--mixup-off-epoch', type=int, default=0, metavar='N',
+                       help='no mixup / cutmix from this (0-based) epoch on; 0: never off')
 
     group = parser.add_argument_group('Optimizer')
     group.add_argument('--opt', default='momentum', type=str, metavar='OPTIMIZER',
@@ -346,6 +360,17 @@ def validate_args(args: argparse.Namespace) -> None:
         except ValueError as e:
             field = str(e).split()[0]
             bad(f'remix_{field}', getattr(args, f'remix_{field}', None), str(e))
+    if mixup_active(args):
+        if args.cmo or args.remix:
+            error(f'--mixup / --cutmix and {"--cmo" if args.cmo else "--remix"} are two ways of mixing a batch '
+                  f'(the paper never combines them): choose one')
+        try:  # the Mixup / CutMix options are checked where they are defined
+            MixupCutmix(2, **mixup_kwargs(args))
+        except ValueError as e:
+            flag = MIXUP_FLAGS.get(str(e).split()[0])
+            if flag is None:
+                error(f'--mixup {args.mixup!r} / --cutmix {args.cutmix!r}: {e}')
+            bad(flag, getattr(args, flag), str(e))
     try:  # a Hub model's channels are known once it is built; here the flags are checked against each other
         input_img_mode(args.input_img_mode, input_channels(vars(args), default=None))
     except ValueError as e:
@@ -390,9 +415,9 @@ def validate_args(args: argparse.Namespace) -> None:
         needed = {'las': 'las', 'router': 'ride_ea'}[args.stage2]
         if args.loss != needed:
             bad('loss', args.loss, f'--stage2 {args.stage2} trains with --loss {needed}')
-        if args.cmo or args.remix:
+        if args.cmo or args.remix or mixup_active(args):
             error(f'--stage2 {args.stage2} re-trains {"the classifier" if args.stage2 == "las" else "the router"} '
-                  f'without mixing: drop --cmo / --remix')
+                  f'without mixing: drop --cmo / --remix / --mixup / --cutmix')
     elif args.loss in ('ride_ea',):
         bad('loss', args.loss, 'the router loss is for --stage2 router')
     if args.resume and args.initial_checkpoint:
@@ -406,13 +431,37 @@ def remix_kwargs(args) -> Dict[str, Any]:
     return dict(kappa=args.remix_kappa, tau=args.remix_tau, alpha=args.remix_alpha, mode=args.remix_mode)
 
 
+# MixupCutmix's arguments and the flags (timm's train.py names) that set them
+MIXUP_FLAGS = {'mixup_alpha': 'mixup', 'cutmix_alpha': 'cutmix', 'cutmix_minmax': 'cutmix_minmax', 'prob': 'mixup_prob',
+               'switch_prob': 'mixup_switch_prob', 'mode': 'mixup_mode', 'off_epoch': 'mixup_off_epoch'}
+
+
+def mixup_active(args) -> bool:
+    """Whether timm's Mixup / CutMix is asked for (as timm's train.py decides; a negative alpha is refused later)."""
+    return args.mixup != 0 or args.cutmix != 0 or args.cutmix_minmax is not None
+
+
+def mixup_kwargs(args) -> Dict[str, Any]:
+    return {arg: getattr(args, flag) for arg, flag in MIXUP_FLAGS.items()}
+
+
+def mixup_text(args) -> str:
+    """', Mixup 1 / CutMix 0 (batch, prob 1)' for the start-of-run line; '' when off."""
+    if not mixup_active(args):
+        return ''
+    cutmix = 'minmax ' + '-'.join(f'{v:g}' for v in args.cutmix_minmax) if args.cutmix_minmax else f'{args.cutmix:g}'
+    return f', Mixup {args.mixup:g} / CutMix {cutmix} ({args.mixup_mode}, prob {args.mixup_prob:g})'
+
+
 def method_epochs(args) -> Dict[str, Optional[int]]:
-    """How many of the run's epochs mix with CMO and apply DRW weights (None where off)."""
+    """How many of the run's epochs mix with CMO and apply DRW weights (None where off), and with Mixup / CutMix
+    (where on)."""
     drw_epoch = resolve_drw_epoch(args.drw_epoch, args.epochs) if args.reweight == 'drw' else None
     return dict(
         cmo_epochs=sum(cmo_active(e, args.epochs, args.cmo_start_epoch, args.cmo_end_epochs)
                        for e in range(args.epochs)) if args.cmo else None,
         drw_epochs=max(0, args.epochs - drw_epoch) if drw_epoch is not None else None,
+        **({'mixup_epochs': min(args.epochs, args.mixup_off_epoch or args.epochs)} if mixup_active(args) else {}),
     )
 
 
@@ -657,7 +706,9 @@ def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_class
         channels_last=args.channels_last, img_dtype=img_dtype, re_prob=args.reprob, re_mode=args.remode,
         re_count=args.recount,
         remix=RemixMixup(num_classes, train_ds.class_counts, label_smoothing=args.smoothing, **remix_kwargs(args))
-        if args.remix else None)
+        if args.remix else None,
+        mixup=MixupCutmix(num_classes, label_smoothing=args.smoothing, **mixup_kwargs(args))
+        if mixup_active(args) else None)
     eval_images, eval_targets = decode_to_tensor(eval_ds, img_size, device, num_workers=args.workers)
     eval_loader = DeviceEvalLoader(
         eval_images, eval_targets, args.validation_batch_size or args.batch_size, mean, std,
@@ -684,6 +735,7 @@ def build_train_loader(args, train_ds, data_config, device, num_classes):
         ros_r=args.ros_r if args.ros else None,
         remix=args.remix,
         **{f'remix_{k}': v for k, v in remix_kwargs(args).items()},
+        **({flag: getattr(args, flag) for flag in MIXUP_FLAGS.values()} if mixup_active(args) else {}),
         no_aug=args.no_aug,
         re_prob=args.reprob,
         re_mode=args.remode,
@@ -918,6 +970,7 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Mod
             cmo_mode=args.cmo_mode, cmo_variant=args.cmo_variant, head_norm=args.head_norm,
             ros=args.ros, ros_r=args.ros_r if args.ros else None,
             remix=args.remix, **({f'remix_{k}': v for k, v in remix_kwargs(args).items()} if args.remix else {}),
+            **({flag: getattr(args, flag) for flag in MIXUP_FLAGS.values()} if mixup_active(args) else {}),
             **method_epochs(args)),
         epoch=epoch,
         epochs=args.epochs,
@@ -1129,8 +1182,10 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             f'Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on '
             f'{len(train_ds)} images, {num_classes} classes, class counts max {int(train_ds.class_counts.max())} '
             f'min {int(train_ds.class_counts.min())}; loss {args.loss}/{args.reweight}, CMO '
-            f'{"on" if args.cmo else "off"}{", ROS r=%g" % args.ros_r if args.ros else ""}'
-            f'{", Remix" if args.remix else ""}; '
+            f'{("on" + (f" ({args.cmo_variant})" if args.cmo_variant != "cmo" else "")) if args.cmo else "off"}'
+            f'{", ROS r=%g" % args.ros_r if args.ros else ""}'
+            f'{", Remix" if args.remix else ""}'
+            f'{mixup_text(args)}; '
             f'epochs {start_epoch}..{num_epochs - 1}, {len(train_loader)} steps each.')
 
     eval_acc = None

@@ -30,8 +30,10 @@ from timm_cmo.results import SummaryWriter  # noqa: E402
 
 KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'reliability.png')
 NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE'}
-VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_cmo': '+ CMO', '_cmo_las': '+ CMO + LAS',
-            '_router': '+ EA', '_cmo_router': '+ CMO + EA'}  # EA: RIDE's expert assignment (router stage)
+VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_mixup': '+ Mixup', '_cutmix': '+ CutMix',
+            '_cmo': '+ CMO', '_cmo_mixup': '+ CMO (mixup)', '_cmo_blur': '+ CMO (blur)', '_cmo_jitter': '+ CMO (jitter)',
+            '_cmo_las': '+ CMO + LAS', '_router': '+ EA', '_cmo_router': '+ CMO + EA'}
+# EA: RIDE's expert assignment (router stage); '_cmo_<variant>': the CMO paper's Table 12 variants
 RUN_KEYS = ('top1', 'head', 'middle', 'tail', 'ece', 'mce', 'nll')  # per-run table columns
 DIGITS = {'nll': 2}  # decimals of a column where 1 is too few (NLL in nats; the rest are %)
 GAIN_KEYS = {'top1': 'top-1', 'head': 'head', 'middle': 'middle', 'tail': 'tail',

@@ -44,7 +44,7 @@ def test_recipe_parses_and_states_its_target(recipe):
     stage2 = ['--initial-checkpoint', 'stage1.pth.tar'] if 'stage2' in yaml.safe_load(text) else []
     args, args_text = train_cmo.parse_args(['-c', recipe, '--data-dir', '/data'] + stage2)
     assert 'paper_top1' in yaml.safe_load(text)
-    assert args.cmo == Path(recipe).stem.endswith(('_cmo', '_cmo_400ep'))
+    assert args.cmo == Path(recipe).stem.endswith(('_cmo', '_cmo_400ep', '_cmo_mixup', '_cmo_blur', '_cmo_jitter'))
     assert args.drop_last is False  # the paper's loaders keep the last incomplete batch
     assert yaml.safe_load(args_text)['model'] == args.model
 
@@ -354,6 +354,14 @@ PATH_CASES = {
                        '--remix'],
     'one-channel-cmo-ce': ['--in-chans', '1', '--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0',
                            '--loss', 'ce'],
+    'cutmix-prob-off-epoch-ce-drw': ['--cutmix', '1', '--mixup-prob', '0.5', '--mixup-off-epoch', '1', '--loss', 'ce',
+                                     '--reweight', 'drw', '--drw-epoch', '1'],
+    'mixup-cutmix-elem-smoothing-ldam-keep-last': ['--mixup', '0.4', '--cutmix', '1', '--mixup-mode', 'elem',
+                                                   '--smoothing', '0.1', '--loss', 'ldam', '--head-norm', '--no-drop-last'],
+    'cmo-blur-ce': ['--cmo', '--cmo-variant', 'blur', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0',
+                    '--cmo-prob', '1.0', '--loss', 'ce'],
+    'cmo-jitter-elem-bs-drw': ['--cmo', '--cmo-variant', 'jitter', '--cmo-mode', 'elem', '--cmo-start-epoch', '-1',
+                               '--cmo-end-epochs', '0', '--loss', 'bs', '--reweight', 'drw', '--drw-epoch', '1'],
 }
 
 
@@ -372,6 +380,9 @@ def test_data_on_device_run_equals_ordinary_run(small_cifar, tmp_path, case):
         weights[path] = torch.load(tmp_path / path / 'last.pth.tar', map_location='cpu',
                                    weights_only=True)['state_dict']
     assert summaries['ordinary'] == summaries['device']
+    if '--mixup-off-epoch' in PATH_CASES[case]:  # recorded: Mixup / CutMix in epoch 0 only
+        method = json.loads((tmp_path / 'device' / 'results.json').read_text())['method']
+        assert method['mixup_epochs'] == 1 and method['cutmix'] == 1.0 and method['mixup_prob'] == 0.5
     ordinary, device = weights['ordinary'], weights['device']
     assert ordinary.keys() == device.keys()
     for k in ordinary:
@@ -399,6 +410,10 @@ LOOP_CASES = {
                                         ('ldam', 'drw')),
     'remix-ride-drw': (dict(remix=True), ('ride', 'drw')),
     'ros-ride-drw': (dict(ros_r=1.0), ('ride', 'drw')),
+    'mixup-pair-ce-drw': (dict(mixup=1.0, mixup_mode='pair'), ('ce', 'drw')),
+    'cutmix-minmax-elem-smoothing-bs': (dict(cutmix_minmax=(0.2, 0.8), mixup_mode='elem', label_smoothing=0.1),
+                                        ('bs', 'none')),
+    'cmo-jitter-la-drw': (dict(cmo=True, cmo_variant='jitter'), ('la', 'drw')),
 }
 
 
@@ -559,6 +574,20 @@ def test_bad_flags_fail_before_the_data_is_read(capsys, tmp_path):
     assert code == 2 and '--remix-kappa 1.0: kappa must be > 1' in err
     code, err = main_exit(['--data-dir', missing, '--remix', '--remix-tau', '1.5'], capsys)
     assert code == 2 and '--remix-tau 1.5: tau must be in (0, 1)' in err
+    code, err = main_exit(['--data-dir', missing, '--cmo', '--cutmix', '1'], capsys)
+    assert code == 2 and '--mixup / --cutmix and --cmo are two ways of mixing' in err
+    code, err = main_exit(['--data-dir', missing, '--remix', '--mixup', '0.2'], capsys)
+    assert code == 2 and '--mixup / --cutmix and --remix' in err
+    code, err = main_exit(['--data-dir', missing, '--mixup', '1', '--mixup-mode', 'half'], capsys)
+    assert code == 2 and "--mixup-mode 'half': mode must be one of ('batch', 'pair', 'elem')" in err
+    code, err = main_exit(['--data-dir', missing, '--cutmix-minmax', '0.8', '0.2'], capsys)
+    assert code == 2 and '--cutmix-minmax [0.8, 0.2]: cutmix_minmax must be two fractions' in err
+    code, err = main_exit(['--data-dir', missing, '--mixup', '-0.5'], capsys)
+    assert code == 2 and '--mixup -0.5: mixup_alpha must be >= 0' in err
+    code, err = main_exit(['--data-dir', missing, '--cutmix', '1', '--mixup-switch-prob', '2'], capsys)
+    assert code == 2 and '--mixup-switch-prob 2.0: switch_prob must be in [0, 1]' in err
+    code, err = main_exit(['--data-dir', missing, '--cmo', '--cmo-variant', 'sharpen'], capsys)
+    assert code == 2 and "--cmo-variant 'sharpen'" in err and 'blur' in err and 'jitter' in err
     code, err = main_exit(['--data-dir', missing, '--stage2', 'las', '--loss', 'las'], capsys)
     assert code == 2 and '--stage2 las starts from a stage-1 model' in err
     code, err = main_exit(['--data-dir', missing, '--stage2', 'las', '--loss', 'ce', '--initial-checkpoint', 'x'], capsys)

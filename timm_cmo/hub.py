@@ -257,7 +257,14 @@ def model_card(
         reweight_text = 'no loss re-weighting'
     cmo_paper = ('Park et al., "The Majority Can Help the Minority: Context-rich Minority Oversampling for '
                  'Long-tailed Classification", CVPR 2022')
-    if opt.get('cmo'):
+    if opt.get('cmo') and opt.get('cmo_variant') in ('blur', 'jitter'):
+        method_text = (
+            f'Trained with the {opt["cmo_variant"]} variant of Context-rich Minority Oversampling ({cmo_paper}, its '
+            f'Table 12): with probability {_fmt(opt.get("cmo_prob"))} a batch is replaced by images drawn with '
+            f'per-sample weight n_k^-r (r = {_fmt(opt.get("cmo_r"))}, which favours minority classes), '
+            f'{"Gaussian-blurred" if opt["cmo_variant"] == "blur" else "colour-jittered"} instead of pasted onto '
+            f'a majority background (mode `{_fmt(opt.get("cmo_mode"))}`). Loss: {loss_text}, with {reweight_text}.')
+    elif opt.get('cmo'):
         method_text = (
             f'Trained with Context-rich Minority Oversampling (CMO; {cmo_paper}). With probability '
             f'{_fmt(opt.get("cmo_prob"))} a batch is mixed: a box cut from an image drawn with per-sample weight '
@@ -302,6 +309,11 @@ def model_card(
                  f'mode {_fmt(opt.get("cmo_mode"))}, variant {_fmt(opt.get("cmo_variant"))}'
                  f'{_used(method.get("cmo_epochs"), epochs, "mixing")}') if opt.get('cmo') else 'no'),
         ('ROS', f'yes: r {_fmt(opt.get("ros_r"))}' if opt.get('ros') else 'no'),
+        ('Mixup / CutMix', (f'yes (timm\'s, each batch with itself reversed): mixup {_fmt(opt.get("mixup"))}, '
+                            f'cutmix {_fmt(opt.get("cutmix"))}, prob {_fmt(opt.get("mixup_prob"))}, '
+                            f'mode {_fmt(opt.get("mixup_mode"))}'
+                            f'{_used(method.get("mixup_epochs"), epochs, "mixing")}')
+         if method.get('mixup_epochs') is not None else 'no'),
         ('Model EMA', _fmt(bool(args.get('model_ema')))),
     ]
     # the recipe file is args.yaml's `config` (results.json's `config` is the whole run configuration)

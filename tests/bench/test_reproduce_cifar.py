@@ -94,3 +94,24 @@ def test_restart_after_a_run_stopped_before_its_first_checkpoint(tmp_path, monke
     assert (stopped / 'results.json').is_file() and not (stopped / 'args.yaml').exists()
     assert (resumable / 'last.pth.tar').read_bytes() == b'checkpoint' and not list(out.glob('ce_cmo-s0.stopped-*'))
     assert f'its folder is kept as {kept[0].name}' in capsys.readouterr().out
+
+
+def test_mixing_baselines_run_by_method_name(tmp_path):
+    """The Table 9 / Table 12 rows (CE + CutMix, CE + Mixup, CE + CMO's variants) are methods of the driver: their
+    recipes exist and their commands parse to the mixing they name; summarize_runs labels them as variants of CE."""
+    import train_cmo
+    import summarize_runs
+    expected = {'ce_cutmix': dict(cutmix=1.0, mixup=0.0, mixup_prob=0.5, mixup_off_epoch=197, cmo=False),
+                'ce_mixup': dict(mixup=1.0, cutmix=0.0, mixup_prob=1.0, mixup_off_epoch=0, cmo=False),
+                'ce_cmo_mixup': dict(cmo=True, cmo_variant='mixup', mixup=0.0, cutmix=0.0),
+                'ce_cmo_blur': dict(cmo=True, cmo_variant='blur', cmo_prob=0.5, cmo_r=1.0),
+                'ce_cmo_jitter': dict(cmo=True, cmo_variant='jitter', cmo_prob=0.5, cmo_r=1.0)}
+    labels = {'ce_cutmix': 'CE + CutMix', 'ce_mixup': 'CE + Mixup', 'ce_cmo_mixup': 'CE + CMO (mixup)',
+              'ce_cmo_blur': 'CE + CMO (blur)', 'ce_cmo_jitter': 'CE + CMO (jitter)'}
+    for method, flags in expected.items():
+        cmd, run_dir = reproduce_cifar.command(driver_args(tmp_path), method, 0)
+        assert cmd[cmd.index('-c') + 1].endswith(f'hparams/cifar10_lt_r100_{method}.yaml')
+        args, _ = train_cmo.parse_args(cmd[2:])
+        assert {k: getattr(args, k) for k in flags} == flags, method
+        assert args.loss == 'ce' and args.reweight == 'none' and args.imb_max == 1000
+        assert summarize_runs.split(method) == ('ce', method[2:]) and summarize_runs.label(method) == labels[method]

@@ -184,3 +184,72 @@ def test_shape_mismatch():
     x_bg, y_bg, x_fg, y_fg = _batches()
     with pytest.raises(ValueError, match='differ in shape'):
         CMOMixup(C, prob=1.0)(x_bg, y_bg, x_fg[:4], y_fg[:4])
+
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def _normalised(b, seed):
+    """Normalised images (B, 3, 16, 16) of random 0-255 pixels, and the (1, 3, 1, 1) mean / std on the 0-255 scale."""
+    raw = torch.randint(0, 256, (b, 3, 16, 16), generator=torch.Generator().manual_seed(seed)).float()
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1) * 255, torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return (raw - mean) / std, mean, std
+
+
+@pytest.mark.parametrize('variant', ['blur', 'jitter'])
+def test_augment_variants_replace_the_batch_with_the_augmented_foreground(variant):
+    """Table 12's blur / jitter: the foreground, blurred (torchvision's gaussian_blur, sigma ~ U(0.1, 2)) or
+    jittered (torchvision's brightness / contrast / saturation on the unnormalised image, factors ~ U(0.6, 1.4), in a
+    random order), replaces the background; lambda 0, the target the foreground's label."""
+    from timm_cmo.data.cmo import CMOConfig
+    import torchvision.transforms.functional as TF
+    mixer = CMOConfig(variant=variant, prob=1.0).mixer(C, mean=MEAN, std=STD)
+    mixer.reseed(4)
+    x_bg, _, _ = _normalised(8, 0)
+    x_fg, mean, std = _normalised(8, 1)
+    y_bg, y_fg = torch.arange(8) % C, (torch.arange(8) + 3) % C
+    out, target = mixer(x_bg, y_bg, x_fg.clone(), y_fg)
+    assert mixer.last.lam == 0. and torch.equal(mixer.last.y_f, y_fg)
+    torch.testing.assert_close(target, torch.eye(C)[y_fg])
+    rng = np.random.default_rng(4)
+    rng.random()  # the batch-mode mixing decision
+    if variant == 'blur':
+        sigma = rng.uniform(0.1, 2.0, size=8)
+        assert sigma.min() < 0.7 and sigma.max() > 1.4
+        for i in range(8):
+            ref = TF.gaussian_blur(x_fg[i], kernel_size=[13, 13], sigma=[float(np.float32(sigma[i]))] * 2)
+            torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-5)
+    else:
+        factors = rng.uniform(0.6, 1.4, size=(8, 3)).astype(np.float32)
+        order = np.argsort(rng.random((8, 3)), axis=1)
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+        for i in range(8):
+            ref = (x_fg[i] * std[0] + mean[0]) / 255
+            for op in order[i]:
+                ref = ops[op](ref, float(factors[i, op]))
+            torch.testing.assert_close(out[i], (ref * 255 - mean[0]) / std[0], rtol=0, atol=1e-4)
+    assert not torch.allclose(out, x_fg, atol=1e-3)  # augmented, not copied
+
+
+@pytest.mark.parametrize('variant', ['blur', 'jitter'])
+def test_augment_variants_in_elem_mode_replace_the_planned_positions(variant):
+    mixer = CMOMixup(C, mode='elem', augment=variant, mean=MEAN, std=STD, seed=0)
+    x_bg, _, _ = _normalised(6, 0)
+    x_fg, _, _ = _normalised(6, 1)
+    orig = x_bg.clone()
+    y_bg = torch.arange(6)
+    y_planned = torch.tensor([-1, 5, -1, -1, 8, 9])  # foregrounds for positions 1, 4, 5 (the plan's form)
+    out, target = mixer.paste(x_bg, y_bg, x_fg[[1, 4, 5]].clone(), y_planned)
+    apply = y_planned >= 0
+    assert torch.equal(out[~apply], orig[~apply])
+    assert not torch.allclose(out[apply], orig[apply])
+    assert mixer.last.lam.tolist() == [1., 0., 1., 1., 0., 0.]
+    assert mixer.last.y_f.tolist() == [0, 5, 2, 3, 8, 9]
+    torch.testing.assert_close(target, torch.eye(C)[mixer.last.y_f])
+
+
+def test_augment_option_errors():
+    with pytest.raises(ValueError, match="augment must be one of"):
+        CMOMixup(C, augment='sharpen')
+    with pytest.raises(ValueError, match='cannot also blend'):
+        CMOMixup(C, augment='blur', blend=True)

@@ -106,7 +106,18 @@ PARITY_CASES = {
     'rank1-of-2': dict(cmo=True, cmo_start_epoch=-1, num_replicas=2, rank=1),
     'remix': dict(cmo=False, remix=True),
     'remix-cutmix-ros-smoothing': dict(cmo=False, remix=True, remix_mode='cutmix', ros_r=1.0, label_smoothing=0.1),
+    'timm-mixup': dict(cmo=False, mixup=1.0),
+    'cutmix-elem-prob-odd-batches-smoothing': dict(cmo=False, cutmix=1.0, mixup_mode='elem', mixup_prob=0.7,
+                                                   batch_size=25, drop_last=False, label_smoothing=0.1),
+    'mixup-pair-odd-batches': dict(cmo=False, mixup=1.0, mixup_mode='pair', batch_size=25, drop_last=False),
+    'mixup-cutmix-minmax-pair-off-epoch-ros': dict(cmo=False, mixup=0.4, cutmix_minmax=(0.2, 0.8), mixup_mode='pair',
+                                                   mixup_off_epoch=2, ros_r=1.0),
+    'blur-window': dict(cmo=True, cmo_prob=0.7, cmo_variant='blur', cmo_start_epoch=0, cmo_end_epochs=1, epochs=4),
+    'jitter-elem-odd-batches': dict(cmo=True, cmo_variant='jitter', cmo_mode='elem', cmo_start_epoch=-1, batch_size=25,
+                                    drop_last=False),
 }
+MIXUP_OPTS = {'mixup': 'mixup_alpha', 'cutmix': 'cutmix_alpha', 'cutmix_minmax': 'cutmix_minmax', 'mixup_prob': 'prob',
+              'mixup_switch_prob': 'switch_prob', 'mixup_mode': 'mode', 'mixup_off_epoch': 'off_epoch'}
 
 
 @pytest.mark.parametrize('case', list(PARITY_CASES))
@@ -117,41 +128,54 @@ def test_device_path_equals_ordinary_loader(lt_parity, case):
     opts = dict(PARITY_CASES[case])
     cmo = opts.pop('cmo')
     split = {k: opts.pop(k) for k in ('num_replicas', 'rank') if k in opts}
+    batch_size = opts.pop('batch_size', 32)
     cmo_flags = {k: v for k, v in opts.items() if k.startswith('cmo_')}
     common = {k: v for k, v in opts.items() if not k.startswith('cmo_')}
     remix = {k: common.pop(k) for k in list(common) if k.startswith('remix')}
-    remixer = None
+    mixup = {k: common.pop(k) for k in list(common) if k in MIXUP_OPTS}
+    remixer = mixer = None
     if remix:
         from timm_cmo.data.remix import RemixMixup
         remixer = RemixMixup(10, ds.class_counts, mode=remix.get('remix_mode', 'mixup'),
                              label_smoothing=common.get('label_smoothing', 0.))
-    fast = DeviceLoader(images, targets, 32, CIFAR_MEAN, CIFAR_STD, padding=0, hflip=0., num_classes=10, seed=4,
-                        cmo=CMOConfig.from_flags(**cmo_flags) if cmo else None, remix=remixer, **common, **split)
+    if mixup:
+        from timm_cmo.data import MixupCutmix
+        mixer = MixupCutmix(10, **dict(dict(mixup_alpha=0.), **{MIXUP_OPTS[k]: v for k, v in mixup.items()}),
+                            label_smoothing=common.get('label_smoothing', 0.))
+    fast = DeviceLoader(images, targets, batch_size, CIFAR_MEAN, CIFAR_STD, padding=0, hflip=0., num_classes=10, seed=4,
+                        cmo=CMOConfig.from_flags(**cmo_flags) if cmo else None, remix=remixer, mixup=mixer, **common,
+                        **split)
     if split:  # the ordinary loader takes its split from the process group: compare the plans it would read
         from timm_cmo.data import EpochPlanner
         planner = EpochPlanner(ds.targets, 32, cmo=CMOConfig.from_flags(**cmo_flags), seed=4, **split)
         for epoch in range(2):
             assert [b.index.tolist() for b in planner.plan(epoch)] == [b.index.tolist() for b in fast.planner.plan(epoch)]
         return
-    ordinary = ordinary_loader(ds, cmo=cmo, seed=4, **cmo_flags, **common, **remix)
+    ordinary = ordinary_loader(ds, cmo=cmo, seed=4, batch_size=batch_size, **cmo_flags, **common, **remix, **mixup)
     assert len(fast) == len(ordinary)
-    mixed = 0
+    mixed, sizes = [], set()
     for epoch in range(4):
         fast.set_epoch(epoch)
         ordinary.set_epoch(epoch)
         n = 0
         for (xf, tf), (xo, to) in zip(fast, ordinary):
             n += 1
+            sizes.add(len(xf))
             assert torch.equal(xf, xo)  # bit for bit: an ulp of difference grows into different runs
             assert torch.equal(tf, to)
-            if cmo or remix:
+            if cmo or remix or mixup:
                 a, b = fast.mix_info, ordinary.mix_info
                 assert torch.equal(a.y_b, b.y_b) and torch.equal(a.y_f, b.y_f) and a.smoothing == b.smoothing
                 torch.testing.assert_close(torch.as_tensor(a.lam), torch.as_tensor(b.lam))
-                mixed += int(bool((torch.as_tensor(a.lam) < 1).any()))
+                if bool((torch.as_tensor(a.lam) < 1).any()):
+                    mixed.append(epoch)
         assert n == len(fast)
-    if (cmo or remix) and opts.get('cmo_prob', 0.5) > 0:
-        assert mixed > 0
+    if cmo or remix or mixup:
+        assert mixed
+    if 'mixup_off_epoch' in mixup:  # no mixing from the off epoch on
+        assert max(mixed) < mixup['mixup_off_epoch'] <= 3
+    if batch_size % 2:
+        assert all(size % 2 for size in sizes)  # odd batches (timm's Mixup would refuse them)
 
 
 @pytest.fixture(scope='module')

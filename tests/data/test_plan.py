@@ -40,7 +40,7 @@ def test_ros_draws_follow_n_to_the_minus_r(r):
     assert stats.chisquare(obs, class_sampling_probs(COUNTS, r=r) * len(labels)).pvalue > 1e-3
 
 
-@pytest.mark.parametrize('variant', ['cmo', 'back', 'minor'])
+@pytest.mark.parametrize('variant', ['cmo', 'back', 'minor', 'blur', 'jitter'])
 def test_window_decisions_and_variants(variant):
     cfg = CMOConfig(prob=0.5, start_epoch=1, end_epochs=1, variant=variant)  # mixes when 1 < epoch < 4 - 1
     planner = EpochPlanner(TARGETS, 128, cmo=cfg, epochs=4)

@@ -6,6 +6,7 @@ from .dataset import (
     dataset_targets, long_tail_counts, long_tail_indices, shot_groups,
 )
 from .loader import CMOCollate, CMOLoader, PlanBatchSampler, create_cmo_loader, resolve_device
+from .mixup import MIXUP_MODES, MixupCutmix, cutmix_box
 from .plan import BatchPlan, EpochPlanner
 from .reader_image_list import ListFileError, ReaderImageList, parse_list_file
 from .sampler import ClassWeightedSampler, class_sampling_probs, class_weights, sample_weights

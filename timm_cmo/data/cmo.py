@@ -2,20 +2,43 @@
 
 ``CMOMixup`` is the companion of timm's ``Mixup`` for two batches: backgrounds drawn from the data
 distribution P and foregrounds drawn from the minority-weighted distribution Q. It runs on device
-tensors, after timm's prefetcher; the random numbers (whether to mix, lambda, the box) are drawn
-on the host from a seeded numpy Generator, so mixing never waits for the device.
+tensors, after timm's prefetcher; the random numbers (whether to mix, lambda, the box, the blur and
+jitter of the Table 12 variants) are drawn on the host from a seeded numpy Generator, so mixing never
+waits for the device.
+
+The paper's Table 12 asks whether CMO's gain comes from pasting the minority image onto a majority
+context or merely from augmenting the oversampled minority image. Its variants keep CMO's sampling
+(backgrounds ~ P, foregrounds ~ Q, the same batches and positions chosen with ``prob`` inside the
+same epoch window) and change what is done with the Q-drawn image: ``mixup`` blends it into the
+background (lambda ~ Beta(beta, beta)); ``blur`` and ``jitter`` use no second image: the Q-drawn
+image, augmented with a Gaussian blur (sigma ~ U(0.1, 2), SimCLR's range, as the CMO code's
+``GaussianBlur``) or a colour jitter (brightness, contrast and saturation factors ~ U(0.6, 1.4), in
+a random order, as torchvision's ``ColorJitter(0.4, 0.4, 0.4)``: timm's ``--color-jitter`` default
+and the CMO code's ImageNet jitter), *replaces* the sample at its position, label and all (lambda 0).
+The paper's own text on these rows could not be read here, and its code has no such variant; what
+is implemented follows the description "the Q-drawn minority image is augmented and oversampled,
+no second image", placed in CMO's epoch plan: where CMO would paste, the augmented Q image is used.
 """
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import one_hot
 
+from .transforms import color_jitter_batch, gaussian_blur_batch, normalization
+
 MIX_MODES = ('batch', 'elem')
-CMO_VARIANTS = ('cmo', 'back', 'minor', 'mixup')
+CMO_VARIANTS = ('cmo', 'back', 'minor', 'mixup', 'blur', 'jitter')
 """cmo: background ~ P, foreground ~ Q, paste; back: background ~ Q, foreground ~ P;
-minor: both ~ Q; mixup: background ~ P, foreground ~ Q, blend instead of paste."""
+minor: both ~ Q; mixup: background ~ P, foreground ~ Q, blend instead of paste; blur / jitter:
+the foreground ~ Q, Gaussian-blurred / colour-jittered, replaces the background (module docstring)."""
+AUGMENT_VARIANTS = ('blur', 'jitter')
+BLUR_SIGMA = (0.1, 2.0)
+"""Range of the blur variant's sigma (pixels), drawn uniformly per image."""
+JITTER_STRENGTH = 0.4
+"""The jitter variant's brightness, contrast and saturation factors are drawn from U(1 - s, 1 + s)."""
 
 
 def check_mix_options(prob: float, beta: float, mode: str) -> None:
@@ -86,9 +109,12 @@ class CMOConfig:
     def active(self, epoch: int, epochs: Optional[int]) -> bool:
         return cmo_active(epoch, epochs, self.start_epoch, self.end_epochs)
 
-    def mixer(self, num_classes: int, label_smoothing: float = 0.0) -> 'CMOMixup':
+    def mixer(self, num_classes: int, label_smoothing: float = 0.0, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+              std: Sequence[float] = IMAGENET_DEFAULT_STD) -> 'CMOMixup':
+        """The mixing step of this config; ``mean`` / ``std`` (0-1 scale) are the loader's normalisation."""
         return CMOMixup(num_classes, prob=self.prob, beta=self.beta, mode=self.mode,
-                        label_smoothing=label_smoothing, blend=self.variant == 'mixup')
+                        label_smoothing=label_smoothing, blend=self.variant == 'mixup',
+                        augment=self.variant if self.variant in AUGMENT_VARIANTS else None, mean=mean, std=std)
 
 
 class MixInfo(NamedTuple):
@@ -160,6 +186,15 @@ def host_to_device(array: np.ndarray, device: torch.device, dtype: Optional[torc
     return t.to(device, non_blocking=True)
 
 
+def box_masks(coords: torch.Tensor, img_h: int, img_w: int) -> torch.Tensor:
+    """(B, H, W) bool masks of per-sample boxes ``coords`` = (4, B) int64 rows y0, y1, x0, x1 (half-open)."""
+    rows = torch.arange(img_h, device=coords.device)
+    cols = torch.arange(img_w, device=coords.device)
+    in_y = (rows[None, :] >= coords[0, :, None]) & (rows[None, :] < coords[1, :, None])  # (B, H)
+    in_x = (cols[None, :] >= coords[2, :, None]) & (cols[None, :] < coords[3, :, None])  # (B, W)
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
 def soft_target(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """One-hot (B, C) float32 targets with timm's label smoothing (off = s / C, on = 1 - s + off)."""
     off_value = smoothing / num_classes
@@ -184,6 +219,12 @@ class CMOMixup:
         label_smoothing: timm-style label smoothing of the soft targets. Default 0.
         blend: Blend ``lam * x_bg + (1 - lam) * x_fg`` instead of pasting a box (the paper's
             Mixup ablation); lambda is then the Beta draw itself.
+        augment: ``'blur'`` or ``'jitter'``: no mixing; where a batch (or sample) is mixed, the
+            foreground, Gaussian-blurred (:data:`BLUR_SIGMA`) or colour-jittered
+            (:data:`JITTER_STRENGTH`), replaces the background, and lambda is 0 (Table 12's
+            variants, module docstring). None (default): paste or blend.
+        mean, std: The normalisation of the batches (0-1 scale, as timm's data config); the jitter
+            undoes it, jitters on the 0-255 scale and redoes it. Default: timm's ImageNet values.
         seed: Seed of the host random generator; reset it with :meth:`reseed`.
     """
 
@@ -195,9 +236,16 @@ class CMOMixup:
             mode: str = 'batch',
             label_smoothing: float = 0.0,
             blend: bool = False,
+            augment: Optional[str] = None,
+            mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+            std: Sequence[float] = IMAGENET_DEFAULT_STD,
             seed: Optional[int] = None,
     ):
         check_mix_options(prob, beta, mode)
+        if augment not in (None,) + AUGMENT_VARIANTS:
+            raise ValueError(f'augment must be one of {AUGMENT_VARIANTS} or None, got {augment!r}')
+        if augment is not None and blend:
+            raise ValueError(f'augment={augment!r} replaces the background: it cannot also blend')
         if not 0. <= label_smoothing < 1.:
             raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
         if num_classes < 1:
@@ -208,6 +256,9 @@ class CMOMixup:
         self.mode = mode
         self.label_smoothing = label_smoothing
         self.blend = blend
+        self.augment = augment
+        self.mean, self.std = mean, std
+        self._norm = None
         self.last: Optional[MixInfo] = None
         self.reseed(seed)
 
@@ -252,12 +303,14 @@ class CMOMixup:
         Returns:
             (x, target, lam): lam a float (batch mode) or a (B,) float32 tensor (elem mode).
         """
-        if self.mode == 'batch':
+        if self.augment is not None:
+            lam = self._replace(x_bg, x_fg, apply if self.mode == 'elem' else None)
+        elif self.mode == 'batch':
             lam = self._mix_batch(x_bg, x_fg)
         else:
             lam = self._mix_elem(x_bg, x_fg, apply)
-            if apply is not None:
-                y_fg = torch.where(apply, y_fg, y_bg)
+        if self.mode == 'elem' and apply is not None:
+            y_fg = torch.where(apply, y_fg, y_bg)
         self.last = MixInfo(y_bg, y_fg, lam, self.label_smoothing)
         return x_bg, self.last.target(self.num_classes), lam
 
@@ -286,6 +339,32 @@ class CMOMixup:
         x, target, _ = self.mix(x_bg, y_bg, x_fg, y_fg, apply=apply)
         return x, target
 
+    def augment_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``augment`` variant's blur or jitter of normalised images (N, C, H, W), each with its own draw."""
+        n = x.shape[0]
+        if self.augment == 'blur':
+            sigma = host_to_device(self.rng.uniform(*BLUR_SIGMA, size=n), x.device, x.dtype)
+            return gaussian_blur_batch(x, sigma)
+        s = JITTER_STRENGTH
+        factors = host_to_device(self.rng.uniform(max(0., 1. - s), 1. + s, size=(n, 3)), x.device, x.dtype)
+        order = host_to_device(np.argsort(self.rng.random((n, 3)), axis=1), x.device)
+        key = (x.shape[1], x.device, x.dtype)
+        if self._norm is None or self._norm[0] != key:  # made once: a tensor built on the device makes the host wait
+            self._norm = (key, normalization(self.mean, self.std, *key))
+        mean, std = self._norm[1]
+        return color_jitter_batch(x * std + mean, factors, order, bound=255.).sub_(mean).div_(std)
+
+    def _replace(self, x_bg: torch.Tensor, x_fg: torch.Tensor, apply: Optional[torch.Tensor]):
+        """The ``augment`` variants: the augmented foreground replaces the background (where ``apply``)."""
+        x_aug = self.augment_images(x_fg)
+        if self.mode == 'batch':
+            x_bg.copy_(x_aug)
+            return 0.
+        if apply is None:
+            apply = torch.ones(x_bg.shape[0], dtype=torch.bool, device=x_bg.device)
+        x_bg.copy_(torch.where(apply.view(-1, *([1] * (x_bg.ndim - 1))), x_aug, x_bg))
+        return (~apply).to(torch.float32)
+
     def _mix_batch(self, x_bg: torch.Tensor, x_fg: torch.Tensor) -> float:
         lam = float(self.rng.beta(self.beta, self.beta))
         if self.blend:
@@ -310,12 +389,7 @@ class CMOMixup:
         img_h, img_w = x_bg.shape[-2:]
         y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam_np, self.rng, count=batch_size)
         lam_np = 1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w)
-        coords = host_to_device(np.stack([y0, y1, x0, x1]), device)
-        rows = torch.arange(img_h, device=device)
-        cols = torch.arange(img_w, device=device)
-        in_y = (rows[None, :] >= coords[0, :, None]) & (rows[None, :] < coords[1, :, None])  # (B, H)
-        in_x = (cols[None, :] >= coords[2, :, None]) & (cols[None, :] < coords[3, :, None])  # (B, W)
-        mask = in_y[:, :, None] & in_x[:, None, :]  # (B, H, W)
+        mask = box_masks(host_to_device(np.stack([y0, y1, x0, x1]), device), img_h, img_w)
         lam = host_to_device(lam_np, device, torch.float32)
         if apply is not None:
             mask = mask & apply[:, None, None]

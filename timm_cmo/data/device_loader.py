@@ -17,15 +17,16 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.data.loader import adapt_to_chs
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
 from .cmo import CMOConfig, MixInfo, host_to_device
-from .loader import mix_unplanned, reseed_mixers
+from .loader import check_one_mixer, mix_unplanned, reseed_mixers
+from .mixup import MixupCutmix
 from .plan import EpochPlanner
 from .remix import RemixMixup
 from .sampler import _dist_defaults, derive_seed
+from .transforms import normalization
 
 _logger = logging.getLogger(__name__)
 
@@ -68,25 +69,6 @@ def decode_to_tensor(
     _logger.info(f'Decoded {len(targets)} images to {tuple(images.shape)} uint8 on {device} '
                  f'({images.numel() / 2 ** 20:.1f} MiB, {time.time() - start:.1f}s)')
     return images, targets
-
-
-def normalization(
-        mean: Sequence[float],
-        std: Sequence[float],
-        channels: int,
-        device: torch.device,
-        dtype: torch.dtype = torch.float32,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) on the 0-255 scale, shaped (1, C, 1, 1), for normalising uint8 batches.
-
-    Scaled in double precision before the cast, as timm's ``PrefetchLoader`` does, so both paths
-    normalise to the same bits (scaling after the cast differs by an ulp and the runs drift apart).
-    A scalar, or a length other than ``channels``, is adapted as timm does (repeated / averaged).
-    """
-    mean, std = adapt_to_chs(mean, channels), adapt_to_chs(std, channels)
-    shape = (1, channels, 1, 1)
-    return (torch.tensor([m * 255 for m in mean], device=device, dtype=dtype).view(shape),
-            torch.tensor([s * 255 for s in std], device=device, dtype=dtype).view(shape))
 
 
 def normalize(
@@ -140,7 +122,7 @@ class DeviceLoader:
     """Training batches ``(input, target)`` produced on the device, with CMO.
 
     Behaves like :class:`~timm_cmo.data.loader.CMOLoader` (``set_epoch``, ``mix_info``, soft
-    targets with CMO on, hard labels with CMO off) and reads the same epoch plan.
+    targets with a mixer or label smoothing on, hard labels without) and reads the same epoch plan.
 
     Args:
         images: uint8 (N, C, H, W) on the device.
@@ -161,6 +143,8 @@ class DeviceLoader:
         img_dtype: Dtype of the normalised inputs. Default float32.
         re_prob, re_mode, re_count: timm's random erasing on the normalised batch (off by default).
         remix: A :class:`~timm_cmo.data.remix.RemixMixup` for every batch (instead of CMO).
+        mixup: A :class:`~timm_cmo.data.mixup.MixupCutmix` (timm's Mixup / CutMix) for every batch
+            (instead of CMO or Remix).
     """
 
     def __init__(
@@ -187,7 +171,9 @@ class DeviceLoader:
             re_mode: str = 'const',
             re_count: int = 1,
             remix: Optional[RemixMixup] = None,
+            mixup: Optional[MixupCutmix] = None,
     ):
+        check_one_mixer(cmo is not None, remix is not None, mixup is not None)
         self.images = images
         self.targets = targets
         self.device = images.device
@@ -204,11 +190,10 @@ class DeviceLoader:
         self.mean, self.std = normalization(mean, std, images.shape[1], self.device, img_dtype)
         self.random_erasing = RandomErasing(
             re_prob, mode=re_mode, max_count=re_count, device=self.device) if re_prob > 0 else None
-        self.mixer = cmo.mixer(self.num_classes, label_smoothing) if cmo is not None else None
+        self.mixer = cmo.mixer(self.num_classes, label_smoothing, mean=mean, std=std) if cmo is not None else None
         self.label_smoothing = label_smoothing
-        if remix is not None and cmo is not None:
-            raise ValueError('cmo and remix are two ways of mixing: choose one')
         self.remix = remix
+        self.mixup = mixup
         self.epoch = 0
         self.mix_info: Optional[MixInfo] = None
 

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 import torch.utils.data
 from timm.data import create_loader
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import Sampler, default_collate
 
 from .cmo import CMOConfig, CMOMixup, MixInfo
 from .dataset import dataset_targets
+from .mixup import MixupCutmix
 from .plan import EpochPlanner
 from .remix import RemixMixup
 from .sampler import derive_seed
@@ -164,19 +166,31 @@ def _worker_init(worker_id: int, base: Optional[Callable] = None) -> None:
 
 
 def reseed_mixers(loader, epoch: int) -> None:
-    """Seed a training loader's mixers for ``epoch`` from (seed, epoch, rank): CMO's and Remix's."""
+    """Seed a training loader's mixers for ``epoch`` from (seed, epoch, rank): CMO's, Remix's, Mixup / CutMix's."""
     planner = loader.planner
     if loader.mixer is not None:
         loader.mixer.reseed(derive_seed(planner.seed, epoch, planner.rank, 2))
     if loader.remix is not None:
         loader.remix.reseed(derive_seed(planner.seed, epoch, planner.rank, 7))
+    if loader.mixup is not None:
+        loader.mixup.reseed(derive_seed(planner.seed, epoch, planner.rank, 8))
+        loader.mixup.set_epoch(epoch)
+
+
+def check_one_mixer(cmo: bool, remix: bool, mixup: bool) -> None:
+    """CMO, Remix and Mixup / CutMix are ways of mixing a batch; the paper never combines them."""
+    chosen = [name for name, on in (('cmo', cmo), ('remix', remix), ('mixup/cutmix', mixup)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f'{" and ".join(chosen)} are {len(chosen)} ways of mixing: choose one')
 
 
 def mix_unplanned(loader, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A batch without CMO: Remix it or smooth its labels (setting ``loader.mix_info``), else leave it."""
-    if loader.remix is not None:
-        x, target = loader.remix(x, y)
-        loader.mix_info = loader.remix.last
+    """A batch without CMO: Remix or Mixup / CutMix it, or smooth its labels (setting ``loader.mix_info``),
+    else leave it."""
+    batch_mixer = loader.remix if loader.remix is not None else loader.mixup
+    if batch_mixer is not None:
+        x, target = batch_mixer(x, y)
+        loader.mix_info = batch_mixer.last
         return x, target
     if loader.label_smoothing > 0:
         loader.mix_info = MixInfo(y, y, 1., loader.label_smoothing)
@@ -194,7 +208,7 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
 class CMOLoader:
     """Iterable over ``(input, target)`` training batches of an epoch plan, mixed on the device.
 
-    With CMO on (or label smoothing), targets are soft (B, num_classes) float32 in every epoch
+    With CMO, Remix, Mixup / CutMix or label smoothing on, targets are soft (B, num_classes) float32 in every epoch
     (one-hot, smoothed if asked, when a batch is not mixed), and :attr:`mix_info` holds the batch's
     hard labels, lambda and smoothing: pass it to the loss (``loss(logits, target,
     mix=loader.mix_info)``) for the paper's ``lam * L(x, y_b) + (1 - lam) * L(x, y_f)``. Without
@@ -211,12 +225,15 @@ class CMOLoader:
             num_classes: Optional[int] = None,
             label_smoothing: float = 0.0,
             remix: Optional[RemixMixup] = None,
+            mixup: Optional[MixupCutmix] = None,
     ):
+        check_one_mixer(mixer is not None, remix is not None, mixup is not None)
         self.loader = loader
         self.batch_sampler = batch_sampler
         self.planner = batch_sampler.planner
         self.mixer = mixer
         self.remix = remix
+        self.mixup = mixup
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.device = device
@@ -295,6 +312,13 @@ def create_cmo_loader(
         remix_tau: float = 0.5,
         remix_alpha: float = 1.0,
         remix_mode: str = 'mixup',
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        cutmix_minmax: Optional[Sequence[float]] = None,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: str = 'batch',
+        mixup_off_epoch: int = 0,
         device: Optional[Union[str, torch.device]] = None,
         **kwargs: Any,
 ) -> Union[CMOLoader, torch.utils.data.DataLoader, PrefetchLoader]:
@@ -331,6 +355,10 @@ def create_cmo_loader(
         remix: Remix (Chou et al., 2020) every batch with a permutation of itself instead of CMO;
             ``remix_kappa``, ``remix_tau``, ``remix_alpha``, ``remix_mode`` are the arguments of
             :class:`~timm_cmo.data.remix.RemixMixup`.
+        mixup, cutmix, cutmix_minmax, mixup_prob, mixup_switch_prob, mixup_mode, mixup_off_epoch: timm's
+            Mixup / CutMix of each batch with itself reversed, as timm's train.py flags of these names
+            (on when ``mixup`` > 0, ``cutmix`` > 0 or ``cutmix_minmax`` is set; not with CMO or Remix):
+            :class:`~timm_cmo.data.mixup.MixupCutmix`.
         device: Where batches go (and are mixed); None: CUDA when available, else the CPU.
         **kwargs: Any other argument of ``timm.data.create_loader`` (augmentation, workers,
             distributed, use_prefetcher, ...).
@@ -362,12 +390,12 @@ def create_cmo_loader(
     if not is_training:
         return loader
 
-    if cmo and remix:
-        raise ValueError('cmo and remix are two ways of mixing: choose one')
-    if (cmo or remix or label_smoothing > 0) and num_classes is None:
+    use_mixup = mixup != 0 or cutmix != 0 or cutmix_minmax is not None
+    check_one_mixer(cmo, remix, use_mixup)
+    if (cmo or remix or use_mixup or label_smoothing > 0) and num_classes is None:
         num_classes = getattr(dataset, 'num_classes', None)
         if num_classes is None:
-            raise ValueError('num_classes is needed for soft targets (CMO, label smoothing)')
+            raise ValueError('num_classes is needed for soft targets (CMO, Remix, Mixup / CutMix, label smoothing)')
     if not 0. <= label_smoothing < 1.:
         raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
     if kwargs.get('use_multi_epochs_loader', False):
@@ -408,14 +436,18 @@ def create_cmo_loader(
         loader.loader = planned
     else:
         loader = planned
+    mean, std = kwargs.get('mean', IMAGENET_DEFAULT_MEAN), kwargs.get('std', IMAGENET_DEFAULT_STD)
     return CMOLoader(
         loader,
         batch_sampler,
-        mixer=config.mixer(num_classes, label_smoothing) if cmo else None,
+        mixer=config.mixer(num_classes, label_smoothing, mean=mean, std=std) if cmo else None,
         device=device,
         num_classes=num_classes,
         label_smoothing=label_smoothing,
         remix=RemixMixup(num_classes, np.bincount(planner.targets, minlength=num_classes), kappa=remix_kappa,
                          tau=remix_tau, alpha=remix_alpha, mode=remix_mode,
                          label_smoothing=label_smoothing) if remix else None,
+        mixup=MixupCutmix(num_classes, mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax,
+                          prob=mixup_prob, switch_prob=mixup_switch_prob, mode=mixup_mode,
+                          label_smoothing=label_smoothing, off_epoch=mixup_off_epoch) if use_mixup else None,
     )
