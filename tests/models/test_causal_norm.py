@@ -86,7 +86,8 @@ def test_moving_average_accumulates_the_batch_means_with_the_momentum():
         head(x)
     expected = [0.0] * 6
     for x in batches:  # x_bar <- mu x_bar + mean(x), from 0
-        expected = [0.9 * e + sum(float(x[b, j]) for b in range(x.shape[0])) / x.shape[0] for j, e in enumerate(expected)]
+        expected = [0.9 * e + sum(float(x[b, j]) for b in range(x.shape[0])) / x.shape[0]
+                    for j, e in enumerate(expected)]
     torch.testing.assert_close(head.embed_mean, torch.tensor(expected, dtype=D64), rtol=1e-12, atol=1e-12)
     before = head.embed_mean.clone()
     head.eval()(batches[0])
