@@ -1074,6 +1074,12 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     num_classes = args.num_classes or (train_ds.num_classes if train_ds is not None else None)
     if train_ds is not None and num_classes != train_ds.num_classes:
         error(f'--num-classes {num_classes} disagrees with the dataset ({train_ds.num_classes} classes)')
+    if train_ds is not None and not args.evaluate and args.drop_last:
+        per_process = -(-len(train_ds) // args.world_size)  # the distributed sampler's share
+        if per_process < args.batch_size:
+            error(f'--batch-size {args.batch_size}: {per_process} training images'
+                  f'{" per process" if args.world_size > 1 else ""} make no full batch and the incomplete one is '
+                  f'dropped (--drop-last), so no epoch would take a step: use a smaller --batch-size or --no-drop-last')
 
     model_kwargs = dict(args.model_kwargs, **({'router': True} if args.stage2 == 'router' else {}))
     if args.evaluate and resume is not None:

@@ -615,6 +615,14 @@ def test_bad_flags_fail_before_the_data_is_read(capsys, tmp_path):
     assert code == 2 and 'did you mean cifar10_lt_r100_ce_cmo' in err
 
 
+def test_drop_last_with_no_full_batch_is_refused(small_cifar, tmp_path, capsys):
+    """A subset smaller than one batch with the incomplete batch dropped (Causal Norm's recipes drop it) would
+    train 0 steps an epoch: refused before the run folder, naming the flags."""
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'empty', 1, '--loss', 'ce', '-b', '256'), capsys)
+    assert code == 2 and '--batch-size 256: 240 training images make no full batch' in err and '--no-drop-last' in err
+    assert not (tmp_path / 'empty').exists()
+
+
 def test_recipes_by_name():
     args, _ = train_cmo.parse_args(['-c', 'cifar10_lt_r100_ldam_drw_cmo', '--data-dir', 'x'])
     assert args.config.endswith(os.path.join('hparams', 'cifar10_lt_r100_ldam_drw_cmo.yaml'))
