@@ -58,7 +58,8 @@ from timm_cmo.files import FileWriteError, write_text_atomic
 from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
-from timm_cmo.models import freeze_for_router_training
+from timm_cmo.models import (
+    CAUSAL_ARGS, CausalNormClassifier, freeze_for_router_training, is_causal_norm, set_causal_norm_lr)
 from timm_cmo.models.stage2 import fold_weight_scaling_state_dict, prepare_classifier_retraining, set_stage2_mode
 from timm_cmo.recipes import resolve_recipe
 from timm_cmo.results import SummaryWriter, cpu_model, peak_rss_mib, write_results
@@ -76,6 +77,7 @@ LOSS_KWARGS = {
     'las': {'las_smooth_head': 'smooth_head', 'las_smooth_tail': 'smooth_tail', 'las_shape': 'shape'},
 }
 STAGE2 = ('las', 'router')
+HEADS = ('linear', 'causal')
 REWEIGHTS = ('none', 'cb', 'drw')
 MODEL_PREFIXES = ('hf-hub:', 'local-dir:', 'hf_hub:', 'timm/')
 # flags that may differ between a run and its resumption: how it runs, not what it trains
@@ -84,7 +86,8 @@ RESUME_MAY_CHANGE = frozenset({
     'allow_config_change', 'start_epoch', 'initial_checkpoint', 'pretrained', 'validation_batch_size',
     'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
     'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
-    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn'})
+    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn',
+    'causal_alpha'})  # Causal Norm's alpha acts at evaluation only
 
 
 def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -145,6 +148,22 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='cosine-normalised classifier (NormedLinear), for LDAM')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        help='torch.compile the model (backend, default inductor)')
+
+    group = parser.add_argument_group('Causal Norm head (Tang et al., NeurIPS 2020)')
+    group.add_argument('--head', default='linear', type=str, metavar='KIND',
+                       help="classifier: linear (the model's own; cosine with --head-norm) | causal (multi-head cosine "
+                            "classifier with a moving-average feature, TDE logits in evaluation)")
+    group.add_argument('--causal-heads', type=int, default=None, metavar='K', help='--head causal: heads (2)')
+    group.add_argument('--causal-tau', type=float, default=None, help='--head causal: logit scale tau (16)')
+    group.add_argument('--causal-gamma', type=float, default=None, help='--head causal: class-norm offset gamma (1/32)')
+    group.add_argument('--causal-alpha', type=float, default=None,
+                       help='--head causal: TDE strength at evaluation (3.0; the authors use 1.5 on CIFAR-100-LT, '
+                            '1.0 on CIFAR-10-LT); test-time only, it may differ at --evaluate')
+    group.add_argument('--causal-momentum', type=float, default=None, metavar='MU',
+                       help='--head causal: decay of the moving-average feature (default --momentum)')
+    group.add_argument('--causal-lr-scale', type=float, default=None, metavar='S',
+                       help='--head causal: 0 (default) keeps the decay; S > 0 sets it each epoch to '
+                            '1 - (1 - MU) * min(S * lr, 1) (the authors use 50 on ImageNet-LT)')
 
     group = parser.add_argument_group('Long tail')
     group.add_argument('--loss', default='ce', type=str, help=f'one of {", ".join(list_losses())}')
@@ -333,6 +352,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
     args = parser.parse_args(remaining)
     args.config = config
     validate_args(args)
+    resolve_causal_args(args)
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
 
@@ -420,11 +440,55 @@ def validate_args(args: argparse.Namespace) -> None:
                   f'without mixing: drop --cmo / --remix / --mixup / --cutmix')
     elif args.loss in ('ride_ea',):
         bad('loss', args.loss, 'the router loss is for --stage2 router')
+    validate_causal_args(args, bad)
     if args.resume and args.initial_checkpoint:
         error('--resume and --initial-checkpoint: pass one (--resume continues a run, --initial-checkpoint '
               'starts a new one from weights)')
     if not args.data_dir and not args.evaluate:
         error('--data-dir is required')
+
+
+def validate_causal_args(args: argparse.Namespace, bad) -> None:
+    """``--head`` and the ``--causal-*`` flags: values checked where the head defines them, combinations here."""
+    if args.head not in HEADS:
+        bad('head', args.head, f'choose from {", ".join(HEADS)}')
+    given = {k: getattr(args, k) for k in CAUSAL_ARGS if getattr(args, k) is not None}
+    if args.head != 'causal':
+        if given and not args.model.startswith(MODEL_PREFIXES):  # a Hub model may hold a Causal Norm head
+            flag = next(iter(given))
+            bad(flag, given[flag], 'sets the Causal Norm head: add --head causal')
+        return
+    if args.head_norm:
+        error('--head causal and --head-norm are two classifier heads: choose one')
+    if args.stage2 is not None:
+        error(f'--stage2 {args.stage2} re-trains a linear or cosine classifier; Causal Norm (--head causal) is '
+              f'trained in one stage')
+    try:  # the head checks its own arguments; their names follow --causal-
+        kwargs = dict({'heads': 1}, **{CAUSAL_ARGS[k][0]: v for k, v in given.items()})
+        heads = kwargs['heads']
+        CausalNormClassifier(heads if isinstance(heads, int) and heads > 0 else 1, 2, **kwargs)
+    except ValueError as e:
+        field = str(e).split()[0]
+        bad(f'causal_{field}', getattr(args, f'causal_{field}', None), str(e))
+
+
+def resolve_causal_args(args: argparse.Namespace) -> None:
+    """``--head causal`` on a model built here: the unset ``--causal-*`` flags take the authors' defaults
+    (``--causal-momentum`` the optimizer's ``--momentum``), so args.yaml records the head that trains. A
+    ``local-dir:`` / ``hf-hub:`` model keeps the values its config records for the flags left unset."""
+    if args.head != 'causal' or args.model.startswith(MODEL_PREFIXES):
+        return
+    for key, (_, default) in CAUSAL_ARGS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, args.momentum if key == 'causal_momentum' else default)
+
+
+def causal_model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The model arguments of ``--head causal`` (``causal_norm=True``) and of the ``--causal-*`` flags set."""
+    kwargs = {k: getattr(args, k) for k in CAUSAL_ARGS if getattr(args, k) is not None}
+    if args.head == 'causal':
+        kwargs['causal_norm'] = True
+    return kwargs
 
 
 def remix_kwargs(args) -> Dict[str, Any]:
@@ -910,7 +974,8 @@ def load_model_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, use_em
 
 
 def _model_desc(model: nn.Module) -> str:
-    head = ', head_norm' if timm_cmo.models.is_head_norm(model) else ''
+    head = (', head_norm' if timm_cmo.models.is_head_norm(model) else
+            ', causal_norm' if is_causal_norm(model) else '')
     return f'{type(model).__name__}({getattr(model, "num_classes", "?")} classes{head})'
 
 
@@ -968,6 +1033,7 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Mod
             cmo_effective=args.cmo_effective, cmo_prob=args.cmo_prob, cmo_beta=args.cmo_beta,
             cmo_start_epoch=args.cmo_start_epoch, cmo_end_epochs=args.cmo_end_epochs,
             cmo_mode=args.cmo_mode, cmo_variant=args.cmo_variant, head_norm=args.head_norm,
+            head='causal' if is_causal_norm(model) else 'linear', causal=causal_settings(model),
             ros=args.ros, ros_r=args.ros_r if args.ros else None,
             remix=args.remix, **({f'remix_{k}': v for k, v in remix_kwargs(args).items()} if args.remix else {}),
             **({flag: getattr(args, flag) for flag in MIXUP_FLAGS.values()} if mixup_active(args) else {}),
@@ -987,6 +1053,15 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Mod
             device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()),
         date=datetime.now().isoformat(timespec='seconds'),
     )
+
+
+def causal_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The Causal Norm head's hyper-parameters as the model holds them (None without such a head)."""
+    heads = [m for m in model.modules() if isinstance(m, CausalNormClassifier)]
+    if not heads:
+        return None
+    h = heads[0]
+    return dict(heads=h.heads, tau=h.tau, gamma=h.gamma, alpha=h.alpha, momentum=h.momentum, lr_scale=h.lr_scale)
 
 
 def _metrics_line(metrics: Dict[str, Any]) -> str:
@@ -1052,6 +1127,12 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     num_classes = args.num_classes or (train_ds.num_classes if train_ds is not None else None)
     if train_ds is not None and num_classes != train_ds.num_classes:
         error(f'--num-classes {num_classes} disagrees with the dataset ({train_ds.num_classes} classes)')
+    if train_ds is not None and not args.evaluate and args.drop_last:
+        per_process = -(-len(train_ds) // args.world_size)  # the distributed sampler's share
+        if per_process < args.batch_size:
+            error(f'--batch-size {args.batch_size}: {per_process} training images'
+                  f'{" per process" if args.world_size > 1 else ""} make no full batch and the incomplete one is '
+                  f'dropped (--drop-last), so no epoch would take a step: use a smaller --batch-size or --no-drop-last')
 
     model_kwargs = dict(args.model_kwargs, **({'router': True} if args.stage2 == 'router' else {}))
     if args.evaluate and resume is not None:
@@ -1066,10 +1147,21 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             drop_path_rate=args.drop_path,
             global_pool=args.gp,
             head_norm=True if args.head_norm else None,
+            **causal_model_kwargs(args),
             **model_kwargs,
         )
-    except (ValueError, TypeError) as e:
+    except TypeError as e:
+        if 'causal_' in str(e):
+            error(f'--head causal: --model {args.model} has no Causal Norm option. It is an option of models that '
+                  f'split forward_features / forward_head(x, pre_logits) with one classifier on the pooled '
+                  f'features, patched by timm_cmo: the CIFAR ResNets (resnet*_cifar) and timm\'s ResNets (resnet50, '
+                  f'resnext50_32x4d, wide_resnet50_2, ...); multi-expert RIDE models are not ({e})')
         error(f'--model {args.model}{" --model-kwargs " + str(model_kwargs) if model_kwargs else ""}: {e}')
+    except ValueError as e:
+        error(f'--model {args.model}{" --model-kwargs " + str(model_kwargs) if model_kwargs else ""}: {e}')
+    if (args.head == 'causal' or causal_model_kwargs(args)) and not is_causal_norm(model):
+        error(f'--head causal / --causal-*: --model {args.model} was built without a Causal Norm classifier (it '
+              f'has none, ignores the causal_norm argument, or has no classifier)')
     num_classes = model.num_classes
     args.num_classes = num_classes
     multi_expert = hasattr(model, 'num_experts')
@@ -1078,7 +1170,10 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         error(f'{bad_loss}; --model {args.model} has a single classifier')
     if args.stage2 == 'router' and not multi_expert:
         error(f'--stage2 router trains the expert router of a RIDE model; --model {args.model} has none')
-    if args.loss == 'ldam' and not args.head_norm and not timm_cmo.models.is_head_norm(model) and args.rank == 0:
+    if args.loss == 'ldam' and is_causal_norm(model) and args.rank == 0:
+        _logger.warning('LDAM scales cosine logits by --ldam-s; the Causal Norm head\'s logits are already scaled by '
+                        'its tau: --loss ce is the paper\'s.')
+    elif args.loss == 'ldam' and not args.head_norm and not timm_cmo.models.is_head_norm(model) and args.rank == 0:
         _logger.warning('LDAM is meant for a cosine-normalised head: consider --head-norm.')
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args)
@@ -1199,6 +1294,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             train_loader.set_epoch(epoch)
             loss_fn.set_epoch(epoch)
             lr = optimizer.param_groups[0]['lr']
+            set_causal_norm_lr(model, lr)  # Causal Norm's moving-average decay, where tied to the lr
             train_metrics = train_one_epoch(
                 epoch, train_model, train_loader, optimizer, loss_fn, args, device, lr_scheduler=lr_scheduler,
                 amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,

@@ -5,7 +5,7 @@
 
 Prints (and with ``--copy-to`` writes ``table.md``) a Markdown table of the final-epoch top-1,
 head / middle / tail, calibration (ECE, MCE, NLL) and per-class accuracy per method and seed, the mean over seeds,
-the paper's comparison layout (rows: the base methods CE, CE-DRW, LDAM-DRW, BS, RIDE; columns: as is,
+the paper's comparison layout (rows: the base methods CE, CE-DRW, LDAM-DRW, BS, RIDE, Causal Norm; columns: as is,
 + ROS, + Remix, + CMO, + CMO + LAS, + EA, + CMO + EA (RIDE's router stage), where runs exist; with several seeds
 each cell lists the per-seed top-1 too), the gain of each variant over its base method (head / middle / tail and
 many / medium / few shot, with the top-1 gain of each seed, so a sign that flips between seeds shows),
@@ -29,7 +29,8 @@ from timm_cmo.plot import plot_per_class_accuracy  # noqa: E402
 from timm_cmo.results import SummaryWriter  # noqa: E402
 
 KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'reliability.png')
-NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE'}
+NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE',
+         'causal_norm': 'Causal Norm'}
 VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_mixup': '+ Mixup', '_cutmix': '+ CutMix',
             '_cmo': '+ CMO', '_cmo_mixup': '+ CMO (mixup)', '_cmo_blur': '+ CMO (blur)', '_cmo_jitter': '+ CMO (jitter)',
             '_cmo_las': '+ CMO + LAS', '_router': '+ EA', '_cmo_router': '+ CMO + EA'}

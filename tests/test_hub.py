@@ -331,3 +331,14 @@ def test_card_for_timm_resnet_baseline():
     card = hub.model_card(dict(args, head_norm=True), results)
     assert "the plugin's `head_norm` classifier" in card
     np.testing.assert_equal(hub.run_data_config(dict(interpolation='', crop_pct=None, mean=[0.5])), {'mean': (0.5,)})
+
+
+def test_run_model_from_args_rebuilds_a_causal_norm_head():
+    """Without results.json's model_build, args.yaml's --head causal and --causal-* flags rebuild the head."""
+    from timm_cmo.models import CausalNormClassifier
+    model = hub.create_run_model({'model': 'resnet20_cifar', 'num_classes': 10, 'head': 'causal', 'causal_heads': 4,
+                                  'causal_alpha': 1.5, 'causal_tau': None})
+    assert isinstance(model.fc, CausalNormClassifier)
+    assert (model.fc.heads, model.fc.alpha, model.fc.tau) == (4, 1.5, 16.0)
+    assert not isinstance(hub.create_run_model({'model': 'resnet20_cifar', 'num_classes': 10, 'head': 'linear',
+                                                'causal_heads': 4}).fc, CausalNormClassifier)

@@ -31,6 +31,9 @@ def test_recipes_cover_the_paper_settings():
                 assert f'{ds}_lt_r{rho}_{method}_cmo' in names
         for method in ('ce', 'ce_drw', 'ldam_drw', 'ride'):  # the paper's oversampling comparison (rho 100)
             assert {f'{ds}_lt_r100_{method}_{variant}' for variant in ('ros', 'remix', 'cmo')} <= names
+        for rho in (100, 50, 10):  # the paper's Table 2 comparison methods, with and without CMO
+            assert {f'{ds}_lt_r{rho}_causal_norm', f'{ds}_lt_r{rho}_causal_norm_cmo'} <= names
+    assert {'imagenet_lt_resnext50_causal_norm', 'imagenet_lt_resnext50_causal_norm_cmo'} <= names
     for name in ('imagenet_lt_resnet50_ce_cmo', 'imagenet_lt_resnet50_ce_drw_cmo', 'imagenet_lt_resnet50_bs_cmo',
                  'imagenet_lt_resnet50_bs_cmo_400ep', 'inat2018_resnet50_ce_drw_cmo', 'inat2018_resnet50_bs_cmo',
                  'imagenet_lt_resnet101_bs_cmo', 'imagenet_lt_resnet152_bs_cmo', 'imagenet_lt_wrn50_bs_cmo'):
@@ -45,7 +48,8 @@ def test_recipe_parses_and_states_its_target(recipe):
     args, args_text = train_cmo.parse_args(['-c', recipe, '--data-dir', '/data'] + stage2)
     assert 'paper_top1' in yaml.safe_load(text)
     assert args.cmo == Path(recipe).stem.endswith(('_cmo', '_cmo_400ep', '_cmo_mixup', '_cmo_blur', '_cmo_jitter'))
-    assert args.drop_last is False  # the paper's loaders keep the last incomplete batch
+    # the paper's loaders keep the last incomplete batch; Causal Norm's loop stops at int(N / batch) steps
+    assert args.drop_last is ('causal_norm' in Path(recipe).stem)
     assert yaml.safe_load(args_text)['model'] == args.model
 
 
@@ -103,6 +107,41 @@ def test_schedule_is_the_papers(recipe, milestones, rates, epochs):
     for epoch in range(epochs):
         sched.step(epoch)
         assert opt.param_groups[0]['lr'] == pytest.approx(paper_lr(epoch, args.lr, milestones, rates), rel=1e-9), epoch
+
+
+def causal_norm_lr(epoch, base=0.2, warmup=5, milestones=(120, 160), factor=0.01):
+    """Causal Norm's CIFAR schedule: WarmupMultiStepLR(warmup_factor 1/3, linear) stepped before each epoch, so
+    0-based epoch e trains with its last_epoch = e + 1."""
+    t = epoch + 1
+    warm = 1 / 3 * (1 - t / warmup) + t / warmup if t < warmup else 1.
+    return base * warm * factor ** sum(t >= m for m in milestones)
+
+
+@pytest.mark.parametrize('ds,alpha,paper', [('cifar10', 1.0, None), ('cifar100', 1.5, 44.1)])
+def test_causal_norm_recipe_is_the_authors(ds, alpha, paper):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    args, _ = train_cmo.parse_args(['-c', f'{ds}_lt_r100_causal_norm', '--data-dir', 'x'])
+    assert (args.head, args.causal_heads, args.causal_tau, args.causal_gamma, args.causal_alpha, args.causal_momentum,
+            args.causal_lr_scale) == ('causal', 2, 16.0, 1 / 32, alpha, 0.9, 0.0)
+    assert (args.loss, args.reweight, args.batch_size, args.weight_decay, args.epochs) == ('ce', 'none', 256, 5e-4, 200)
+    assert args.paper_top1 == paper and args.model == 'resnet32_cifar'
+    opt = create_optimizer_v2(torch.nn.Linear(2, 2), opt=args.opt, lr=args.lr, momentum=args.momentum)
+    sched, num_epochs = create_scheduler_v2(opt, **scheduler_kwargs(args))
+    assert num_epochs == 200 and opt.defaults.get('nesterov') is False
+    for epoch in range(200):
+        sched.step(epoch)
+        assert opt.param_groups[0]['lr'] == pytest.approx(causal_norm_lr(epoch), rel=1e-12), epoch
+    # ImageNet-LT: cosine to 0 over 90 epochs (the authors' epoch e trains at the lr timm gives epoch e + 1)
+    args, _ = train_cmo.parse_args(['-c', 'imagenet_lt_resnext50_causal_norm_cmo', '--data-dir', 'x'])
+    assert (args.model, args.causal_alpha, args.causal_lr_scale, args.cmo) == ('resnext50_32x4d', 3.0, 50.0, True)
+    opt = create_optimizer_v2(torch.nn.Linear(2, 2), opt=args.opt, lr=args.lr, momentum=args.momentum)
+    sched, num_epochs = create_scheduler_v2(opt, **scheduler_kwargs(args))
+    assert num_epochs == 90
+    import math
+    for epoch in range(1, 90):
+        sched.step(epoch)
+        assert opt.param_groups[0]['lr'] == pytest.approx(0.1 * (1 + math.cos(math.pi * epoch / 90)), abs=1e-12)
 
 
 # --- end to end on real data ----------------------------------------------------------------
@@ -362,6 +401,8 @@ PATH_CASES = {
                     '--cmo-prob', '1.0', '--loss', 'ce'],
     'cmo-jitter-elem-bs-drw': ['--cmo', '--cmo-variant', 'jitter', '--cmo-mode', 'elem', '--cmo-start-epoch', '-1',
                                '--cmo-end-epochs', '0', '--loss', 'bs', '--reweight', 'drw', '--drw-epoch', '1'],
+    'causal-norm-cmo-ce-ema': ['--head', 'causal', '--causal-alpha', '1.5', '--cmo', '--cmo-start-epoch', '-1',
+                               '--cmo-end-epochs', '0', '--loss', 'ce', '--model-ema', '--model-ema-decay', '0.9'],
 }
 
 
@@ -414,6 +455,12 @@ LOOP_CASES = {
     'cutmix-minmax-elem-smoothing-bs': (dict(cutmix_minmax=(0.2, 0.8), mixup_mode='elem', label_smoothing=0.1),
                                         ('bs', 'none')),
     'cmo-jitter-la-drw': (dict(cmo=True, cmo_variant='jitter'), ('la', 'drw')),
+    'causal-norm-cmo-ce': (dict(cmo=True), ('ce', 'none')),
+    'causal-norm-ros-bs-drw': (dict(ros_r=1.0), ('bs', 'drw')),
+}
+LOOP_MODEL_KWARGS = {  # cases whose model is not the loss's default one
+    'causal-norm-cmo-ce': dict(causal_norm=True, causal_alpha=1.0),
+    'causal-norm-ros-bs-drw': dict(causal_norm=True, causal_heads=4),
 }
 
 
@@ -439,7 +486,8 @@ def test_library_loop_equals_train_one_epoch(tiny_lt, case, epoch):
         if loss_name == 'ride':  # RIDE's loss takes every expert's logits (cosine heads)
             model = timm.create_model('ride_resnet20_cifar', num_classes=10)
         else:
-            model = timm.create_model('resnet20_cifar', num_classes=10, head_norm=loss_name == 'ldam')
+            model = timm.create_model('resnet20_cifar', num_classes=10, head_norm=loss_name == 'ldam',
+                                      **LOOP_MODEL_KWARGS.get(case, {}))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         loader = create_cmo_loader(tiny_lt, (3, 32, 32), 16, is_training=True, device='cpu', num_workers=0,
                                    num_classes=10, train_crop_mode='pad', color_jitter=None, seed=1, epochs=4,
@@ -594,6 +642,14 @@ def test_bad_flags_fail_before_the_data_is_read(capsys, tmp_path):
     assert code == 2 and '--stage2 las trains with --loss las' in err
     code, err = main_exit(['--data-dir', missing, '-c', 'cifar10_lt_r100_ce_cmmo'], capsys)
     assert code == 2 and 'did you mean cifar10_lt_r100_ce_cmo' in err
+
+
+def test_drop_last_with_no_full_batch_is_refused(small_cifar, tmp_path, capsys):
+    """A subset smaller than one batch with the incomplete batch dropped (Causal Norm's recipes drop it) would
+    train 0 steps an epoch: refused before the run folder, naming the flags."""
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'empty', 1, '--loss', 'ce', '-b', '256'), capsys)
+    assert code == 2 and '--batch-size 256: 240 training images make no full batch' in err and '--no-drop-last' in err
+    assert not (tmp_path / 'empty').exists()
 
 
 def test_recipes_by_name():
@@ -792,6 +848,114 @@ def test_las_stage_trains_the_classifier_only(ldam_cmo_run, small_cifar, tmp_pat
                                     '--initial-checkpoint', str(tmp_path / 'five.pth.tar')), capsys)
     assert code == 2 and 'fc.weight (5, 64) in the checkpoint, (10, 64) in the model' in err
     assert not (tmp_path / 'las5').exists()
+
+
+# --- Causal Norm (--head causal) through train_cmo.py -------------------------------------------------------------
+
+CAUSAL = ['--head', 'causal', '--causal-alpha', '1.5', '--loss', 'ce', '--cmo', '--cmo-start-epoch', '-1',
+          '--cmo-end-epochs', '0', '--model-ema', '--model-ema-decay', '0.9']
+
+
+def test_causal_norm_run_resumes_bit_for_bit_exports_and_evaluates(small_cifar, tmp_path, monkeypatch):
+    """The moving-average feature is model state: a Causal Norm + CMO run stopped after epoch 0 (a failed save) and
+    resumed ends bit for bit as the uninterrupted run, EMA included; the Hub export holds the same buffer and
+    evaluates to the run's figures, as does its checkpoint; --causal-alpha changes only the evaluation."""
+    import errno
+    import timm
+    from timm_cmo import checkpoint as checkpoint_mod
+    from timm_cmo import hub
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'whole', 3, *CAUSAL))
+    real_save = torch.save
+    calls = []
+
+    def full_disk_on_second_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_mod.torch, 'save', full_disk_on_second_save)
+    argv = base_argv(small_cifar, tmp_path, 'cut', 3, *CAUSAL)
+    with pytest.raises(SystemExit):
+        train_cmo.main(argv)
+    monkeypatch.setattr(checkpoint_mod.torch, 'save', real_save)
+    last = tmp_path / 'cut' / 'last.pth.tar'
+    assert torch.load(last, map_location='cpu', weights_only=True)['epoch'] == 0
+    train_cmo.main(argv + ['--resume', str(last)])
+    whole = torch.load(tmp_path / 'whole' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    cut = torch.load(last, map_location='cpu', weights_only=True)
+    for key in ('state_dict', 'state_dict_ema'):
+        assert whole[key].keys() == cut[key].keys()
+        for k, v in whole[key].items():
+            assert torch.equal(cut[key][k], v), f'{key} {k}'
+    mean = whole['state_dict']['fc.embed_mean']
+    assert mean.abs().sum() > 0 and not torch.equal(mean, whole['state_dict_ema']['fc.embed_mean'])
+    results = json.loads((tmp_path / 'whole' / 'results.json').read_text())
+    assert results['method']['head'] == 'causal' and results['method']['cmo_epochs'] == 3
+    assert results['method']['causal'] == dict(heads=2, tau=16.0, gamma=1 / 32, alpha=1.5, momentum=0.9, lr_scale=0.0)
+    assert results['model_build']['model_args']['causal_norm'] is True
+
+    export = hub.export(tmp_path / 'whole', tmp_path / 'export')
+    model = timm.create_model(f'local-dir:{export}', pretrained=True)
+    assert torch.equal(model.fc.embed_mean, mean) and model.fc.alpha == 1.5
+    card = (export / 'README.md').read_text()
+    assert "Causal Norm's (Tang et al., NeurIPS 2020" in card and 'alpha = 1.5' in card and 'import timm_cmo' in card
+
+    common = ['--evaluate', '--data-dir', str(small_cifar), '--imb-ratio', '10', '--workers', '0', '-b', '32',
+              '--output', str(tmp_path)]
+    ref = results['metrics']
+    runs = {'export': ['--model', f'local-dir:{export}', '--pretrained'],
+            'ckpt': ['--model', 'resnet20_cifar', '--head', 'causal', '--causal-alpha', '1.5', '--resume',
+                     str(tmp_path / 'whole' / 'last.pth.tar')],
+            'alpha0': ['--model', f'local-dir:{export}', '--pretrained', '--causal-alpha', '0']}
+    got = {}
+    for name, model_args in runs.items():
+        train_cmo.main(common + model_args + ['--experiment', f'eval_{name}'])
+        got[name] = json.loads((tmp_path / f'eval_{name}' / 'results.json').read_text())
+    for name in ('export', 'ckpt'):
+        assert got[name]['metrics']['top1'] == pytest.approx(ref['top1']), name
+        assert got[name]['metrics']['nll'] == pytest.approx(ref['nll'], rel=1e-6), name
+    assert got['alpha0']['method']['causal']['alpha'] == 0.0
+    assert got['alpha0']['metrics']['nll'] != pytest.approx(ref['nll'], rel=1e-6)  # the TDE term is off
+    # without --head causal the checkpoint does not fit a linear head: named, not loaded
+    with pytest.raises(SystemExit) as e:
+        train_cmo.main(common + ['--model', 'resnet20_cifar', '--resume', str(tmp_path / 'whole' / 'last.pth.tar'),
+                                 '--experiment', 'eval_linear'])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--head', 'causal', '--head-norm'], '--head causal and --head-norm are two classifier heads'),
+    (['--head', 'causal', '--model', 'ride_resnet20_cifar'],
+     '--head causal: --model ride_resnet20_cifar has no Causal Norm option'),
+    (['--head', 'causal', '--model', 'vit_tiny_patch16_224'], 'split forward_features / forward_head(x, pre_logits)'),
+    (['--head', 'causal', '--causal-heads', '3'], 'heads 3 must divide the feature size 64'),
+    (['--head', 'causal', '--causal-heads', '0'], '--causal-heads 0: heads must be an integer >= 1'),
+    (['--head', 'causal', '--causal-tau', '0'], '--causal-tau 0.0: tau must be > 0'),
+    (['--head', 'causal', '--causal-momentum', '2'], '--causal-momentum 2.0: momentum must be in [0, 1]'),
+    (['--head', 'causal', '--causal-lr-scale', '-1'], '--causal-lr-scale -1.0: lr_scale must be >= 0'),
+    (['--causal-alpha', '1'], '--causal-alpha 1.0: sets the Causal Norm head: add --head causal'),
+    (['--head', 'cosine'], "--head 'cosine': choose from linear, causal"),
+    (['--head', 'causal', '--stage2', 'las', '--loss', 'las', '--initial-checkpoint', 'x'],
+     'Causal Norm (--head causal) is trained in one stage'),
+])
+def test_causal_norm_errors(small_cifar, tmp_path, capsys, extra, message):
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'bad', 1, '--loss', 'ce', *extra), capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_torchrun_causal_norm(small_cifar, tmp_path):
+    """Two processes: the moving average takes both ranks' samples (all-reduced in the forward) without a hang."""
+    argv = base_argv(small_cifar, tmp_path, 'ddp_causal', 1, '--head', 'causal', '--loss', 'ce', '--cmo',
+                     '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(REPO / 'train_cmo.py')] + argv + ['--device', 'cpu'],
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mean = torch.load(tmp_path / 'ddp_causal' / 'last.pth.tar', map_location='cpu',
+                      weights_only=True)['state_dict']['fc.embed_mean']
+    assert torch.isfinite(mean).all() and mean.abs().sum() > 0
 
 
 # --- run records that tell the truth ------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Usage::
     python -m timm_cmo.hub push RUN_DIR ORG/NAME [--out-dir DIR] [--private] [--checkpoint last|best] [--ema]
 
 ``export`` rebuilds the run's model from ``args.yaml``, loads ``last.pth.tar`` / ``model_best.pth.tar``
-(``weights_only``, strict) and writes a timm Hub folder: ``config.json`` (with ``head_norm``, label names and
-the run's preprocessing), ``model.safetensors``, a model card ``README.md`` and ``results.json``.
+(``weights_only``, strict) and writes a timm Hub folder: ``config.json`` (with ``head_norm`` / ``causal_norm`` and
+its arguments, label names and the run's preprocessing), ``model.safetensors``, a model card ``README.md`` and
+``results.json``.
 ``push`` exports to a persistent folder (default ``RUN_DIR/hub_export``) and uploads it. The token comes
 from the ``token`` argument or huggingface_hub's own login (``HF_TOKEN``, ``hf auth login``); it is never
 written anywhere. The result loads with ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``.
@@ -155,7 +156,8 @@ def create_run_model(args: Dict[str, Any], num_classes: Optional[int] = None,
 
     ``build`` (results.json's ``model_build``: architecture and factory arguments) rebuilds exactly what
     was trained, also for runs started from ``local-dir:`` / ``hf-hub:`` models; without it the model
-    comes from ``args`` (``model``, ``model_kwargs``, ``head_norm``, ``in_chans`` / ``input_size``).
+    comes from ``args`` (``model``, ``model_kwargs``, ``head_norm``, ``head`` and ``causal_*``, ``in_chans`` /
+    ``input_size``).
     """
     num_classes = int(num_classes if num_classes is not None else args['num_classes'])
     if build and build.get('architecture'):
@@ -165,6 +167,10 @@ def create_run_model(args: Dict[str, Any], num_classes: Optional[int] = None,
     kwargs['num_classes'] = num_classes
     if args.get('head_norm'):
         kwargs['head_norm'] = True
+    if args.get('head') == 'causal':
+        from .models import CAUSAL_ARGS
+        kwargs['causal_norm'] = True
+        kwargs.update({k: args[k] for k in CAUSAL_ARGS if args.get(k) is not None})
     channels = input_channels(args)
     if channels != 3:
         kwargs['in_chans'] = channels
@@ -235,6 +241,7 @@ def model_card(
     opt = {**args, **{k: v for k, v in method.items() if v is not None}}
     model_name = results.get('model') or args['model']
     head_norm = bool(args.get('head_norm'))
+    causal = method.get('causal') if isinstance(method.get('causal'), dict) else None
     per_class = results.get('per_class') or {}
     counts = dataset.get('class_counts') or per_class.get('train_images') or []
     data_name = (dataset.get('name') or args.get('dataset')
@@ -279,6 +286,14 @@ def model_card(
     if head_norm:
         method_text += (' The classifier is a cosine-normalised `NormedLinear` head (`head_norm=True`): its logits '
                         'are cosine similarities in [-1, 1] (the loss scales them during training).')
+    if causal:
+        method_text += (
+            f' The classifier is Causal Norm\'s (Tang et al., NeurIPS 2020; `causal_norm=True`): {causal.get("heads")} '
+            f'cosine heads scaled by tau = {_fmt(causal.get("tau"))} (gamma = {_fmt(causal.get("gamma"))}), and a '
+            f'moving average of the feature kept in the model (buffer `embed_mean`, decay '
+            f'{_fmt(causal.get("momentum"))}); in eval mode the model returns the TDE logits, the counterfactual '
+            f'logits along that average removed with alpha = {_fmt(causal.get("alpha"))} '
+            f'(`model.get_classifier().alpha` changes it).')
 
     groups = shot_groups(counts) if counts else None
     data_rows = [
@@ -295,7 +310,8 @@ def model_card(
 
     epochs = results.get('epochs') or args.get('epochs')
     recipe_rows = [
-        ('Architecture', f'`{args["model"]}`' + (' + `NormedLinear` head' if head_norm else '')),
+        ('Architecture', f'`{args["model"]}`' + (' + `NormedLinear` head' if head_norm else '')
+         + (' + Causal Norm head' if causal else '')),
         ('Epochs', _fmt(args.get('epochs'))),
         ('Optimizer', _fmt(args.get('opt'))),
         ('Learning rate', _fmt(args.get('lr'))),
@@ -349,10 +365,10 @@ def model_card(
                              f'(epoch {_fmt(best.get("epoch"))}).')
 
     arch = (results.get('model_build') or {}).get('architecture') or args['model']
-    if _is_plugin_model(arch) or head_norm:
+    if _is_plugin_model(arch) or head_norm or causal:
         why = (f'`{arch}` is an architecture of the timm-cmo plugin' if _is_plugin_model(arch)
-               else 'the model uses the plugin\'s `head_norm` classifier')
-        import_line = 'import timm_cmo  # registers the plugin\'s models and head_norm with timm\n'
+               else f'the model uses the plugin\'s `{"causal_norm" if causal else "head_norm"}` classifier')
+        import_line = 'import timm_cmo  # registers the plugin\'s models and heads with timm\n'
         usage_note = f'`import timm_cmo` (`pip install timm-cmo`) is needed because {why}.'
     else:
         import_line = ''
