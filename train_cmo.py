@@ -57,8 +57,8 @@ from timm_cmo.data.cmo import cmo_active
 from timm_cmo.data.remix import RemixMixup
 from timm_cmo.data.sampler import derive_seed
 from timm_cmo.data.splits import (
-    PriorFileError, TEST_PRIORS, describe_prior, leftover_holdout_indices, read_prior_file, shifted_test_indices,
-    stratified_holdout, shifted_prior_counts)
+    PriorFileError, TEST_PRIORS, describe_prior, leftover_holdout_indices, read_prior_file, shifted_prior_counts,
+    shifted_test_indices, stratified_holdout)
 from timm_cmo.files import FileWriteError, write_text_atomic
 from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.losses.reweight import resolve_drw_epoch
@@ -181,9 +181,8 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--stage2', type=str, default=None, metavar='KIND',
                        help='a second stage started from --initial-checkpoint (a stage-1 run): crt (classifier '
                             're-trained from scratch, all else frozen) | lws (a per-class scale of the frozen '
-                            'logits) | '
-                            'las (MiSLAS label-aware smoothing, classifier only, BN shift) | router (RIDE expert '
-                            'assignment, router only); class-balanced sampling with --ros --ros-r 1')
+                            'logits) | las (MiSLAS label-aware smoothing, classifier only, BN shift) | router (RIDE '
+                            'expert assignment, router only); class-balanced sampling with --ros --ros-r 1')
 
     group = parser.add_argument_group('Post-hoc adjustment, validation data and test prior (--evaluate)')
     group.add_argument('--post-hoc', type=str, default=None, metavar='KIND',
@@ -1524,7 +1523,7 @@ def apply_test_prior(args, eval_ds, train_counts, num_classes: int):
         if train_counts is not None and len(train_counts) != num_classes:
             train_counts = None
         target = shifted_prior_counts(profile, eval_ds.class_counts, train_counts=train_counts,
-                                   imb_ratio=args.test_imb_ratio)
+                                      imb_ratio=args.test_imb_ratio)
     except (PriorFileError, ValueError) as e:
         error(f'--test-prior {args.test_prior}: {e}')
     if train_counts is None and args.test_prior in ('forward', 'backward'):
@@ -1583,8 +1582,8 @@ def post_hoc_adjust(args, model, tune_ds, counts, data_config, device, amp_autoc
     if counts is None and args.post_hoc == 'logit_adjust':
         error('--post-hoc logit_adjust needs the training class counts: evaluate a run\'s checkpoint (--resume) or '
               'give the training split with its imbalance flags')
-    from timm_cmo.hub import CONFIG_KEY, _source_config
-    done = ((_source_config(args.model) or {}).get(CONFIG_KEY) or {}).get('post_hoc')
+    from timm_cmo.hub import exported_post_hoc
+    done = exported_post_hoc(args.model)
     if done:
         error(f'--post-hoc {args.post_hoc}: --model {args.model} was exported with its classifier already adjusted '
               f'({done.get("kind")}, tau {done.get("tau")}); evaluate it without --post-hoc')

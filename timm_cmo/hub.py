@@ -155,6 +155,12 @@ def exported_class_counts(model_name: str) -> Optional[List[int]]:
     return [int(n) for n in counts] if isinstance(counts, list) else None
 
 
+def exported_post_hoc(model_name: str) -> Optional[Dict[str, Any]]:
+    """The post-hoc adjustment (``{'kind', 'tau'}``) an export's classifier already carries, or None."""
+    record = ((_source_config(model_name) or {}).get(CONFIG_KEY) or {}).get('post_hoc')
+    return record if isinstance(record, dict) else None
+
+
 def model_build(model: torch.nn.Module) -> Dict[str, Any]:
     """How to rebuild ``model`` without its source: timm architecture and the factory arguments (JSON types)."""
     args = {k: v for k, v in (getattr(model, '_model_args', None) or {}).items()
