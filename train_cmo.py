@@ -22,6 +22,7 @@ that gives lr * (e + 1) / 5 in epochs e = 0..4 (``--warmup-epochs 4``, ``--warmu
 import argparse
 import difflib
 import logging
+import math
 import os
 import shlex
 import sys
@@ -48,19 +49,25 @@ import timm_cmo
 from timm_cmo.checkpoint import (
     LAST, CheckpointError, CheckpointSaver, NonFiniteStateError, find_resume_checkpoint, load_checkpoint_file,
     remove_stale_temporaries, state_dict_from_checkpoint)
-from timm_cmo.data import CMO_VARIANTS, CMOConfig, CorruptImageError, MixInfo, create_cmo_loader, create_lt_dataset
+from timm_cmo.data import (
+    CMO_VARIANTS, CMOConfig, CorruptImageError, LongTailDataset, MixInfo, create_cmo_loader, create_lt_dataset,
+    dataset_targets)
 from timm_cmo.data.config import input_channels, input_img_mode, resolve_run_data_config
 from timm_cmo.data.cmo import cmo_active
 from timm_cmo.data.mixup import MixupCutmix
 from timm_cmo.data.remix import RemixMixup
 from timm_cmo.data.sampler import derive_seed
+from timm_cmo.data.splits import (
+    PriorFileError, TEST_PRIORS, describe_prior, leftover_holdout_indices, read_prior_file, shifted_prior_counts,
+    shifted_test_indices, stratified_holdout)
 from timm_cmo.files import FileWriteError, write_text_atomic
 from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
 from timm_cmo.models import (
-    CAUSAL_ARGS, CausalNormClassifier, freeze_for_router_training, is_causal_norm, set_causal_norm_lr)
-from timm_cmo.models.stage2 import fold_weight_scaling_state_dict, prepare_classifier_retraining, set_stage2_mode
+    CAUSAL_ARGS, CausalNormClassifier, is_causal_norm, set_causal_norm_lr)
+from timm_cmo.models.stage2 import fold_weight_scaling_state_dict, get_stage2, list_stage2, match_weight_scaling
+from timm_cmo.posthoc import DEFAULT_TAU_GRID, POST_HOC, PRIOR_CORRECTIONS
 from timm_cmo.recipes import resolve_recipe
 from timm_cmo.results import SummaryWriter, cpu_model, peak_rss_mib, write_results
 
@@ -76,7 +83,6 @@ LOSS_KWARGS = {
     'ride_ea': {'ride_router_pos_weight': 'pos_weight'},
     'las': {'las_smooth_head': 'smooth_head', 'las_smooth_tail': 'smooth_tail', 'las_shape': 'shape'},
 }
-STAGE2 = ('las', 'router')
 HEADS = ('linear', 'causal')
 REWEIGHTS = ('none', 'cb', 'drw')
 MODEL_PREFIXES = ('hf-hub:', 'local-dir:', 'hf_hub:', 'timm/')
@@ -87,7 +93,11 @@ RESUME_MAY_CHANGE = frozenset({
     'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
     'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
     'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn',
-    'causal_alpha'})  # Causal Norm's alpha acts at evaluation only
+    'causal_alpha',  # Causal Norm's alpha acts at evaluation only
+    # evaluation-time options (the held-out fraction, --tune-fraction / --tune-seed, shapes the training set)
+    'post_hoc', 'post_hoc_tau', 'tune_holdout_per_class', 'tune_list', 'tune_split', 'test_prior', 'test_imb_ratio',
+    'test_prior_seed', 'prior_correction'})
+TUNE_SOURCES = ('tune_holdout_per_class', 'tune_list', 'tune_split', 'tune_fraction')
 
 
 def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -190,8 +200,40 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--no-las-shift-bn', action='store_false', dest='las_shift_bn',
                        help='--stage2 las: the whole backbone in eval mode')
     group.add_argument('--stage2', type=str, default=None, metavar='KIND',
-                       help='a second stage started from --initial-checkpoint (a stage-1 run): las (MiSLAS label-aware '
-                            'smoothing, classifier only, BN shift) | router (RIDE expert assignment, router only)')
+                       help='a second stage started from --initial-checkpoint (a stage-1 run): crt (classifier '
+                            're-trained from scratch, all else frozen) | lws (a per-class scale of the frozen '
+                            'logits) | las (MiSLAS label-aware smoothing, classifier only, BN shift) | router (RIDE '
+                            'expert assignment, router only); class-balanced sampling with --ros --ros-r 1')
+
+    group = parser.add_argument_group('Post-hoc adjustment, validation data and test prior (--evaluate)')
+    group.add_argument('--post-hoc', type=str, default=None, metavar='KIND',
+                       help='adjust the classifier before evaluating, no training: tau_norm (w_k / ||w_k||^tau, bias '
+                            'dropped; Kang et al. 2020) | logit_adjust (logits - tau log p_train; Menon et al. 2021)')
+    group.add_argument('--post-hoc-tau', type=float, nargs='+', default=None, metavar='TAU',
+                       help='one tau, or a grid chosen from on the validation data (--tune-*), never on the test set '
+                            '(default: the grid 0, 0.1, ..., 2.0)')
+    group.add_argument('--tune-holdout-per-class', type=int, default=None, metavar='N',
+                       help='validation data: N images per class (seeded) from the training images the long-tailed '
+                            'subsampling left out, which the model never saw')
+    group.add_argument('--tune-list', metavar='FILE', default=None, help='validation data: a list file '
+                       '(e.g. ImageNet_LT_val.txt, 20 images per class held out of ImageNet-LT)')
+    group.add_argument('--tune-split', metavar='NAME', default=None,
+                       help='validation data: a split folder or tar under --data-dir (not the evaluation split)')
+    group.add_argument('--tune-fraction', type=float, default=None, metavar='F',
+                       help='validation data: a stratified fraction of the training set, held out of training (pass '
+                            'it when training and again at --evaluate)')
+    group.add_argument('--tune-seed', type=int, default=0, help='seed of the --tune-holdout-per-class / '
+                       '--tune-fraction choice')
+    group.add_argument('--test-prior', type=str, default=None, metavar='PRIOR',
+                       help='evaluate under a shifted label prior: uniform | forward | backward (long-tailed like the '
+                            'training set, or inverted, with --test-imb-ratio) | FILE of per-class weights; the test '
+                            'set is subsampled (seeded) to it')
+    group.add_argument('--test-imb-ratio', type=float, default=None, metavar='RHO',
+                       help='imbalance ratio of the forward / backward test prior (n_max / n_min)')
+    group.add_argument('--test-prior-seed', type=int, default=0, help='seed of the test-set subsampling')
+    group.add_argument('--prior-correction', type=str, default=None, metavar='FROM',
+                       help='with --test-prior: add log p_test to the logits, less log p_train ("train": logits of '
+                            'the training posterior, e.g. CE) or not ("balanced": BS, LA, cRT, LWS, --post-hoc)')
 
     group = parser.add_argument_group('CMO')
     group.add_argument('--cmo', action='store_true', default=False, help='context-rich minority oversampling')
@@ -428,19 +470,20 @@ def validate_args(args: argparse.Namespace) -> None:
                 "--data-on-device augments with the paper's CIFAR pad crop only: add --train-crop-mode pad "
                 "(timm's random-resized crop, used without it, runs in the ordinary loader)")
     if args.stage2 is not None:
-        if args.stage2 not in STAGE2:
-            bad('stage2', args.stage2, f'choose from {", ".join(STAGE2)}')
+        if args.stage2 not in list_stage2():
+            bad('stage2', args.stage2, f'choose from {", ".join(list_stage2())}')
+        stage = get_stage2(args.stage2)
         if not args.initial_checkpoint and not args.resume and not args.evaluate:
             error(f'--stage2 {args.stage2} starts from a stage-1 model: add --initial-checkpoint <stage-1 run>/last.pth.tar')
-        needed = {'las': 'las', 'router': 'ride_ea'}[args.stage2]
-        if args.loss != needed:
-            bad('loss', args.loss, f'--stage2 {args.stage2} trains with --loss {needed}')
+        if args.loss != stage.loss:
+            bad('loss', args.loss, f'--stage2 {args.stage2} trains with --loss {stage.loss}')
         if args.cmo or args.remix or mixup_active(args):
-            error(f'--stage2 {args.stage2} re-trains {"the classifier" if args.stage2 == "las" else "the router"} '
-                  f'without mixing: drop --cmo / --remix / --mixup / --cutmix')
+            error(f'--stage2 {args.stage2} re-trains {stage.trains} without mixing: drop --cmo / --remix / --mixup / '
+                  f'--cutmix')
     elif args.loss in ('ride_ea',):
         bad('loss', args.loss, 'the router loss is for --stage2 router')
     validate_causal_args(args, bad)
+    validate_evaluation_args(args)
     if args.resume and args.initial_checkpoint:
         error('--resume and --initial-checkpoint: pass one (--resume continues a run, --initial-checkpoint '
               'starts a new one from weights)')
@@ -489,6 +532,86 @@ def causal_model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     if args.head == 'causal':
         kwargs['causal_norm'] = True
     return kwargs
+
+
+def _flag(dest: str) -> str:
+    return '--' + dest.replace('_', '-')
+
+
+def validate_evaluation_args(args: argparse.Namespace) -> None:
+    """The post-hoc, validation-data and test-prior flags (checked before any data is read)."""
+    def bad(flag, value, why):
+        error(f'--{flag.replace("_", "-")} {value!r}: {why}')
+
+    sources = [dest for dest in TUNE_SOURCES if getattr(args, dest) is not None]
+    if len(sources) > 1:
+        error(f'{" and ".join(_flag(d) for d in sources)}: give one source of validation data')
+    if args.tune_holdout_per_class is not None and args.tune_holdout_per_class < 1:
+        bad('tune_holdout_per_class', args.tune_holdout_per_class, 'must be >= 1')
+    if args.tune_fraction is not None and not 0 < args.tune_fraction < 1:
+        bad('tune_fraction', args.tune_fraction, 'must be in (0, 1)')
+    if args.tune_split is not None and args.tune_split in (args.val_split, args.train_split):
+        which = 'evaluation' if args.tune_split == args.val_split else 'training'
+        bad('tune_split', args.tune_split, f'is the {which} split: the validation data must be held out of both')
+    if args.tune_list is not None and args.tune_list in (args.val_list, args.train_list):
+        which = 'evaluation' if args.tune_list == args.val_list else 'training'
+        bad('tune_list', args.tune_list, f'is the {which} list: the validation data must be held out of both')
+    if args.post_hoc is not None:
+        if args.post_hoc not in POST_HOC:
+            bad('post_hoc', args.post_hoc, f'choose from {", ".join(POST_HOC)}')
+        if not args.evaluate:
+            error(f'--post-hoc {args.post_hoc} adjusts a trained model: use it with --evaluate (e.g. --evaluate '
+                  f'--resume <run>/last.pth.tar)')
+    if args.post_hoc_tau is not None:
+        if args.post_hoc is None:
+            error('--post-hoc-tau: choose the adjustment with --post-hoc tau_norm|logit_adjust')
+        for tau in args.post_hoc_tau:
+            if not (math.isfinite(tau) and tau >= 0):
+                bad('post_hoc_tau', tau, 'tau must be a finite number >= 0')
+    if args.post_hoc is not None:
+        grid = tuned_grid(args)
+        if len(grid) > 1 and not sources:
+            error(f'--post-hoc {args.post_hoc} with the tau grid {", ".join(f"{t:g}" for t in grid)}: tau is chosen on '
+                  f'validation data held out of training, never on the test set: add --tune-holdout-per-class N '
+                  f'(images the long-tailed subsampling left out), --tune-list FILE, --tune-split NAME or '
+                  f'--tune-fraction F, or give one value with --post-hoc-tau')
+    elif sources and args.evaluate and sources != ['tune_fraction']:
+        error(f'{_flag(sources[0])}: the validation data is for choosing tau: add --post-hoc tau_norm|logit_adjust')
+    elif sources and not args.evaluate and sources != ['tune_fraction']:
+        error(f'{_flag(sources[0])} is validation data for --evaluate --post-hoc; to hold validation data out of '
+              f'training use --tune-fraction')
+    if args.test_prior is not None:
+        if args.test_prior not in TEST_PRIORS and not os.path.isfile(args.test_prior):
+            bad('test_prior', args.test_prior, f'choose from {", ".join(TEST_PRIORS)} or give a file of class weights '
+                f'(no such file)')
+        if args.test_prior in ('forward', 'backward'):
+            if args.test_imb_ratio is None:
+                error(f'--test-prior {args.test_prior} needs --test-imb-ratio RHO (e.g. 50: n_max / n_min)')
+            if not args.test_imb_ratio >= 1:
+                bad('test_imb_ratio', args.test_imb_ratio, 'must be >= 1 (n_max / n_min)')
+        elif args.test_imb_ratio is not None:
+            bad('test_imb_ratio', args.test_imb_ratio, f'is for --test-prior forward|backward, not {args.test_prior!r}')
+        if args.test_prior not in TEST_PRIORS:
+            try:
+                read_prior_file(args.test_prior)
+            except PriorFileError as e:
+                error(f'--test-prior: {e}')
+    elif args.test_imb_ratio is not None:
+        error('--test-imb-ratio: choose the profile with --test-prior forward|backward')
+    if args.prior_correction is not None:
+        if args.prior_correction not in PRIOR_CORRECTIONS:
+            bad('prior_correction', args.prior_correction, f'choose from {", ".join(PRIOR_CORRECTIONS)}')
+        if not args.evaluate or args.test_prior is None:
+            error(f'--prior-correction {args.prior_correction} corrects the logits for a known test prior: use it with '
+                  f'--evaluate and --test-prior')
+        if args.post_hoc is not None and args.prior_correction == 'train':
+            error(f'--prior-correction train after --post-hoc {args.post_hoc} would remove the training prior twice: '
+                  f'the adjusted logits are balanced, use --prior-correction balanced')
+
+
+def tuned_grid(args) -> List[float]:
+    """The values of tau ``--post-hoc`` tries: ``--post-hoc-tau``, or the authors' grid 0, 0.1, ..., 2."""
+    return list(args.post_hoc_tau) if args.post_hoc_tau is not None else list(DEFAULT_TAU_GRID)
 
 
 def remix_kwargs(args) -> Dict[str, Any]:
@@ -574,7 +697,7 @@ def train_one_epoch(
         epoch: int, model: nn.Module, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
         amp_autocast=suppress, loss_scaler=None, model_ema=None, train_mode=None,
 ) -> Dict[str, float]:
-    """One epoch of training; ``train_mode(model)`` replaces ``model.train()`` (the LAS second stage)."""
+    """One epoch of training; ``train_mode(model)`` replaces ``model.train()`` (a second stage's mode)."""
     if train_mode is not None:
         train_mode(model)
     else:
@@ -740,16 +863,47 @@ def check_output_dir(args, output_dir: str) -> bool:
 
 
 def build_datasets(args):
+    """``(train_ds, eval_ds, tune_ds)``: the (long-tailed) training split, less a ``--tune-fraction`` held out of
+    it; the evaluation split; the validation data of ``--post-hoc`` (None without it)."""
     common = dict(download=args.dataset_download)
     if args.class_map:
         common['class_map'] = args.class_map
-    train_ds = create_lt_dataset(
-        args.dataset, args.data_dir, split=args.train_split, imb_ratio=args.imb_ratio, imb_seed=args.imb_seed,
-        imb_max=args.imb_max, list_file=args.train_list, is_train=True, **common)
+    train_kwargs = dict(split=args.train_split, imb_ratio=args.imb_ratio, imb_seed=args.imb_seed, imb_max=args.imb_max,
+                        list_file=args.train_list, is_train=True, **common)
+    train_ds = create_lt_dataset(args.dataset, args.data_dir, **train_kwargs)
     eval_ds = create_lt_dataset(
         args.dataset, args.data_dir, split=args.val_split, list_file=args.val_list,
         num_classes=train_ds.num_classes, is_train=False, **common)
-    return train_ds, eval_ds
+    tune_ds = None
+    if args.tune_fraction is not None:
+        # the held-out images get their own copy of the source (its own transform: evaluation, not training)
+        kept, held = stratified_holdout(train_ds.targets, args.tune_fraction, train_ds.num_classes, seed=args.tune_seed)
+        copy = create_lt_dataset(args.dataset, args.data_dir, **train_kwargs)
+        tune_ds = _view(copy, copy.indices[held], train_ds)
+        train_ds = _view(train_ds, train_ds.indices[kept], train_ds)
+    elif args.tune_holdout_per_class is not None and args.post_hoc is not None:
+        if args.imb_ratio is None and args.imb_max is None:
+            raise ValueError('--tune-holdout-per-class draws from the training images the long-tailed subsampling left '
+                             'out: give the --imb-ratio / --imb-max (and --imb-seed) the model was trained with')
+        source = create_lt_dataset(args.dataset, args.data_dir, **dict(train_kwargs, imb_ratio=None, imb_max=None))
+        held = leftover_holdout_indices(dataset_targets(source.dataset), train_ds.indices, args.tune_holdout_per_class,
+                                        train_ds.num_classes, seed=args.tune_seed)
+        tune_ds = _view(source, held, train_ds)
+    elif args.tune_list is not None and args.post_hoc is not None:
+        tune_ds = create_lt_dataset(args.dataset, args.data_dir, split='tune', list_file=args.tune_list,
+                                    num_classes=train_ds.num_classes, is_train=False, **common)
+    elif args.tune_split is not None and args.post_hoc is not None:
+        if args.dataset.lower().startswith('torch/'):
+            raise ValueError(f'{args.dataset} has only the train and test splits: hold validation data out with '
+                             f'--tune-holdout-per-class or --tune-fraction')
+        tune_ds = create_lt_dataset(args.dataset, args.data_dir, split=args.tune_split,
+                                    num_classes=train_ds.num_classes, is_train=False, **common)
+    return train_ds, eval_ds, tune_ds
+
+
+def _view(ds: LongTailDataset, source_indices, like: LongTailDataset) -> LongTailDataset:
+    """The samples ``source_indices`` of ``ds``'s source, with ``like``'s classes."""
+    return LongTailDataset(ds.dataset, indices=source_indices, num_classes=like.num_classes, classes=like.classes)
 
 
 def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_classes):
@@ -861,8 +1015,8 @@ def recorded_model_kwargs(args, resume: Tuple[str, Dict[str, Any]]) -> Dict[str,
     if config is None:
         return {}
     kwargs = dict(config.get('model_kwargs') or {})
-    if config.get('stage2') == 'router':
-        kwargs['router'] = True
+    if config.get('stage2') in list_stage2():
+        kwargs.update(get_stage2(config['stage2']).model_kwargs)
     return kwargs
 
 
@@ -921,19 +1075,27 @@ def load_initial_checkpoint(model: nn.Module, args) -> None:
     keys = ('state_dict_ema',) if args.model_ema and isinstance(ckpt, dict) and 'state_dict_ema' in ckpt and \
         args.stage2 is None else ('state_dict', 'model', 'state_dict_ema')
     load_model_weights(model, ckpt, path, keys=keys, flag='--initial-checkpoint',
-                       fresh=('router.',) if args.stage2 == 'router' else ())
+                       fresh=get_stage2(args.stage2).fresh if args.stage2 else ())
 
 
 def prepare_stage2(model: nn.Module, args) -> Optional[List[Any]]:
-    """Freeze what a second stage keeps and return the optimizer's parameter groups (None: the whole model)."""
-    if args.stage2 == 'las':
-        # MiSLAS's learnable weight scaling cannot be folded into a cosine head: such heads train without it
-        return prepare_classifier_retraining(
-            model, weight_scaling=not timm_cmo.models.is_head_norm(model), lr_factor=args.las_lr_factor)
-    if args.stage2 == 'router':
-        freeze_for_router_training(model)
-        return [p for p in model.parameters() if p.requires_grad]
-    return None
+    """Freeze what the ``--stage2`` entry keeps and return the optimizer's parameter groups (None: no second
+    stage, the whole model trains)."""
+    if args.stage2 is None:
+        return None
+    stage = get_stage2(args.stage2)
+    try:
+        return stage.prepare(model, **stage.kwargs(vars(args)))
+    except (ValueError, TypeError) as e:  # e.g. a multi-expert model's heads for a single-classifier stage
+        error(f'--stage2 {args.stage2} on --model {args.model}: {e}')
+
+
+def stage2_train_mode(args):
+    """What replaces ``model.train()`` in each epoch of the ``--stage2`` entry (None: ``model.train()``)."""
+    stage = get_stage2(args.stage2) if args.stage2 else None
+    if stage is None or stage.train_mode is None:
+        return None
+    return partial(stage.train_mode, **stage.kwargs(vars(args)))
 
 
 def load_model_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, use_ema: bool = False,
@@ -948,6 +1110,7 @@ def load_model_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, use_em
         state_dict, _ = state_dict_from_checkpoint(ckpt, path, keys=keys)
     except CheckpointError as e:
         error(f'{flag}: {e}' + (' (train with --model-ema for EMA weights)' if use_ema else ''))
+    match_weight_scaling(model, state_dict)  # a cosine head's weight scaling is a parameter of the head
     own = model.state_dict()
     if hasattr(model, 'num_experts'):
         from timm_cmo.models import ride_checkpoint_filter_fn
@@ -1022,6 +1185,7 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Mod
         dataset=dict(
             name=args.dataset, data_dir=args.data_dir, train_list=args.train_list, val_list=args.val_list,
             imb_ratio=args.imb_ratio, imb_max=args.imb_max, imb_seed=args.imb_seed,
+            tune_fraction=args.tune_fraction, tune_seed=args.tune_seed if args.tune_fraction is not None else None,
             num_classes=train_ds.num_classes,
             train_images=int(sum(train_ds.class_counts)) if train_ds.class_counts is not None else None,
             class_counts=[int(n) for n in train_ds.class_counts] if train_ds.class_counts is not None else None,
@@ -1032,7 +1196,7 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Mod
             cmo=args.cmo, cmo_r=args.cmo_r,
             cmo_effective=args.cmo_effective, cmo_prob=args.cmo_prob, cmo_beta=args.cmo_beta,
             cmo_start_epoch=args.cmo_start_epoch, cmo_end_epochs=args.cmo_end_epochs,
-            cmo_mode=args.cmo_mode, cmo_variant=args.cmo_variant, head_norm=args.head_norm,
+            cmo_mode=args.cmo_mode, cmo_variant=args.cmo_variant, head_norm=args.head_norm, stage2=args.stage2,
             head='causal' if is_causal_norm(model) else 'linear', causal=causal_settings(model),
             ros=args.ros, ros_r=args.ros_r if args.ros else None,
             remix=args.remix, **({f'remix_{k}': v for k, v in remix_kwargs(args).items()} if args.remix else {}),
@@ -1099,6 +1263,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args, args_text = parse_args(argv)
     run_config = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
+    if args.tune_fraction is None:  # the seed of a held-out fraction shapes the training set only with one
+        run_config.pop('tune_seed')
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = utils.init_distributed_device(args)
@@ -1118,10 +1284,10 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     resume = open_resume(args) if args.resume else None
     if args.evaluate and resume is not None:
         adopt_recorded_input(args, resume)
-    train_ds, eval_ds = (None, None)
+    train_ds, eval_ds, tune_ds = (None, None, None)
     if args.data_dir:
         try:
-            train_ds, eval_ds = build_datasets(args)
+            train_ds, eval_ds, tune_ds = build_datasets(args)
         except (OSError, ValueError) as e:  # a missing folder or list file, a bad list line, an empty class
             error(f'--data-dir {args.data_dir}: {e}')
     num_classes = args.num_classes or (train_ds.num_classes if train_ds is not None else None)
@@ -1134,7 +1300,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                   f'{" per process" if args.world_size > 1 else ""} make no full batch and the incomplete one is '
                   f'dropped (--drop-last), so no epoch would take a step: use a smaller --batch-size or --no-drop-last')
 
-    model_kwargs = dict(args.model_kwargs, **({'router': True} if args.stage2 == 'router' else {}))
+    model_kwargs = dict(args.model_kwargs, **(get_stage2(args.stage2).model_kwargs if args.stage2 else {}))
     if args.evaluate and resume is not None:
         model_kwargs = dict(recorded_model_kwargs(args, resume), **model_kwargs)
     try:
@@ -1168,8 +1334,9 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if getattr(_loss_class(args.loss), 'needs_experts', False) and not multi_expert:
         bad_loss = f'--loss {args.loss} needs a multi-expert model (e.g. ride_resnet32_cifar)'
         error(f'{bad_loss}; --model {args.model} has a single classifier')
-    if args.stage2 == 'router' and not multi_expert:
-        error(f'--stage2 router trains the expert router of a RIDE model; --model {args.model} has none')
+    if args.stage2 and get_stage2(args.stage2).multi_expert and not multi_expert:
+        error(f'--stage2 {args.stage2} trains {get_stage2(args.stage2).trains} of a RIDE model; --model {args.model} '
+              f'has none')
     if args.loss == 'ldam' and is_causal_norm(model) and args.rank == 0:
         _logger.warning('LDAM scales cosine logits by --ldam-s; the Causal Norm head\'s logits are already scaled by '
                         'its tau: --loss ce is the paper\'s.')
@@ -1182,16 +1349,24 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         img_mode = input_img_mode(args.input_img_mode, data_config['input_size'][0])
     except ValueError as e:  # e.g. a two-channel Hub model
         error(f'--model {args.model}: {e}')
-    for ds in (train_ds, eval_ds):
+    for ds in (train_ds, eval_ds, tune_ds):
         if ds is not None:
             ds.input_img_mode = img_mode
+    if args.evaluate:
+        counts, counts_source = training_counts(args, train_ds, resume, num_classes)
+    else:
+        counts, counts_source = list(train_ds.class_counts), 'training split'
+    eval_ds, test_prior = apply_test_prior(args, eval_ds, counts, num_classes)
+    if args.evaluate:
+        check_tune_data(args, resume, train_ds, tune_ds)
 
     model.to(device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
     if args.evaluate:
-        return run_evaluate(args, model, eval_ds, train_ds, data_config, device, amp_autocast, num_classes, resume)
+        return run_evaluate(args, model, eval_ds, train_ds, tune_ds, data_config, device, amp_autocast, num_classes,
+                            resume, counts, counts_source, records=dict(test_prior=test_prior) if test_prior else {})
 
     if resume is not None:
         check_resume_config(args, run_config, resume, train_ds)
@@ -1286,6 +1461,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     eval_acc = None
     epoch = start_epoch - 1
     epoch_times = []
+    train_mode = stage2_train_mode(args)
     try:
         for epoch in range(start_epoch, num_epochs):
             epoch_start = time.time()
@@ -1298,7 +1474,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             train_metrics = train_one_epoch(
                 epoch, train_model, train_loader, optimizer, loss_fn, args, device, lr_scheduler=lr_scheduler,
                 amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,
-                train_mode=partial(set_stage2_mode, shift_bn=args.las_shift_bn) if args.stage2 == 'las' else None)
+                train_mode=train_mode)
             if args.distributed and args.dist_bn in ('broadcast', 'reduce') and not args.sync_bn:
                 utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
                 if model_ema is not None:
@@ -1350,7 +1526,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     results = None
     if args.rank == 0 and eval_acc is not None:
-        results = finish_run(args, output_dir, train_ds, eval_acc, epoch, saver.best, model)
+        results = finish_run(args, output_dir, train_ds, eval_acc, epoch, saver.best, model,
+                             records=dict(test_prior=test_prior) if test_prior else None)
         if args.push_to_hub:
             push_to_hub(output_dir, args)
     if args.distributed:
@@ -1389,9 +1566,10 @@ def build_eval_loader(args, eval_ds, data_config, device):
 
 
 def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, best, model: nn.Module,
-               counts_source: Optional[str] = 'training split'):
+               counts_source: Optional[str] = 'training split', records: Optional[Dict[str, Any]] = None):
     """Write results.json, the per-class CSV and the PNG of accuracy against class size.
 
+    ``records``: more top-level keys of results.json (``test_prior``, ``post_hoc``, ``prior_correction``).
     The records come first: a failing plot is reported and leaves them in place.
     """
     counts = train_ds.class_counts
@@ -1401,7 +1579,7 @@ def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, 
     epochs_min = SummaryWriter(os.path.join(output_dir, 'summary.csv')).epoch_minutes()  # None without the file
     paths = write_results(
         output_dir, summary, eval_acc.per_class(), counts, train_ds.classes,
-        extra=describe_run(args, train_ds, epoch, best, model, counts_source, epochs_min),
+        extra=dict(describe_run(args, train_ds, epoch, best, model, counts_source, epochs_min), **(records or {})),
         calibration=eval_acc.calibration())
     _logger.info(f'Final: {_metrics_line(summary)}; results in {paths["json"]}')
     return dict(summary, output_dir=output_dir, **paths)
@@ -1451,12 +1629,19 @@ def training_counts(args, train_ds, resume, num_classes: int):
     return list(train_ds.class_counts), 'training split'
 
 
-def run_evaluate(args, model, eval_ds, train_ds, data_config, device, amp_autocast, num_classes, resume):
-    """``--evaluate``: results.json, CSV and PNG for a pretrained / hub / checkpointed model."""
+def run_evaluate(args, model, eval_ds, train_ds, tune_ds, data_config, device, amp_autocast, num_classes, resume,
+                 counts, counts_source, records: Dict[str, Any]):
+    """``--evaluate``: results.json, CSV and PNG for a pretrained / hub / checkpointed model, after the
+    ``--post-hoc`` adjustment (tau chosen on ``tune_ds``) and the ``--prior-correction``."""
     if eval_ds is None:
         error('--evaluate needs --data-dir (the evaluation split)')
     if resume is not None:
         load_model_weights(model, resume[1], resume[0], use_ema=args.model_ema)
+    records = dict(records)
+    if args.post_hoc is not None:
+        records['post_hoc'] = post_hoc_adjust(args, model, tune_ds, counts, data_config, device, amp_autocast)
+    if args.prior_correction is not None:
+        records['prior_correction'] = correct_prior(args, model, counts, records['test_prior'])
     eval_loader = build_eval_loader(args, eval_ds, data_config, device)
     acc = evaluate(model, eval_loader, args, device, amp_autocast, num_classes, len(eval_ds))
     results = {}
@@ -1468,17 +1653,144 @@ def run_evaluate(args, model, eval_ds, train_ds, data_config, device, amp_autoca
         else:
             output_dir = utils.get_outdir('./output/eval', datetime.now().strftime('%Y%m%d-%H%M%S') + '-' +
                                           safe_model_name(args.model))
-        counts, source = training_counts(args, train_ds, resume, num_classes)
         if counts is None:
             _logger.warning('No training class counts (no checkpoint record, no training split): the shot groups '
                             'are not reported.')
         classes = train_ds.classes if train_ds is not None else eval_ds.classes
         results = finish_run(args, output_dir, _Counts(counts, classes), acc, epoch=-1, best={}, model=model,
-                             counts_source=source)
+                             counts_source=counts_source, records=records)
     if args.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return results
+
+
+def apply_test_prior(args, eval_ds, train_counts, num_classes: int):
+    """``--test-prior``: the evaluation set subsampled (seeded) to the profile, and its record for results.json
+    (``(eval_ds, None)`` without the flag). Classes are ranked by ``train_counts`` for forward / backward."""
+    if args.test_prior is None or eval_ds is None:
+        return eval_ds, None
+    try:
+        named = args.test_prior in TEST_PRIORS
+        profile = args.test_prior if named else read_prior_file(args.test_prior, num_classes)
+        if train_counts is not None and len(train_counts) != num_classes:
+            train_counts = None
+        target = shifted_prior_counts(profile, eval_ds.class_counts, train_counts=train_counts,
+                                      imb_ratio=args.test_imb_ratio)
+    except (PriorFileError, ValueError) as e:
+        error(f'--test-prior {args.test_prior}: {e}')
+    if train_counts is None and args.test_prior in ('forward', 'backward'):
+        _logger.warning(f'--test-prior {args.test_prior}: no training class counts, so the classes are ranked by index '
+                        f'(class 0 the largest), as on CIFAR-LT.')
+    shifted = _view(eval_ds, eval_ds.indices[shifted_test_indices(eval_ds.targets, target, args.test_prior_seed)],
+                    eval_ds)
+    record = dict(profile=args.test_prior if named else 'file', file=None if named else args.test_prior,
+                  imb_ratio=args.test_imb_ratio, seed=args.test_prior_seed, ranked_by='training class counts'
+                  if train_counts is not None else 'class index', source_images=len(eval_ds),
+                  weights=None if named else [float(w) for w in profile], **describe_prior(target))
+    if args.rank == 0:
+        _logger.info(f'Test prior {args.test_prior}: {len(shifted)} of {len(eval_ds)} test images, per class '
+                     f'{_brief(target)} (imbalance {record["imb_ratio"] or 1:g}).')
+    return shifted, record
+
+
+def check_tune_data(args, resume, train_ds, tune_ds) -> None:
+    """Refuse validation data drawn from the training images unless the model provably never trained on them:
+    ``--tune-holdout-per-class`` and ``--tune-fraction`` need the training split the checkpoint's run used."""
+    if args.tune_fraction is None and (args.tune_holdout_per_class is None or tune_ds is None):
+        return
+    flag = '--tune-fraction' if args.tune_fraction is not None else '--tune-holdout-per-class'
+    config = recorded_config(args, resume) if resume is not None else None
+    if config is None:
+        from timm_cmo.hub import exported_class_counts
+        exported = exported_class_counts(args.model)
+        if args.tune_fraction is None and exported is not None and train_ds is not None and \
+                list(exported) == [int(n) for n in train_ds.class_counts]:
+            _logger.warning(f'{flag}: the exported model records its training class counts, which the training split '
+                            f'given here matches, but not its imbalance seed: the held-out images are the model\'s '
+                            f'unseen ones only if --imb-seed {args.imb_seed} is the one it was trained with.')
+            return
+        error(f'{flag}: the validation images come from the training images, and nothing records which ones this '
+              f'model trained on (evaluate a run\'s checkpoint with --resume, or give --tune-list / --tune-split)')
+    keys = ['imb_ratio', 'imb_max', 'imb_seed', 'train_list', 'train_split', 'tune_fraction']
+    keys += ['tune_seed'] if args.tune_fraction is not None else []
+    diffs = [f'{_flag(k)} {config.get(k)!r} in training, {getattr(args, k)!r} here' for k in keys
+             if config.get(k, None if k == 'tune_fraction' else getattr(args, k)) != getattr(args, k)]
+    recorded = resume[1]['run'].get('class_counts')
+    if not diffs and recorded is not None and train_ds is not None and \
+            list(recorded) != [int(n) for n in train_ds.class_counts]:
+        diffs.append(f'training images per class {_brief(list(recorded))} in training, '
+                     f'{_brief([int(n) for n in train_ds.class_counts])} here')
+    if diffs:
+        error(f'{flag}: {resume[0]} was trained on another training set ({"; ".join(diffs)}), so the held-out images '
+              f'could be ones it trained on: pass the training flags of its run')
+
+
+def post_hoc_adjust(args, model, tune_ds, counts, data_config, device, amp_autocast) -> Dict[str, Any]:
+    """``--post-hoc``: choose tau on the validation data (never the test split), adjust the classifier in place;
+    returns the record for results.json."""
+    from timm_cmo.posthoc import apply_post_hoc, classifier_of, collect_features, select_tau
+    if args.distributed:
+        error('--post-hoc chooses tau on the whole validation set: run the evaluation in one process')
+    if counts is None and args.post_hoc == 'logit_adjust':
+        error('--post-hoc logit_adjust needs the training class counts: evaluate a run\'s checkpoint (--resume) or '
+              'give the training split with its imbalance flags')
+    from timm_cmo.hub import exported_post_hoc
+    done = exported_post_hoc(args.model)
+    if done:
+        error(f'--post-hoc {args.post_hoc}: --model {args.model} was exported with its classifier already adjusted '
+              f'({done.get("kind")}, tau {done.get("tau")}); evaluate it without --post-hoc')
+    logit_scale = args.ldam_s if timm_cmo.models.is_head_norm(model) else 1.
+    grid = tuned_grid(args)
+    record: Dict[str, Any] = dict(kind=args.post_hoc, grid=grid, logit_scale=logit_scale, validation=None)
+    try:
+        if tune_ds is not None:
+            loader = build_eval_loader(args, tune_ds, data_config, device)
+            features, targets = collect_features(model, loader, device, amp_autocast)
+            chosen = select_tau(args.post_hoc, classifier_of(model)[0], features, targets,
+                                counts or [1] * model.num_classes, grid, logit_scale)
+            tau = chosen['tau']
+            record['validation'] = dict(
+                source=tune_source(args), images=len(tune_ds), class_counts=[int(n) for n in tune_ds.class_counts],
+                criterion=chosen['criterion'], scores=chosen['scores'], score=chosen['score'])
+            _logger.info(f'--post-hoc {args.post_hoc}: tau {tau:g} chosen on {len(tune_ds)} validation images '
+                         f'({tune_source(args)}): mean per-class top-1 {chosen["score"]:.2f} (grid '
+                         f'{", ".join(f"{t:g}: {v:.2f}" for t, v in zip(grid, chosen["scores"]))})')
+        else:
+            tau = grid[0]
+        apply_post_hoc(model, args.post_hoc, tau, counts or [1] * model.num_classes, logit_scale)
+    except ValueError as e:
+        error(f'--post-hoc {args.post_hoc}: {e}')
+    record['tau'] = tau
+    return record
+
+
+def tune_source(args) -> str:
+    """How the validation data was drawn, for the records."""
+    if args.tune_holdout_per_class is not None:
+        return (f'{args.tune_holdout_per_class} per class of the training images outside the long-tailed subset '
+                f'(seed {args.tune_seed})')
+    if args.tune_fraction is not None:
+        return f'a stratified {args.tune_fraction:g} of the training set, held out of training (seed {args.tune_seed})'
+    if args.tune_list is not None:
+        return f'list {args.tune_list}'
+    return f'split {args.tune_split}'
+
+
+def correct_prior(args, model, counts, test_prior: Dict[str, Any]) -> Dict[str, Any]:
+    """``--prior-correction``: add ``log p_test`` (less ``log p_train`` for ``train``) to the logits, in place."""
+    from timm_cmo.posthoc import apply_logit_offset, prior_offset
+    if args.prior_correction == 'train' and counts is None:
+        error('--prior-correction train needs the training class counts: evaluate a run\'s checkpoint (--resume)')
+    logit_scale = args.ldam_s if timm_cmo.models.is_head_norm(model) else 1.
+    try:
+        offset = prior_offset(test_prior['prior'], counts if args.prior_correction == 'train' else None)
+        apply_logit_offset(model, offset, logit_scale)
+    except ValueError as e:
+        error(f'--prior-correction {args.prior_correction}: {e}')
+    return dict(mode=args.prior_correction, p_test=test_prior['prior'],
+                p_train=[n / sum(counts) for n in counts] if args.prior_correction == 'train' else 'uniform',
+                offset=offset.tolist(), logit_scale=logit_scale)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:

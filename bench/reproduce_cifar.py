@@ -6,9 +6,10 @@ options given here, in its own folder under ``--out``. A finished run (results.j
 skipped; an interrupted one resumes from its ``last.pth.tar`` (one stopped before its first checkpoint
 starts afresh, its folder kept as ``<run>.stopped-<time>``), so the driver can be restarted.
 
-Second stages start from their stage-1 run of the same seed once it has finished: ``<stage 1>_las``
-(MiSLAS's LAS, e.g. ``ce_drw_cmo_las``) and ``<stage 1>_router`` (RIDE's expert assignment,
-``hparams/cifar10_lt_ride_router.yaml``, e.g. ``ride_cmo_router``) get ``--initial-checkpoint
+Second stages start from their stage-1 run of the same seed once it has finished: ``<stage 1>_crt`` and
+``<stage 1>_lws`` (Kang et al.'s classifier re-training and learnable weight scaling, e.g. ``ce_crt``,
+``ce_cmo_lws``), ``<stage 1>_las`` (MiSLAS's LAS, e.g. ``ce_drw_cmo_las``) and ``<stage 1>_router`` (RIDE's
+expert assignment, ``hparams/cifar10_lt_ride_router.yaml``, e.g. ``ride_cmo_router``) get ``--initial-checkpoint
 <out>/<stage 1>-s<seed>/last.pth.tar``.
 
     python bench/reproduce_cifar.py --data-dir ../shared/data/cifar10 --out ../runs/cifar10_lt_mini \\
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-STAGE2_SUFFIXES = ('_las', '_router')
+STAGE2_SUFFIXES = ('_crt', '_lws', '_las', '_router')
 POLL_S = 5.0  # seconds between checks of the running processes
 
 

@@ -6,11 +6,13 @@
 Prints (and with ``--copy-to`` writes ``table.md``) a Markdown table of the final-epoch top-1,
 head / middle / tail, calibration (ECE, MCE, NLL) and per-class accuracy per method and seed, the mean over seeds,
 the paper's comparison layout (rows: the base methods CE, CE-DRW, LDAM-DRW, BS, RIDE, Causal Norm; columns: as is,
-+ ROS, + Remix, + CMO, + CMO + LAS, + EA, + CMO + EA (RIDE's router stage), where runs exist; with several seeds
++ ROS, + Remix, + CMO, + CMO + LAS, + EA, + CMO + EA (RIDE's router stage), + cRT, + LWS, + tau-norm,
++ post-hoc LA and their + CMO forms, where runs exist; with several seeds
 each cell lists the per-seed top-1 too), the gain of each variant over its base method (head / middle / tail and
 many / medium / few shot, with the top-1 gain of each seed, so a sign that flips between seeds shows),
 and the time and peak memory of each run. Methods are named like the recipes:
-``<base>[_ros|_remix|_cmo][_las]``. ``--copy-to`` also copies each run's results.json, summary.csv,
+``<base>[_ros|_remix|_cmo][_las|_crt|_lws|_tau_norm|_post_la]`` (``_tau_norm`` / ``_post_la``: the
+``--evaluate --post-hoc`` folders of a run). ``--copy-to`` also copies each run's results.json, summary.csv,
 args.yaml, per-class CSV and reliability diagram (a few KB each) and draws ``per_class_<base>.png``:
 per-class accuracy of each variant of a base method (mean over seeds) against the training images
 per class.
@@ -33,8 +35,12 @@ NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ri
          'causal_norm': 'Causal Norm'}
 VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_mixup': '+ Mixup', '_cutmix': '+ CutMix',
             '_cmo': '+ CMO', '_cmo_mixup': '+ CMO (mixup)', '_cmo_blur': '+ CMO (blur)', '_cmo_jitter': '+ CMO (jitter)',
-            '_cmo_las': '+ CMO + LAS', '_router': '+ EA', '_cmo_router': '+ CMO + EA'}
-# EA: RIDE's expert assignment (router stage); '_cmo_<variant>': the CMO paper's Table 12 variants
+            '_cmo_las': '+ CMO + LAS', '_router': '+ EA', '_cmo_router': '+ CMO + EA',
+            '_crt': '+ cRT', '_lws': '+ LWS', '_tau_norm': '+ tau-norm', '_post_la': '+ post-hoc LA',
+            '_cmo_crt': '+ CMO + cRT', '_cmo_lws': '+ CMO + LWS', '_cmo_tau_norm': '+ CMO + tau-norm',
+            '_cmo_post_la': '+ CMO + post-hoc LA'}
+# EA: RIDE's expert assignment (router stage); '_cmo_<variant>': the CMO paper's Table 12 variants; cRT, LWS:
+# Kang et al.'s second stages; tau-norm, post-hoc LA: post-hoc evaluations
 RUN_KEYS = ('top1', 'head', 'middle', 'tail', 'ece', 'mce', 'nll')  # per-run table columns
 DIGITS = {'nll': 2}  # decimals of a column where 1 is too few (NLL in nats; the rest are %)
 GAIN_KEYS = {'top1': 'top-1', 'head': 'head', 'middle': 'middle', 'tail': 'tail',
@@ -116,7 +122,9 @@ def table(runs: Dict[str, Dict[int, dict]]) -> List[str]:
         for seed, r in sorted(runs[method].items()):
             res = r.get('resources') or {}
             wall = fmt(res.get('wall_min'))
-            if '--resume' in r.get('command', ''):
+            if '--evaluate' in r.get('command', ''):
+                wall = f'{wall} (evaluation)'
+            elif '--resume' in r.get('command', ''):
                 summed = SummaryWriter(r['_summary_csv']).epoch_minutes()  # None without the file or its times
                 wall = f'{fmt(summed)} (resumed: epoch times summed)' if summed is not None else \
                     f'{wall} (after resume: last part only)'

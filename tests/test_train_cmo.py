@@ -33,7 +33,12 @@ def test_recipes_cover_the_paper_settings():
             assert {f'{ds}_lt_r100_{method}_{variant}' for variant in ('ros', 'remix', 'cmo')} <= names
         for rho in (100, 50, 10):  # the paper's Table 2 comparison methods, with and without CMO
             assert {f'{ds}_lt_r{rho}_causal_norm', f'{ds}_lt_r{rho}_causal_norm_cmo'} <= names
+        for stage1 in ('ce', 'ce_cmo'):  # Kang et al.'s second stages after CE and after CE + CMO
+            assert {f'{ds}_lt_r100_{stage1}_{stage}' for stage in ('crt', 'lws')} <= names
     assert {'imagenet_lt_resnext50_causal_norm', 'imagenet_lt_resnext50_causal_norm_cmo'} <= names
+    for name in ('imagenet_lt_resnet50_ce', 'imagenet_lt_resnet50_ce_crt', 'imagenet_lt_resnet50_ce_lws',
+                 'inat2018_resnet50_ce', 'inat2018_resnet50_ce_crt', 'inat2018_resnet50_ce_lws'):
+        assert name in names
     for name in ('imagenet_lt_resnet50_ce_cmo', 'imagenet_lt_resnet50_ce_drw_cmo', 'imagenet_lt_resnet50_bs_cmo',
                  'imagenet_lt_resnet50_bs_cmo_400ep', 'inat2018_resnet50_ce_drw_cmo', 'inat2018_resnet50_bs_cmo',
                  'imagenet_lt_resnet101_bs_cmo', 'imagenet_lt_resnet152_bs_cmo', 'imagenet_lt_wrn50_bs_cmo'):
@@ -48,8 +53,13 @@ def test_recipe_parses_and_states_its_target(recipe):
     args, args_text = train_cmo.parse_args(['-c', recipe, '--data-dir', '/data'] + stage2)
     assert 'paper_top1' in yaml.safe_load(text)
     assert args.cmo == Path(recipe).stem.endswith(('_cmo', '_cmo_400ep', '_cmo_mixup', '_cmo_blur', '_cmo_jitter'))
-    # the paper's loaders keep the last incomplete batch; Causal Norm's loop stops at int(N / batch) steps
-    assert args.drop_last is ('causal_norm' in Path(recipe).stem)
+    # the paper's loaders keep the last incomplete batch; Causal Norm's and Kang et al.'s loops run int(N / batch)
+    # steps an epoch
+    assert args.drop_last is ('causal_norm' in Path(recipe).stem or 'int(N / batch)' in text)
+    if args.stage2 in ('crt', 'lws'):
+        assert args.loss == 'ce' and args.ros and args.ros_r == 1.0 and args.sched == 'cosine'
+        assert args.warmup_epochs == 0 and args.min_lr == 0 and args.epochs == (5 if args.stage2 == 'lws' else
+                                                                                 30 if 'inat' in recipe else 10)
     assert yaml.safe_load(args_text)['model'] == args.model
 
 
@@ -1025,3 +1035,265 @@ def test_console_scripts_exit_zero(small_cifar, tmp_path):
     # 60 images a class: rho 10 (the default 100 would leave the last class empty, an error since 3b6955e)
     assert preview(['--data-dir', str(small_cifar / 'train'), '--imb-ratio', '10', '--num', '4',
                     '--out', str(tmp_path / 'p.png')]) == 0
+
+
+# --- decoupled classifiers (cRT, LWS), post-hoc adjustments, shifted test priors -------------------------------------
+
+DECOUPLE = ['--imb-max', '40']  # classes 40 ... 4 of the 60 images a class: 20 or more left out of every class
+STAGE2_ARGS = ['--ros', '--sched', 'cosine', '--warmup-epochs', '0', '--loss', 'ce']
+
+
+@pytest.fixture(scope='module')
+def ce_cmo_stage1(small_cifar, tmp_path_factory):
+    """A stage-1 CE + CMO run on the long-tailed subset 40 ... 4 (2 epochs)."""
+    out = tmp_path_factory.mktemp('stage1')
+    train_cmo.main(base_argv(small_cifar, out, 'ce_cmo', 2, *DECOUPLE, '--loss', 'ce', '--cmo', '--cmo-start-epoch',
+                             '-1', '--cmo-end-epochs', '0'))
+    return out / 'ce_cmo'
+
+
+def _state(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.mark.parametrize('kind', ['crt', 'lws'])
+def test_decoupled_stage_freezes_all_but_its_part(ce_cmo_stage1, small_cifar, tmp_path, kind, monkeypatch):
+    """After CE + CMO: cRT re-trains the classifier, LWS a per-class scale; every other tensor of the stage-2
+    checkpoint (BatchNorm statistics and num_batches_tracked included) is the stage-1 one bit for bit. Killed after
+    its first epoch and resumed, the run ends where the uninterrupted one does."""
+    stage1 = _state(ce_cmo_stage1 / 'last.pth.tar')['state_dict']
+    argv = base_argv(small_cifar, tmp_path, kind, 2, *DECOUPLE, '--stage2', kind, *STAGE2_ARGS,
+                     '--initial-checkpoint', str(ce_cmo_stage1 / 'last.pth.tar'))
+    train_cmo.main(argv)
+    stage2 = _state(tmp_path / kind / 'last.pth.tar')['state_dict']
+    for k, v in stage1.items():
+        if k.startswith('fc.') and kind == 'crt':
+            assert not torch.equal(stage2[k], v), k
+        else:
+            assert torch.equal(stage2[k], v), k
+    assert set(stage2) - set(stage1) == ({'fc.lws_scale'} if kind == 'lws' else set())
+    if kind == 'lws':
+        assert not torch.equal(stage2['fc.lws_scale'], torch.ones(10))
+    results = json.loads((tmp_path / kind / 'results.json').read_text())
+    assert results['method']['stage2'] == kind and results['dataset']['class_counts'][0] == 40
+    assert results['metrics']['samples'] == 200
+
+    # interrupted after epoch 0 (the second epoch never starts), then resumed: the same weights and records
+    real = train_cmo.train_one_epoch
+
+    def interrupt(epoch, *a, **kw):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(epoch, *a, **kw)
+    monkeypatch.setattr(train_cmo, 'train_one_epoch', interrupt)
+    part = list(argv)
+    part[part.index('--experiment') + 1] = f'{kind}_part'
+    with pytest.raises(KeyboardInterrupt):
+        train_cmo.main(part)
+    monkeypatch.setattr(train_cmo, 'train_one_epoch', real)
+    resume = [a for a in part if a not in ('--initial-checkpoint', str(ce_cmo_stage1 / 'last.pth.tar'))]
+    train_cmo.main(resume + ['--resume', str(tmp_path / f'{kind}_part' / 'last.pth.tar')])
+    resumed = _state(tmp_path / f'{kind}_part' / 'last.pth.tar')['state_dict']
+    assert resumed.keys() == stage2.keys() and all(torch.equal(resumed[k], stage2[k]) for k in stage2)
+    assert json.loads((tmp_path / f'{kind}_part' / 'results.json').read_text())['metrics']['top1'] == \
+        results['metrics']['top1']
+
+
+@pytest.mark.parametrize('kind', ['crt', 'lws'])
+def test_decoupled_stage_data_on_device_equals_ordinary(ce_cmo_stage1, small_cifar, tmp_path, kind):
+    """With the random crop and flip off, the second stage trains the same model on both loader paths."""
+    weights = {}
+    for path, extra in (('ordinary', []), ('device', ['--data-on-device'])):
+        train_cmo.main(base_argv(small_cifar, tmp_path, path, 2, *DECOUPLE, '--stage2', kind, *STAGE2_ARGS,
+                                 '--crop-padding', '0', '--hflip', '0', '--device', 'cpu', '--initial-checkpoint',
+                                 str(ce_cmo_stage1 / 'last.pth.tar'), *extra))
+        weights[path] = _state(tmp_path / path / 'last.pth.tar')['state_dict']
+    assert weights['ordinary'].keys() == weights['device'].keys()
+    for k, v in weights['ordinary'].items():
+        assert torch.equal(v, weights['device'][k]), k
+
+
+def test_lws_on_a_cosine_head_evaluates_and_exports(small_cifar, tmp_path, capsys):
+    """LDAM-DRW (cosine head) -> LWS: the scale is the head's own parameter; --evaluate of the checkpoint and of the
+    export give the run's figures, the export reloads with timm; a stage 2 on a 5-class checkpoint is refused."""
+    from timm_cmo import hub
+    import timm
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'ldam', 1, *DECOUPLE, '--loss', 'ldam', '--head-norm'))
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'lws', 1, *DECOUPLE, '--head-norm', '--stage2', 'lws', *STAGE2_ARGS,
+                             '--initial-checkpoint', str(tmp_path / 'ldam' / 'last.pth.tar')))
+    ckpt = _state(tmp_path / 'lws' / 'last.pth.tar')['state_dict']
+    assert 'fc.lws_scale' in ckpt and ckpt['fc.weight'].shape == (64, 10)
+    assert torch.equal(ckpt['fc.weight'], _state(tmp_path / 'ldam' / 'last.pth.tar')['state_dict']['fc.weight'])
+    results = json.loads((tmp_path / 'lws' / 'results.json').read_text())
+    assert results['model_build']['model_args'].get('head_lws') is True
+    train_cmo.main(['--evaluate', '--resume', str(tmp_path / 'lws' / 'last.pth.tar'), '--model', 'resnet20_cifar',
+                    '--head-norm', '--data-dir', str(small_cifar), '--workers', '0', '--output', str(tmp_path),
+                    '--experiment', 'eval'])
+    assert json.loads((tmp_path / 'eval' / 'results.json').read_text())['metrics']['top1'] == results['metrics']['top1']
+    export = hub.export(tmp_path / 'lws', tmp_path / 'export')
+    model = timm.create_model(f'local-dir:{export}', pretrained=True)
+    assert model.fc.lws_scale is not None and torch.equal(model.fc.lws_scale.detach(), ckpt['fc.lws_scale'])
+
+    bad = _state(tmp_path / 'ldam' / 'last.pth.tar')
+    bad['state_dict'] = dict(bad['state_dict'], **{'fc.weight': bad['state_dict']['fc.weight'][:, :5].clone()})
+    torch.save(bad, tmp_path / 'five.pth.tar')
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'crt5', 1, *DECOUPLE, '--head-norm', '--stage2', 'crt',
+                                    *STAGE2_ARGS, '--initial-checkpoint', str(tmp_path / 'five.pth.tar')), capsys)
+    assert code == 2 and 'fc.weight (64, 5) in the checkpoint, (64, 10) in the model' in err
+    assert not (tmp_path / 'crt5').exists()
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'crt6', 1, '--stage2', 'crt', '--initial-checkpoint', 'x',
+                                    '--loss', 'las'), capsys)
+    assert code == 2 and '--stage2 crt trains with --loss ce' in err
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'crt7', 1, '--stage2', 'lws', '--initial-checkpoint', 'x',
+                                    '--cmo'), capsys)
+    assert code == 2 and '--stage2 lws re-trains the weight scaling without mixing' in err
+
+
+def _eval_argv(run, data_dir, out, exp, *extra):
+    return ['--evaluate', '--resume', str(run / 'last.pth.tar'), '--model', 'resnet20_cifar', '--data-dir',
+            str(data_dir), '--imb-ratio', '10', *DECOUPLE, '--workers', '0', '-b', '50', '--output', str(out),
+            '--experiment', exp, *extra]
+
+
+def test_tau_is_chosen_on_held_out_training_images_never_on_the_test_split(ce_cmo_stage1, small_cifar, tmp_path,
+                                                                          monkeypatch):
+    """--post-hoc tau_norm with --tune-holdout-per-class: every image read before tau is chosen is a training-split
+    image the long-tailed subset left out (fails if the test split, or a training image, is read to choose tau);
+    results.json records the grid, the validation scores and the choice; the export with the chosen tau, evaluated
+    as a plain timm model, gives the same figures."""
+    from timm_cmo import hub, posthoc
+    from timm_cmo.data import LongTailDataset
+    reads = []
+    real_getitem = LongTailDataset.__getitem__
+
+    def logged(self, index):
+        reads.append(self.filename(index, absolute=True))
+        return real_getitem(self, index)
+    real_select = posthoc.select_tau
+
+    def select(*a, **kw):
+        reads.append('<tau chosen>')
+        return real_select(*a, **kw)
+    monkeypatch.setattr(LongTailDataset, '__getitem__', logged)
+    monkeypatch.setattr(posthoc, 'select_tau', select)
+    train_cmo.main(_eval_argv(ce_cmo_stage1, small_cifar, tmp_path, 'tau', '--post-hoc', 'tau_norm',
+                              '--tune-holdout-per-class', '10', '--tune-seed', '1'))
+    monkeypatch.undo()
+    chosen_at = reads.index('<tau chosen>')
+    before, after = reads[:chosen_at], reads[chosen_at + 1:]
+    train_ds = train_cmo.build_datasets(train_cmo.parse_args(base_argv(small_cifar, tmp_path, 'x', 1, *DECOUPLE))[0])[0]
+    trained = {train_ds.filename(i, absolute=True) for i in range(len(train_ds))}
+    assert len(trained) == sum(json.loads((ce_cmo_stage1 / 'results.json').read_text())['dataset']['class_counts'])
+    assert len(before) == 100 and all(f'{os.sep}train{os.sep}' in f for f in before)
+    assert not set(before) & trained  # not one of the images the model trained on
+    assert len(after) == 200 and all(f'{os.sep}test{os.sep}' in f for f in after)
+
+    results = json.loads((tmp_path / 'tau' / 'results.json').read_text())
+    record = results['post_hoc']
+    assert record['kind'] == 'tau_norm' and record['grid'] == [round(0.1 * i, 1) for i in range(21)]
+    validation = record['validation']
+    assert validation['images'] == 100 and validation['class_counts'] == [10] * 10
+    assert record['tau'] == record['grid'][max(range(21), key=lambda i: (round(validation['scores'][i], 9), -i))]
+    assert validation['score'] == max(validation['scores'])
+    assert 'outside the long-tailed subset' in validation['source']
+
+    # the export with the chosen tau is a plain timm model giving the same evaluation
+    export = tmp_path / 'export'
+    assert hub.main(['export', str(ce_cmo_stage1), str(export), '--post-hoc-from', str(tmp_path / 'tau')]) == 0
+    config = json.loads((export / 'config.json').read_text())
+    assert config['timm_cmo']['post_hoc'] == dict(kind='tau_norm', tau=record['tau'])
+    assert 'not on the test set' in (export / 'README.md').read_text()
+    train_cmo.main(['--evaluate', '--model', f'local-dir:{export}', '--pretrained', '--data-dir', str(small_cifar),
+                    '--workers', '0', '--output', str(tmp_path), '--experiment', 'exported'])
+    exported = json.loads((tmp_path / 'exported' / 'results.json').read_text())['metrics']
+    assert exported['top1'] == results['metrics']['top1']
+    assert exported['nll'] == pytest.approx(results['metrics']['nll'])
+    with pytest.raises(SystemExit):  # adjusted once already: not twice
+        train_cmo.main(['--evaluate', '--model', f'local-dir:{export}', '--pretrained', '--data-dir', str(small_cifar),
+                        '--workers', '0', '--output', str(tmp_path), '--experiment', 'twice', '--post-hoc', 'tau_norm',
+                        '--post-hoc-tau', '1'])
+    assert not (tmp_path / 'twice').exists()
+
+
+def test_post_hoc_and_test_prior_bad_input_writes_nothing(ce_cmo_stage1, small_cifar, tmp_path, capsys):
+    prior = tmp_path / 'prior.txt'
+    cases = [
+        (['--post-hoc', 'tau_norm'], 'tau is chosen on validation data held out of training, never on the test set'),
+        (['--post-hoc', 'logit_adjust', '--post-hoc-tau', '0.5', '1'], '--tune-holdout-per-class N'),
+        (['--post-hoc', 'median'], "--post-hoc 'median': choose from tau_norm, logit_adjust"),
+        (['--post-hoc', 'tau_norm', '--post-hoc-tau', '-1'], "--post-hoc-tau -1.0: tau must be a finite number >= 0"),
+        (['--tune-holdout-per-class', '10'], 'the validation data is for choosing tau: add --post-hoc'),
+        (['--post-hoc', 'tau_norm', '--tune-list', 'a.txt', '--tune-fraction', '0.1'], 'give one source'),
+        (['--test-prior', 'forward'], '--test-prior forward needs --test-imb-ratio'),
+        (['--test-prior', 'sideways'],
+         "--test-prior 'sideways': choose from uniform, forward, backward or give a file"),
+        (['--test-prior', 'uniform', '--test-imb-ratio', '5'], "is for --test-prior forward|backward, not 'uniform'"),
+        (['--prior-correction', 'train'], 'use it with --evaluate and --test-prior'),
+        (['--test-prior', 'uniform', '--prior-correction', 'train', '--post-hoc', 'tau_norm', '--post-hoc-tau', '1'],
+         'would remove the training prior twice'),
+        (['--test-prior', str(prior)], f'{prior}: 3 class weights for 10 classes'),
+        (['--test-prior', str(prior) + '.neg'], 'line 2'),
+        (['--test-prior', 'forward', '--test-imb-ratio', '50'], 'leaves classes without test images'),
+        (['--post-hoc', 'tau_norm', '--tune-holdout-per-class', '10', '--imb-seed', '1'],
+         '--imb-seed 0 in training, 1 here'),
+        (['--post-hoc', 'tau_norm', '--tune-holdout-per-class', '25'], 'fewer than 25 training images outside'),
+    ]
+    prior.write_text('1\n2\n3\n')
+    (tmp_path / 'prior.txt.neg').write_text('1\n-1\n' + '1\n' * 8)
+    for extra, message in cases:
+        code, err = main_exit(_eval_argv(ce_cmo_stage1, small_cifar, tmp_path, 'bad', *extra), capsys)
+        assert code == 2 and message in err, (extra, err)
+        assert not (tmp_path / 'bad').exists()
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'bad', 1, '--post-hoc', 'tau_norm', '--post-hoc-tau', '1'),
+                          capsys)
+    assert code == 2 and 'use it with --evaluate' in err
+
+
+def test_shifted_test_priors_and_the_prior_correction(ce_cmo_stage1, small_cifar, tmp_path):
+    """forward / backward test sets have LADE's counts (n_max 20 test images a class); under the uniform prior the
+    correction 'train' (logits - log p_train + log p_test) predicts exactly as logit adjustment with tau 1."""
+    for profile, rho in (('forward', 5), ('backward', 5)):
+        train_cmo.main(_eval_argv(ce_cmo_stage1, small_cifar, tmp_path, profile, '--test-prior', profile,
+                                  '--test-imb-ratio', str(rho)))
+        results = json.loads((tmp_path / profile / 'results.json').read_text())
+        lade = [int(20 * (1 / rho) ** (i / 9)) for i in range(10)]
+        expected = lade if profile == 'forward' else lade[::-1]
+        assert results['test_prior']['class_counts'] == expected and results['test_prior']['profile'] == profile
+        assert results['metrics']['samples'] == sum(expected)
+        assert results['per_class']['test_images'] == expected
+    train_cmo.main(_eval_argv(ce_cmo_stage1, small_cifar, tmp_path, 'corrected', '--test-prior', 'uniform',
+                              '--prior-correction', 'train'))
+    train_cmo.main(_eval_argv(ce_cmo_stage1, small_cifar, tmp_path, 'la1', '--post-hoc', 'logit_adjust',
+                              '--post-hoc-tau', '1'))
+    corrected = json.loads((tmp_path / 'corrected' / 'results.json').read_text())
+    la1 = json.loads((tmp_path / 'la1' / 'results.json').read_text())
+    assert corrected['per_class']['top1'] == la1['per_class']['top1']
+    # the two logits differ by the constant log(1/C): the same softmax, so the same calibration too
+    assert corrected['metrics']['nll'] == pytest.approx(la1['metrics']['nll'], rel=1e-5)
+    assert corrected['metrics']['ece'] == pytest.approx(la1['metrics']['ece'], rel=1e-5, abs=1e-6)
+    assert corrected['prior_correction']['mode'] == 'train' and la1['post_hoc']['validation'] is None
+    counts = corrected['dataset']['class_counts']
+    assert corrected['prior_correction']['p_train'] == pytest.approx([n / sum(counts) for n in counts])
+    plain = json.loads((ce_cmo_stage1 / 'results.json').read_text())
+    assert plain['metrics']['nll'] != pytest.approx(la1['metrics']['nll'], rel=1e-3)  # the adjustment acted
+
+
+def test_tune_fraction_is_held_out_of_training(small_cifar, tmp_path, capsys):
+    """--tune-fraction: the stratified fraction never trains (the recorded counts lack it), --evaluate holds out the
+    same images to choose tau, and an evaluation with another fraction is refused."""
+    from timm_cmo.data import long_tail_counts
+    from timm_cmo.data.splits import stratified_holdout_counts
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'frac', 1, *DECOUPLE, '--loss', 'ce', '--tune-fraction', '0.25'))
+    results = json.loads((tmp_path / 'frac' / 'results.json').read_text())
+    lt = long_tail_counts(40, 10, 10)
+    held = stratified_holdout_counts(lt, 0.25)
+    assert results['dataset']['class_counts'] == [n - h for n, h in zip(lt, held)]
+    assert results['dataset']['tune_fraction'] == 0.25
+    argv = ['--evaluate', '--resume', str(tmp_path / 'frac' / 'last.pth.tar'), '--model', 'resnet20_cifar',
+            '--data-dir', str(small_cifar), '--imb-ratio', '10', *DECOUPLE, '--workers', '0', '--output', str(tmp_path),
+            '--post-hoc', 'logit_adjust']
+    train_cmo.main(argv + ['--tune-fraction', '0.25', '--experiment', 'frac_eval'])
+    record = json.loads((tmp_path / 'frac_eval' / 'results.json').read_text())['post_hoc']
+    assert record['validation']['class_counts'] == held and 'held out of training' in record['validation']['source']
+    code, err = main_exit(argv + ['--tune-fraction', '0.3', '--experiment', 'frac_bad'], capsys)
+    assert code == 2 and '--tune-fraction 0.25 in training, 0.3 here' in err and not (tmp_path / 'frac_bad').exists()

@@ -3,13 +3,18 @@
 Usage::
 
     python -m timm_cmo.hub export RUN_DIR OUT_DIR [--checkpoint last|best] [--ema] [--repo-id ORG/NAME]
+        [--post-hoc tau_norm|logit_adjust --post-hoc-tau TAU | --post-hoc-from EVAL_DIR]
     python -m timm_cmo.hub push RUN_DIR ORG/NAME [--out-dir DIR] [--private] [--checkpoint last|best] [--ema]
 
 ``export`` rebuilds the run's model from ``args.yaml``, loads ``last.pth.tar`` / ``model_best.pth.tar``
 (``weights_only``, strict) and writes a timm Hub folder: ``config.json`` (with ``head_norm`` / ``causal_norm`` and
 its arguments, label names and the run's preprocessing), ``model.safetensors``, a model card ``README.md`` and
 ``results.json``.
-``push`` exports to a persistent folder (default ``RUN_DIR/hub_export``) and uploads it. The token comes
+``push`` exports to a persistent folder (default ``RUN_DIR/hub_export``) and uploads it.
+``--post-hoc`` exports the classifier after a post-hoc adjustment (:mod:`timm_cmo.posthoc`: tau-normalised
+weights, or the logit adjustment in the bias), so the plain timm model gives the adjusted logits;
+``--post-hoc-from`` takes the adjustment and tau an ``--evaluate --post-hoc`` run chose (its folder or
+results.json), and that evaluation's results for the model card. The token comes
 from the ``token`` argument or huggingface_hub's own login (``HF_TOKEN``, ``hf auth login``); it is never
 written anywhere. The result loads with ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``.
 """
@@ -34,10 +39,11 @@ from .checkpoint import CheckpointError, load_checkpoint_file, state_dict_from_c
 from .data.config import input_channels, resolve_run_data_config
 from .data.dataset import shot_groups
 from .files import write_text_atomic
-from .models.stage2 import fold_weight_scaling_state_dict
+from .models.stage2 import fold_weight_scaling_state_dict, match_weight_scaling
 from .results import RESULTS_JSON, read_results, results_table_markdown
 
 __all__ = ['export', 'push', 'main', 'model_card', 'load_run_args', 'create_run_model', 'run_data_config',
+           'post_hoc_from',
            'HubUploadError', 'CHECKPOINT_FILES', 'ARGS_FILE', 'DEFAULT_EXPORT_DIR']
 
 _logger = logging.getLogger(__name__)
@@ -45,6 +51,7 @@ _logger = logging.getLogger(__name__)
 ARGS_FILE = 'args.yaml'
 CHECKPOINT_FILES = {'last': 'last.pth.tar', 'best': 'model_best.pth.tar'}
 DEFAULT_EXPORT_DIR = 'hub_export'
+POST_HOC_RESULTS_JSON = 'results_post_hoc.json'  # the evaluation that chose an exported post-hoc adjustment
 CONFIG_KEY = 'timm_cmo'  # config.json section with the training class counts and the method (timm ignores it)
 _DATA_CONFIG_KEYS = ('input_size', 'img_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
 _PLACEHOLDER_REPO = '<org>/<name>'
@@ -58,6 +65,20 @@ _LOSSES = {
     'bs': 'Balanced Softmax (Ren et al., NeurIPS 2020)',
     'focal': 'the focal loss (Lin et al., ICCV 2017)',
     'la': 'the logit-adjusted loss (Menon et al., ICLR 2021)',
+}
+_STAGE2_TEXT = {
+    'crt': ('A second stage re-trained the classifier from scratch with class-balanced sampling on the frozen '
+            'stage-1 backbone (cRT, Kang et al., ICLR 2020).'),
+    'lws': ('A second stage learned a per-class scale of the frozen stage-1 logits with class-balanced sampling '
+            '(LWS, Kang et al., ICLR 2020).'),
+    'las': ("A second stage fine-tuned the classifier with MiSLAS's label-aware smoothing (Zhong et al., CVPR 2021)."),
+    'router': "A second stage trained RIDE's expert-assignment router (Wang et al., ICLR 2021).",
+}
+_POST_HOC_TEXT = {
+    'tau_norm': ('The exported classifier is tau-normalised (Kang et al., ICLR 2020): each class vector divided by '
+                 'its norm to the power {tau}, the bias dropped.'),
+    'logit_adjust': ('The exported classifier is logit-adjusted (Menon et al., ICLR 2021): its bias less {tau} times '
+                     'the log of the training class prior.'),
 }
 _CITATION = """@inproceedings{park2022majority,
   title={The Majority Can Help the Minority: Context-rich Minority Oversampling for Long-tailed Classification},
@@ -133,6 +154,12 @@ def exported_class_counts(model_name: str) -> Optional[List[int]]:
     config = _source_config(model_name) or {}
     counts = (config.get(CONFIG_KEY) or {}).get('train_class_counts')
     return [int(n) for n in counts] if isinstance(counts, list) else None
+
+
+def exported_post_hoc(model_name: str) -> Optional[Dict[str, Any]]:
+    """The post-hoc adjustment (``{'kind', 'tau'}``) an export's classifier already carries, or None."""
+    record = ((_source_config(model_name) or {}).get(CONFIG_KEY) or {}).get('post_hoc')
+    return record if isinstance(record, dict) else None
 
 
 def model_build(model: torch.nn.Module) -> Dict[str, Any]:
@@ -294,6 +321,15 @@ def model_card(
             f'{_fmt(causal.get("momentum"))}); in eval mode the model returns the TDE logits, the counterfactual '
             f'logits along that average removed with alpha = {_fmt(causal.get("alpha"))} '
             f'(`model.get_classifier().alpha` changes it).')
+    stage2 = opt.get('stage2')
+    if stage2 in _STAGE2_TEXT:
+        method_text += ' ' + _STAGE2_TEXT[stage2]
+    post_hoc = results.get('post_hoc') if isinstance(results.get('post_hoc'), dict) else None
+    if post_hoc and post_hoc.get('kind') in _POST_HOC_TEXT and post_hoc.get('tau') is not None:
+        validation = post_hoc.get('validation') or {}
+        method_text += (' ' + _POST_HOC_TEXT[post_hoc['kind']].format(tau=_fmt(post_hoc['tau']))
+                        + (f' tau was chosen on held-out validation data ({validation["source"]}), not on the test set.'
+                           if validation.get('source') else ''))
 
     groups = shot_groups(counts) if counts else None
     data_rows = [
@@ -342,8 +378,14 @@ def model_card(
     meta = checkpoint_meta or {}
     if 'epoch' in meta:
         weights += f', epoch {meta["epoch"]}'
+    if post_hoc and post_hoc.get('validation') is not None:
+        what = 'Top-1 accuracy (%) of the evaluation that chose the post-hoc adjustment, with it'
+    elif post_hoc:
+        what = 'Top-1 accuracy (%) of the run\'s final evaluation, before the post-hoc adjustment'
+    else:
+        what = 'Top-1 accuracy (%) of the run\'s final evaluation'
     results_text = [
-        'Top-1 accuracy (%) of the run\'s final evaluation'
+        what
         + (f' (epoch {results["epoch"]})' if results.get('epoch') is not None else '')
         + (f' on {metrics["samples"]} test images' if metrics.get('samples') else '') + '. '
         'Many / Medium / Few: classes with > 100 / 20-100 / < 20 training images; Head / Middle / Tail: the first 30%, '
@@ -400,12 +442,33 @@ def model_card(
     return '\n\n'.join(parts) + '\n'
 
 
+def post_hoc_from(path: PathLike) -> Tuple[str, float, Path]:
+    """``(kind, tau, results.json path)`` of an ``--evaluate --post-hoc`` run (its folder or results.json).
+
+    ValueError when it made no post-hoc adjustment, or evaluated under a shifted test prior / prior correction
+    (an adjustment for that one test set, not for the exported model).
+    """
+    path = Path(path)
+    results_path = path / RESULTS_JSON if path.is_dir() else path
+    results = read_results(results_path)
+    record = results.get('post_hoc')
+    if not isinstance(record, dict) or record.get('kind') is None or record.get('tau') is None:
+        raise ValueError(f'{results_path} records no post-hoc adjustment (an --evaluate --post-hoc run writes one)')
+    if results.get('test_prior') or results.get('prior_correction'):
+        raise ValueError(f'{results_path} evaluated under a shifted test prior or with a prior correction: export the '
+                         f'adjustment of an evaluation on the test set as given')
+    return str(record['kind']), float(record['tau']), results_path
+
+
 def export(
         run_dir: PathLike,
         out_dir: PathLike,
         checkpoint: str = 'last',
         use_ema: bool = False,
         repo_id: Optional[str] = None,
+        post_hoc: Optional[str] = None,
+        post_hoc_tau: Optional[float] = None,
+        post_hoc_results: Optional[PathLike] = None,
 ) -> Path:
     """Export a run folder as a timm Hub folder and return ``out_dir``.
 
@@ -415,6 +478,12 @@ def export(
         checkpoint: ``'last'`` (``last.pth.tar``), ``'best'`` (``model_best.pth.tar``) or a file name / path.
         use_ema: Export the checkpoint's ``state_dict_ema``.
         repo_id: Hub id used in the model card's usage example (placeholder ``<org>/<name>`` when None).
+        post_hoc: Adjust the classifier first: ``'tau_norm'`` or ``'logit_adjust'`` (needs ``post_hoc_tau``;
+            the training class counts come from the run's results.json). The export of a linear head gives
+            the adjusted logits; a cosine head's logit adjustment is not exportable (ValueError).
+        post_hoc_tau: The tau of ``post_hoc``.
+        post_hoc_results: The results.json of the evaluation that chose it (:func:`post_hoc_from`): copied into
+            the export and used for the model card instead of the run's own.
 
     Writes ``config.json``, ``model.safetensors``, ``README.md`` and ``results.json``.
     """
@@ -423,6 +492,8 @@ def export(
         raise FileNotFoundError(f'Run folder {str(run_dir)!r} not found')
     if out_dir.resolve() == run_dir.resolve():
         raise ValueError('out_dir must differ from the run folder')
+    if (post_hoc is None) != (post_hoc_tau is None):
+        raise ValueError('post_hoc and post_hoc_tau go together: the adjustment and its tau')
     args = load_run_args(run_dir)
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
     results_path = _run_file(run_dir, RESULTS_JSON, 'Results file')
@@ -430,15 +501,36 @@ def export(
     class_names = results.get('class_names')
 
     state_dict, meta = _load_state_dict(ckpt_path, use_ema=use_ema)
-    state_dict = fold_weight_scaling_state_dict(state_dict)  # a LAS second stage's weight scaling
     num_classes = args.get('num_classes') or (results.get('dataset') or {}).get('num_classes') or len(class_names or [])
     model = create_run_model(args, num_classes=num_classes, build=results.get('model_build'))
+    match_weight_scaling(model, state_dict)  # a cosine head keeps its weight scaling (head_lws)
+    state_dict = fold_weight_scaling_state_dict(state_dict, keep=set(model.state_dict()))  # a linear head folds it
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise ValueError(f'{ckpt_path} does not match {args["model"]}(num_classes={num_classes}, '
                          f'head_norm={bool(args.get("head_norm"))}): {" ".join(str(e).split())}') from None
     model.eval()
+    if post_hoc is not None:
+        from .posthoc import apply_post_hoc, classifier_of
+        counts = ((results.get('dataset') or {}).get('class_counts')
+                  or (results.get('per_class') or {}).get('train_images'))
+        if post_hoc == 'logit_adjust' and not counts:
+            raise ValueError(f'{results_path} records no training class counts for the logit adjustment')
+        scale = float(args.get('ldam_s') or 30.) if bool(args.get('head_norm')) else 1.
+        apply_post_hoc(model, post_hoc, post_hoc_tau, counts or [1] * model.num_classes, logit_scale=scale)
+        if not isinstance(classifier_of(model)[0], torch.nn.Linear):
+            raise ValueError(f'the {post_hoc} adjustment of a cosine-normalised head lives outside its weights: it '
+                             f'is not exportable as a timm model (evaluate it with --evaluate --post-hoc instead)')
+    card_results, post_hoc_copy = results, None
+    if post_hoc is not None:
+        card_results = dict(results, post_hoc=dict(kind=post_hoc, tau=post_hoc_tau))
+        if post_hoc_results is not None:  # the figures of the adjusted model, and how its tau was chosen
+            post_hoc_copy = Path(post_hoc_results)
+            evaluated = read_results(post_hoc_copy)
+            card_results.update({k: evaluated[k] for k in ('metrics', 'per_class', 'calibration', 'post_hoc')
+                                 if k in evaluated})
+            card_results['epoch'] = results.get('epoch')
     model_config = {}
     if class_names and len(class_names) == model.num_classes:
         model_config['label_names'] = list(class_names)
@@ -448,10 +540,14 @@ def export(
     try:
         save_for_hf(model, stage, model_config=model_config, safe_serialization=True,
                     data_config=run_data_config(args, model) or None)
-        _add_run_record(stage / 'config.json', results)
-        card = model_card(args, results, repo_id=repo_id, checkpoint=checkpoint, use_ema=use_ema, checkpoint_meta=meta)
+        _add_run_record(stage / 'config.json', results,
+                        post_hoc=dict(kind=post_hoc, tau=post_hoc_tau) if post_hoc is not None else None)
+        card = model_card(args, card_results, repo_id=repo_id, checkpoint=checkpoint, use_ema=use_ema,
+                          checkpoint_meta=meta)
         (stage / 'README.md').write_text(card, encoding='utf-8')
         shutil.copyfile(results_path, stage / RESULTS_JSON)
+        if post_hoc_copy is not None:
+            shutil.copyfile(post_hoc_copy, stage / POST_HOC_RESULTS_JSON)
         out_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(stage.iterdir()):
             os.replace(path, out_dir / path.name)
@@ -461,14 +557,14 @@ def export(
     return out_dir
 
 
-def _add_run_record(config_path: Path, results: Dict[str, Any]) -> None:
-    """Add the training class counts and the method to an export's config.json (under ``timm_cmo``), so
-    ``--evaluate`` of the exported model reports the same shot groups."""
+def _add_run_record(config_path: Path, results: Dict[str, Any], post_hoc: Optional[Dict[str, Any]] = None) -> None:
+    """Add the training class counts, the method and a post-hoc adjustment of the classifier to an export's
+    config.json (under ``timm_cmo``), so ``--evaluate`` of the exported model reports the same shot groups."""
     with config_path.open(encoding='utf-8') as f:
         config = json.load(f)
     dataset = results.get('dataset') if isinstance(results.get('dataset'), dict) else {}
     config[CONFIG_KEY] = {k: v for k, v in dict(
-        train_class_counts=dataset.get('class_counts'), method=results.get('method'),
+        train_class_counts=dataset.get('class_counts'), method=results.get('method'), post_hoc=post_hoc,
         version=__import__('timm_cmo').__version__).items() if v is not None}
     write_text_atomic(config_path, json.dumps(config, indent=4) + '\n')
 
@@ -553,12 +649,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.add_argument('--checkpoint', default='last', choices=sorted(CHECKPOINT_FILES),
                        help='last.pth.tar or model_best.pth.tar (default: last)')
         p.add_argument('--ema', action='store_true', help='export the EMA weights (state_dict_ema)')
+    p_export.add_argument('--post-hoc', default=None, choices=('tau_norm', 'logit_adjust'),
+                          help='export the classifier adjusted post hoc (with --post-hoc-tau)')
+    p_export.add_argument('--post-hoc-tau', default=None, type=float, help='the tau of --post-hoc')
+    p_export.add_argument('--post-hoc-from', default=None, metavar='EVAL_DIR',
+                          help='the adjustment and tau an --evaluate --post-hoc run chose (its folder or results.json)')
     args = parser.parse_args(argv)
 
     try:
         if args.command == 'export':
+            kind, tau, chosen_by = args.post_hoc, args.post_hoc_tau, None
+            if args.post_hoc_from is not None:
+                if kind is not None or tau is not None:
+                    raise ValueError('--post-hoc-from takes the adjustment and tau from an evaluation: drop --post-hoc '
+                                     '/ --post-hoc-tau')
+                kind, tau, chosen_by = post_hoc_from(args.post_hoc_from)
             out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, use_ema=args.ema,
-                         repo_id=args.repo_id)
+                         repo_id=args.repo_id, post_hoc=kind, post_hoc_tau=tau, post_hoc_results=chosen_by)
             print(f'Exported {args.run_dir} ({args.checkpoint}{", EMA" if args.ema else ""}) -> {out}')
         else:
             url = push(args.run_dir, args.repo_id, out_dir=args.out_dir, checkpoint=args.checkpoint,

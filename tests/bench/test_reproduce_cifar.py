@@ -19,6 +19,10 @@ def driver_args(out, **kw):
 def test_second_stage_commands(tmp_path):
     assert reproduce_cifar.stage1_of('ce_drw_cmo_las') == 'ce_drw_cmo'
     assert reproduce_cifar.stage1_of('ride_cmo_router') == 'ride_cmo'
+    assert reproduce_cifar.stage1_of('ce_cmo_crt') == 'ce_cmo' and reproduce_cifar.stage1_of('ce_lws') == 'ce'
+    cmd, _ = reproduce_cifar.command(driver_args(tmp_path), 'ce_cmo_crt', 0)
+    assert cmd[cmd.index('-c') + 1].endswith('hparams/cifar10_lt_r100_ce_cmo_crt.yaml')
+    assert cmd[cmd.index('--initial-checkpoint') + 1] == str(tmp_path / 'ce_cmo-s0' / 'last.pth.tar')
     assert reproduce_cifar.stage1_of('ce_drw_cmo') is None
     args = driver_args(tmp_path)
     cmd, run_dir = reproduce_cifar.command(args, 'ce_drw_cmo_las', 1)

@@ -69,3 +69,24 @@ def test_resumed_run_time_is_summed_over_epochs(tmp_path):
     assert '| ce-s0 | 3.0 (resumed: epoch times summed) | 1,300 | cpu |' in proc.stdout
     # no summary.csv: results.json's figure, marked as the last part only
     assert '| ce_cmo-s0 | 50.0 (after resume: last part only) | 1,300 | cpu |' in proc.stdout
+
+
+def test_decoupling_and_post_hoc_names(tmp_path):
+    """cRT / LWS runs and the --evaluate --post-hoc folders of a run are variants of their base method."""
+    sys.path.insert(0, str(REPO / 'bench'))
+    import summarize_runs
+    assert summarize_runs.split('ce_cmo_crt') == ('ce', '_cmo_crt') and summarize_runs.split('bs_lws') == ('bs', '_lws')
+    assert summarize_runs.label('ce_cmo_tau_norm') == 'CE + CMO + tau-norm'
+    assert summarize_runs.label('ce_post_la') == 'CE + post-hoc LA'
+    runs = tmp_path / 'runs'
+    fake_run(runs, 'ce', 0, 40., 20.)
+    fake_run(runs, 'ce_crt', 0, 44., 10.)
+    results = json.loads((runs / 'ce_crt-s0' / 'results.json').read_text())
+    results['command'] = 'train_cmo.py --evaluate --resume ce-s0/last.pth.tar --post-hoc tau_norm'
+    (runs / 'ce_crt-s0' / 'results.json').write_text(json.dumps(results))
+    proc = subprocess.run([sys.executable, str(REPO / 'bench' / 'summarize_runs.py'), str(runs)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '| top-1 (ECE), mean over seeds | as is | + cRT |' in proc.stdout
+    assert '| CE | 40.0 (20.0) | 44.0 (10.0) |' in proc.stdout
+    assert '| ce_crt-s0 | 50.0 (evaluation) |' in proc.stdout

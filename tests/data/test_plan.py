@@ -78,3 +78,23 @@ def test_bad_options():
         EpochPlanner(TARGETS, 0)
     with pytest.raises(ValueError, match='ros_r must be >= 0'):
         EpochPlanner(TARGETS, 8, ros_r=-1.)
+
+
+@pytest.mark.parametrize('recipe', ['cifar10_lt_r100_ce_crt', 'cifar10_lt_r100_ce_cmo_lws'])
+def test_second_stage_recipes_sample_class_balanced(recipe):
+    """The cRT / LWS recipes' sampler on mini CIFAR-10-LT (1000 ... 10, 2,478 images): every class equally often
+    (chi-square against 1/C), every image of the rarest class equally often; the same test rejects the
+    instance-balanced epoch a stage 1 trains with."""
+    import yaml
+    from pathlib import Path
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / 'hparams' / f'{recipe}.yaml').read_text())
+    assert config['ros'] is True
+    targets = np.repeat(np.arange(10), long_tail_counts(1000, 10, 100))
+    planner = EpochPlanner(targets, config['batch_size'], ros_r=config['ros_r'], drop_last=config['drop_last'], seed=3)
+    drawn = np.concatenate([planner.order(e) for e in range(10)])
+    assert len(drawn) == 10 * len(targets) == 24780
+    assert stats.chisquare(np.bincount(targets[drawn], minlength=10)).pvalue > 1e-3
+    rare = drawn[targets[drawn] == 9]
+    assert stats.chisquare(np.bincount(rare - rare.min(), minlength=10)).pvalue > 1e-3
+    plain = np.concatenate([EpochPlanner(targets, 128, seed=3).order(e) for e in range(10)])
+    assert stats.chisquare(np.bincount(targets[plain], minlength=10)).pvalue < 1e-100

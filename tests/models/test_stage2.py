@@ -1,4 +1,4 @@
-"""MiSLAS stage 2: only the classifier (+ LWS) trains, BN shifts its running statistics, nothing else moves."""
+"""Second stages: MiSLAS (classifier + LWS, BN shift), cRT and LWS (all else bit for bit), the registry."""
 
 import pytest
 import timm
@@ -9,7 +9,8 @@ import timm_cmo  # noqa: F401  (registers resnet*_cifar, head_norm)
 from timm_cmo.losses import LAS_DEFAULTS, create_loss
 from timm_cmo.models import NormedLinear
 from timm_cmo.models.stage2 import (
-    MISLAS_STAGE2, fold_weight_scaling, get_weight_scaling, prepare_classifier_retraining, set_stage2_mode)
+    DECOUPLING_STAGE2, MISLAS_STAGE2, fold_weight_scaling, get_stage2, get_weight_scaling, list_stage2,
+    match_weight_scaling, prepare_classifier_retraining, set_stage2_mode)
 
 C = 5
 COUNTS = [200, 90, 40, 15, 6]
@@ -164,3 +165,95 @@ def test_recipes_table():
     for name, recipe in MISLAS_STAGE2.items():
         assert recipe['epochs'] == 10 and recipe['lr'] == 0.1 and recipe['sampler'] == 'class_aware'
         assert name in LAS_DEFAULTS
+
+
+# --- Kang et al.'s second stages: cRT and LWS, and the registry ----------------------------------------------
+
+def _ce_steps(model, groups, stage, steps=3, lr=0.1):
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        stage.train_mode(model)
+        x = torch.randn(8, 3, 32, 32, generator=g)
+        y = torch.randint(0, C, (8,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize('name,kwargs,size', MODELS)
+@pytest.mark.parametrize('kind', ['crt', 'lws'])
+def test_decoupled_stages_keep_everything_else_bit_for_bit(name, kwargs, size, kind):
+    """cRT: only the (re-initialised) classifier changes; LWS: only the new per-class scale. Every other weight and
+    every BatchNorm statistic stays the stage-1 one, even with all parameters handed to the optimizer."""
+    stage = get_stage2(kind)
+    assert stage.loss == 'ce' and stage.prepare is not None
+    model = _make(name, kwargs)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, size, size))
+    before = _snapshot(model)
+    groups = stage.prepare(model)
+    extra = [p for p in model.parameters() if all(p is not q for g in groups for q in g['params'])]
+    _ce_steps(model, groups + [dict(params=extra)], stage)
+    after = _snapshot(model)
+    trained = {'fc.weight', 'fc.bias'} if kind == 'crt' else {'fc.lws_scale'}
+    assert set(after) - set(before) == ({'fc.lws_scale'} if kind == 'lws' else set())
+    for key, value in after.items():
+        if key in trained:
+            assert key not in before or not torch.equal(before[key], value), f'{key} did not train'
+        else:
+            assert torch.equal(before[key], value), f'{key} changed'
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {k for k in trained if k in dict(model.named_parameters())}
+
+
+def test_crt_reinitialises_the_classifier():
+    model = _make('resnet20_cifar', {})
+    w = model.fc.weight.detach().clone()
+    get_stage2('crt').prepare(model)
+    assert not torch.equal(model.fc.weight, w)
+    bound = 1 / model.fc.in_features ** 0.5  # nn.Linear's default init, as the authors' DotProductClassifier
+    assert model.fc.weight.abs().max() <= bound and model.fc.bias.abs().max() <= bound
+
+
+def test_lws_on_a_cosine_head_is_an_exportable_head_parameter(tmp_path):
+    """A cosine head's LWS scale lives in the head (head_lws), so the model exports and reloads with it."""
+    model = _make('resnet20_cifar', dict(head_norm=True))
+    get_stage2('lws').prepare(model)
+    assert isinstance(model.fc, NormedLinear) and model.fc.lws_scale is not None and model.head_lws
+    with torch.no_grad():
+        model.fc.lws_scale.copy_(torch.arange(1., C + 1))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    from timm.models import save_for_hf
+    save_for_hf(model, tmp_path, safe_serialization=True)
+    reloaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+    plain = timm.create_model('resnet20_cifar', num_classes=C, head_norm=True)
+    match_weight_scaling(plain, model.state_dict())  # a checkpoint with the scale: the head gets one
+    plain.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match='needs head_norm=True'):
+        timm.create_model('resnet20_cifar', num_classes=C, head_lws=True)
+
+
+def test_registry():
+    assert {'crt', 'lws', 'las', 'router'} <= set(list_stage2())
+    assert get_stage2('router').model_kwargs == {'router': True} and get_stage2('router').fresh == ('router.',)
+    assert get_stage2('las').kwargs({'las_lr_factor': 0.5, 'las_shift_bn': False, 'lr': 1}) == dict(
+        lr_factor=0.5, shift_bn=False)
+    with pytest.raises(KeyError, match="unknown second stage 'xyz'"):
+        get_stage2('xyz')
+    with pytest.raises(ValueError, match='needs weight_scaling=True'):
+        prepare_classifier_retraining(_make('resnet20_cifar', {}), weight_scaling=False, train_classifier=False)
+    ride = timm.create_model('ride_resnet20_cifar', num_classes=C)
+    with pytest.raises(ValueError, match='Cannot tell the number of classes'):
+        get_stage2('lws').prepare(ride)
+
+
+def test_decoupling_recipes_table():
+    assert DECOUPLING_STAGE2['imagenet_lt_crt']['epochs'] == 10 and DECOUPLING_STAGE2['inat2018_crt']['epochs'] == 30
+    for recipe in DECOUPLING_STAGE2.values():
+        assert recipe['lr'] == 0.2 and recipe['batch_size'] == 512 and recipe['samples_per_class'] == 4

@@ -18,7 +18,7 @@ from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .head_norm import NormedLinear
+from .head_norm import NormedLinear, check_head_lws
 
 __all__ = ['ResNetCifar', 'BasicBlockCifar', 'PadShortcut', 'CIFAR_MEAN', 'CIFAR_STD']
 
@@ -77,6 +77,8 @@ class ResNetCifar(nn.Module):
         global_pool: Pooling type for timm's ``SelectAdaptivePool2d``; '' disables pooling. Default 'avg'.
         drop_rate: Dropout before the classifier. Default 0.
         head_norm: Use a cosine-normalised ``NormedLinear`` classifier (LDAM/CMO ``use_norm``). Default False.
+        head_lws: Give the cosine head a learnable per-class scale (``fc.lws_scale``, the LWS second stage of
+            a cosine-head model); needs ``head_norm``. Default False.
 
     Shapes: input (B, in_chans, H, W); ``forward_features`` -> (B, 64, H/4, W/4); ``forward`` -> (B, num_classes).
     """
@@ -89,6 +91,7 @@ class ResNetCifar(nn.Module):
             global_pool: str = 'avg',
             drop_rate: float = 0.,
             head_norm: bool = False,
+            head_lws: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -100,7 +103,9 @@ class ResNetCifar(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
+        check_head_lws(head_norm, head_lws)
         self.head_norm = bool(head_norm)
+        self.head_lws = bool(head_lws)
         self.grad_checkpointing = False
         channels = (16, 32, 64)
 
@@ -124,7 +129,7 @@ class ResNetCifar(nn.Module):
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         if self.head_norm and num_classes > 0:
-            self.fc = NormedLinear(self.head_hidden_size, num_classes, **dd)
+            self.fc = NormedLinear(self.head_hidden_size, num_classes, class_scale=self.head_lws, **dd)
         self.init_weights()
 
     @torch.jit.ignore
@@ -155,7 +160,7 @@ class ResNetCifar(nn.Module):
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         if self.head_norm and num_classes > 0:
-            self.fc = NormedLinear(self.head_hidden_size, num_classes, **dd)
+            self.fc = NormedLinear(self.head_hidden_size, num_classes, class_scale=self.head_lws, **dd)
         elif isinstance(self.fc, nn.Linear):
             nn.init.kaiming_normal_(self.fc.weight)
         self.global_pool.train(self.training)
