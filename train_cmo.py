@@ -59,6 +59,7 @@ from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
 from timm_cmo.models import freeze_for_router_training
 from timm_cmo.models.stage2 import fold_weight_scaling_state_dict, prepare_classifier_retraining, set_stage2_mode
+from timm_cmo.pretrained import adapt_pretrained_state_dict, fetch_error_message, is_fetch_error, load_weights_file
 from timm_cmo.recipes import resolve_recipe
 from timm_cmo.results import SummaryWriter, cpu_model, peak_rss_mib, write_results
 
@@ -80,7 +81,7 @@ MODEL_PREFIXES = ('hf-hub:', 'local-dir:', 'hf_hub:', 'timm/')
 # flags that may differ between a run and its resumption: how it runs, not what it trains
 RESUME_MAY_CHANGE = frozenset({
     'config', 'data_dir', 'dataset_download', 'val_split', 'val_list', 'resume', 'no_resume_opt',
-    'allow_config_change', 'start_epoch', 'initial_checkpoint', 'pretrained', 'validation_batch_size',
+    'allow_config_change', 'start_epoch', 'initial_checkpoint', 'pretrained', 'pretrained_path', 'validation_batch_size',
     'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
     'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
     'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn'})
@@ -118,7 +119,11 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='resnet32_cifar', type=str, metavar='MODEL',
                        help='timm model name, or local-dir:<folder> / hf-hub:<org>/<name>')
-    group.add_argument('--pretrained', action='store_true', default=False)
+    group.add_argument('--pretrained', action='store_true', default=False,
+                       help="start from the model's pretrained weights (the Hub, or the HF cache offline)")
+    group.add_argument('--pretrained-path', default=None, type=str, metavar='FILE',
+                       help='start from the weights of this local checkpoint or .safetensors file (a classifier '
+                            'for another class count is replaced by a new one)')
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load weights before training')
     group.add_argument('--resume', default='', type=str, metavar='PATH', help='resume model and optimizer state')
     group.add_argument('--no-resume-opt', action='store_true', default=False)
@@ -144,6 +149,8 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='cosine-normalised classifier (NormedLinear), for LDAM')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        help='torch.compile the model (backend, default inductor)')
+    group.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
+                       help='torch.compile mode: default | reduce-overhead | max-autotune | ... (with --torchcompile)')
 
     group = parser.add_argument_group('Long tail')
     group.add_argument('--loss', default='ce', type=str, help=f'one of {", ".join(list_losses())}')
@@ -207,6 +214,13 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='weight decay on biases and norm layers too, as the paper code does (default)')
     group.add_argument('--no-wd-bias-bn', action='store_false', dest='wd_bias_bn',
                        help="timm's default: no weight decay on biases and norm layers")
+    group.add_argument('--layer-decay', type=float, default=None, metavar='RATE',
+                       help="layer-wise lr decay: layer i of L gets lr * RATE^(L - 1 - i) (timm's param groups; "
+                            "the model's group_matcher defines the layers, the classifier is the last)")
+    group.add_argument('--layer-decay-min-scale', type=float, default=0, metavar='SCALE',
+                       help='--layer-decay: the smallest lr scale (clamp)')
+    group.add_argument('--layer-decay-no-opt-scale', type=float, default=None, metavar='SCALE',
+                       help='--layer-decay: freeze the layers whose lr scale is below this')
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
     group.add_argument('--clip-mode', type=str, default='norm', help='norm | value | agc')
 
@@ -382,6 +396,17 @@ def validate_args(args: argparse.Namespace) -> None:
             bad('train_crop_mode', args.train_crop_mode,
                 "--data-on-device augments with the paper's CIFAR pad crop only: add --train-crop-mode pad "
                 "(timm's random-resized crop, used without it, runs in the ordinary loader)")
+    if args.layer_decay is not None:
+        if not 0 < args.layer_decay <= 1:
+            bad('layer_decay', args.layer_decay, 'must be in (0, 1] (the lr scale from one layer to the one below)')
+        if args.stage2 is not None:
+            error(f'--layer-decay and --stage2 {args.stage2}: a second stage trains its own parameter groups')
+    if args.torchcompile_mode is not None:
+        if not args.torchcompile:
+            error(f'--torchcompile-mode {args.torchcompile_mode}: add --torchcompile (the mode of its compilation)')
+        from torch._inductor import list_mode_options
+        if args.torchcompile_mode not in list_mode_options():
+            bad('torchcompile_mode', args.torchcompile_mode, f'choose from {", ".join(list_mode_options())}')
     if args.stage2 is not None:
         if args.stage2 not in STAGE2:
             bad('stage2', args.stage2, f'choose from {", ".join(STAGE2)}')
@@ -398,6 +423,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.resume and args.initial_checkpoint:
         error('--resume and --initial-checkpoint: pass one (--resume continues a run, --initial-checkpoint '
               'starts a new one from weights)')
+    if args.pretrained_path and args.initial_checkpoint:
+        error('--pretrained-path and --initial-checkpoint: pass one (--pretrained-path adapts the head to the '
+              'class count, --initial-checkpoint loads a run of this model as it is)')
     if not args.data_dir and not args.evaluate:
         error('--data-dir is required')
 
@@ -513,7 +541,7 @@ def train_one_epoch(
             interval_loss = (total - last_logged_sum) / max(1, loss_count - last_logged_count)
             last_logged_sum, last_logged_count = total, loss_count
             if args.rank == 0:
-                lr = optimizer.param_groups[0]['lr']
+                lr = schedule_lr(optimizer)
                 eta = (end - start) / (batch_idx + 1) * (num_batches - batch_idx - 1)
                 _logger.info(
                     f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]  '
@@ -583,14 +611,14 @@ def eval_summary(acc: ClassAccuracy, class_counts) -> Dict[str, Any]:
     return summary
 
 
-def compile_model(model: nn.Module, backend: str, input_size, device) -> nn.Module:
-    """``torch.compile`` the model, or keep it eager (with a warning) where compiling fails.
+def compile_model(model: nn.Module, backend: str, input_size, device, mode: Optional[str] = None) -> nn.Module:
+    """``torch.compile(model, backend=backend, mode=mode)``, or the eager model (with a warning) where compiling fails.
 
     Compilation is lazy, so one eval-mode call on a dummy batch (the graph evaluation uses) checks
     that the backend works here before training starts.
     """
     try:
-        compiled = torch.compile(model, backend=backend)
+        compiled = torch.compile(model, backend=backend, mode=mode)
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -599,7 +627,8 @@ def compile_model(model: nn.Module, backend: str, input_size, device) -> nn.Modu
         return compiled
     except Exception as e:  # no compiler toolchain, unsupported platform or backend
         model.train()
-        _logger.warning(f'torch.compile (backend {backend!r}) is unavailable here, training eagerly: '
+        _logger.warning(f'torch.compile (backend {backend!r}{f", mode {mode!r}" if mode else ""}) is unavailable here, '
+                        f'training eagerly: '
                         f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
         return model
 
@@ -808,6 +837,21 @@ def load_initial_checkpoint(model: nn.Module, args) -> None:
                        fresh=('router.',) if args.stage2 == 'router' else ())
 
 
+def load_pretrained_path(model: nn.Module, args) -> None:
+    """``--pretrained-path``: a local checkpoint's or safetensors file's weights (``weights_only``), a classifier
+    for another class count replaced by a new one, every other key checked."""
+    path = args.pretrained_path
+    try:
+        state_dict = load_weights_file(path)
+    except (FileNotFoundError, CheckpointError) as e:
+        error(f'--pretrained-path: {e}')
+    state_dict, fresh, notes = adapt_pretrained_state_dict(model, state_dict, input_channels(vars(args), default=None))
+    load_model_weights(model, {'state_dict': state_dict}, path, keys=('state_dict',), flag='--pretrained-path',
+                       fresh=fresh)
+    if args.rank == 0:
+        _logger.info(f'Loaded the pretrained weights of {path}' + (f' ({"; ".join(notes)})' if notes else ''))
+
+
 def prepare_stage2(model: nn.Module, args) -> Optional[List[Any]]:
     """Freeze what a second stage keeps and return the optimizer's parameter groups (None: the whole model)."""
     if args.stage2 == 'las':
@@ -818,6 +862,20 @@ def prepare_stage2(model: nn.Module, args) -> Optional[List[Any]]:
         freeze_for_router_training(model)
         return [p for p in model.parameters() if p.requires_grad]
     return None
+
+
+def create_run_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """timm's optimizer for the flags: a second stage's parameter groups, else the model's, with ``--layer-decay``
+    timm's layer-wise groups (each with its ``lr_scale``, which timm's schedulers apply)."""
+    params = prepare_stage2(model, args)
+    return create_optimizer_v2(model if params is None else params, **optimizer_kwargs(cfg=args),
+                               filter_bias_and_bn=not args.wd_bias_bn)
+
+
+def schedule_lr(optimizer) -> float:
+    """The schedule's learning rate: the first parameter group's lr over its ``--layer-decay`` scale."""
+    group = optimizer.param_groups[0]
+    return group['lr'] / group.get('lr_scale', 1.)
 
 
 def load_model_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, use_ema: bool = False,
@@ -1006,7 +1064,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         model = create_model(
             args.model,
-            pretrained=args.pretrained,
+            pretrained=args.pretrained and not args.pretrained_path,
             in_chans=input_channels(vars(args), default=None),
             num_classes=num_classes,
             drop_rate=args.drop,
@@ -1017,6 +1075,10 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         )
     except (ValueError, TypeError) as e:
         error(f'--model {args.model}{" --model-kwargs " + str(model_kwargs) if model_kwargs else ""}: {e}')
+    except Exception as e:  # no network / offline with an empty HF cache: one line, not the Hub's traceback
+        if not is_fetch_error(e):
+            raise
+        error(fetch_error_message(args.model, e, pretrained=args.pretrained and not args.pretrained_path))
     num_classes = model.num_classes
     args.num_classes = num_classes
     multi_expert = hasattr(model, 'num_experts')
@@ -1027,6 +1089,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         error(f'--stage2 router trains the expert router of a RIDE model; --model {args.model} has none')
     if args.loss == 'ldam' and not args.head_norm and not timm_cmo.models.is_head_norm(model) and args.rank == 0:
         _logger.warning('LDAM is meant for a cosine-normalised head: consider --head-norm.')
+    if args.pretrained_path and resume is None:  # a resumed run has its weights in the checkpoint
+        load_pretrained_path(model, args)
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args)
     data_config = resolve_run_data_config(vars(args), model=model, verbose=args.rank == 0)
@@ -1060,10 +1124,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         output_dir = resolve_output_dir(args)
         resuming_here = check_output_dir(args, output_dir)
 
-    params = prepare_stage2(model, args)
-    opt_kwargs = optimizer_kwargs(cfg=args)
-    optimizer = create_optimizer_v2(model if params is None else params, **opt_kwargs,
-                                    filter_bias_and_bn=not args.wd_bias_bn)
+    optimizer = create_run_optimizer(model, args)
     model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     start_epoch = 0
     if resume is not None:
@@ -1091,7 +1152,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         model = convert_sync_batchnorm(model)
 
     if args.torchcompile:
-        model = compile_model(model, args.torchcompile, data_config['input_size'], device)
+        model = compile_model(model, args.torchcompile, data_config['input_size'], device, args.torchcompile_mode)
     train_model = model
     if args.distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -1143,7 +1204,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             utils.random_seed(derive_seed(args.seed, epoch) % (2 ** 31), args.rank)
             train_loader.set_epoch(epoch)
             loss_fn.set_epoch(epoch)
-            lr = optimizer.param_groups[0]['lr']
+            lr = schedule_lr(optimizer)
             train_metrics = train_one_epoch(
                 epoch, train_model, train_loader, optimizer, loss_fn, args, device, lr_scheduler=lr_scheduler,
                 amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 
@@ -66,6 +67,10 @@ def test_yaml_keys_dashes_and_command_line_override(tmp_path):
     ('', ['--in-chans', '2'], 'in_chans 2: images decode to 1 (L) or 3 (RGB)'),
     ('input_img_mode: RGB\n', ['--in-chans', '1'], "input_img_mode 'RGB' decodes to 3 channels"),
     ('', ['--in-chans', '3', '--input-size', '1', '32', '32'], 'in_chans 3 disagrees with input_size'),
+    ('', ['--layer-decay', '1.5'], '--layer-decay 1.5: must be in (0, 1]'),
+    ('', ['--torchcompile-mode', 'max-autotune'], '--torchcompile-mode max-autotune: add --torchcompile'),
+    ('', ['--torchcompile', '--torchcompile-mode', 'fast'], "--torchcompile-mode 'fast': choose from default"),
+    ('', ['--pretrained-path', 'a.pth', '--initial-checkpoint', 'b.pth'], '--pretrained-path and --initial-checkpoint'),
 ])
 def test_bad_config_fails_before_training(tmp_path, capsys, content, argv, message):
     cfg = tmp_path / 'bad.yaml'
@@ -243,6 +248,67 @@ def test_evaluate_checkpoint_and_exported_model(ldam_cmo_run, small_cifar, tmp_p
     assert got['top1'] == pytest.approx(ref['top1'])
 
 
+def test_pretrained_path_evaluates_and_fine_tunes(ldam_cmo_run, small_cifar, tmp_path, capsys):
+    """--pretrained-path: a run's weights (as a bare state dict and as the export's safetensors) evaluate to the run's
+    own figures; on a 5-class folder the head starts new and every other weight is the file's; a bad file is one
+    line, exit 2, nothing written."""
+    from timm_cmo import hub
+    run, _ = ldam_cmo_run
+    ref = json.loads((run / 'results.json').read_text())['metrics']
+    sd = torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
+    torch.save({'state_dict': sd}, tmp_path / 'weights.pth')
+    export = hub.export(run, tmp_path / 'export')
+    common = ['--evaluate', '--data-dir', str(small_cifar), '--imb-ratio', '10', '--model', 'resnet20_cifar',
+              '--head-norm', '--workers', '0', '--output', str(tmp_path)]
+    for exp, path in (('eval_pth', tmp_path / 'weights.pth'), ('eval_st', export / 'model.safetensors')):
+        train_cmo.main(common + ['--pretrained-path', str(path), '--experiment', exp])
+        got = json.loads((tmp_path / exp / 'results.json').read_text())['metrics']
+        assert got['top1'] == pytest.approx(ref['top1']) and got['nll'] == pytest.approx(ref['nll']), exp
+
+    five = tmp_path / 'five'
+    for split in ('train', 'test'):
+        for c in sorted(os.listdir(small_cifar / split))[:5]:
+            (five / split).mkdir(parents=True, exist_ok=True)
+            os.symlink(small_cifar / split / c, five / split / c)
+    args, _ = train_cmo.parse_args(['--data-dir', str(five), '--model', 'resnet20_cifar', '--head-norm',
+                                    '--pretrained-path', str(tmp_path / 'weights.pth')])
+    args.rank = 0
+    model = timm.create_model('resnet20_cifar', num_classes=5, head_norm=True)
+    head = model.fc.weight.detach().clone()
+    train_cmo.load_pretrained_path(model, args)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items() if not k.startswith('fc.'))
+    assert got['fc.weight'].shape == (64, 5) and torch.equal(got['fc.weight'], head)  # the model's new head
+    proc = run_script(base_argv(five, tmp_path, 'tuned', 1, '--loss', 'ce', '--head-norm', '--pretrained-path',
+                                str(tmp_path / 'weights.pth'), '--layer-decay', '0.7'))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 'classifier fc new for 5 classes (fc.weight is (64, 10) in the file, (64, 5) in the model)' in proc.stderr
+
+    bad = tmp_path / 'bad.pth'
+    torch.save({'state_dict': {k: v for k, v in sd.items() if not k.startswith('layer3.')}}, bad)
+    for path, message in ((bad, 'missing keys'), (tmp_path / 'nope.pth', 'no such file')):
+        code, err = main_exit(base_argv(five, tmp_path, 'refused', 1, '--head-norm', '--pretrained-path', str(path)),
+                              capsys)
+        assert code == 2 and message in err and str(path) in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / 'refused').exists()
+
+
+def test_pretrained_offline_is_one_line_and_writes_nothing(small_cifar, tmp_path):
+    """--pretrained without network and with an empty HF cache: one line naming the model and the ways out, exit 2,
+    no run folder (not the Hub's traceback)."""
+    env = dict(ENV, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'empty_hf_home'))
+    proc = run_script(base_argv(small_cifar, tmp_path, 'offline', 1, '--model', 'resnet18', '--pretrained'), env=env)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert 'Traceback' not in proc.stderr and err[-1].startswith('train_cmo.py: error: --model resnet18: its '
+                                                                 'pretrained weights could not be fetched')
+    assert sum('error' in line.lower() for line in err) == 1, proc.stderr[-3000:]
+    for part in ('HF_HUB_OFFLINE is set', 'timm/resnet18.a1_in1k', '--pretrained-path FILE', '--model local-dir:',
+                 'HF_HOME'):
+        assert part in err[-1]
+    assert not (tmp_path / 'offline').exists()
+
+
 def test_one_channel_run_evaluates_from_checkpoint_and_export(small_cifar, tmp_path):
     """A --in-chans 1 run evaluates to the same figures from its checkpoint and from its export, neither command
     repeating --in-chans (the checkpoint records it; the exported config holds the input size and mean/std)."""
@@ -380,11 +446,48 @@ def test_data_on_device_run_equals_ordinary_run(small_cifar, tmp_path, case):
 
 def test_torchcompile_eager_backend(small_cifar, tmp_path):
     proc = run_script(base_argv(small_cifar, tmp_path, 'compiled', 1, '--data-on-device', '--device', 'cpu',
-                                '--torchcompile', 'eager', '--loss', 'ce'))
+                                '--torchcompile', 'eager', '--torchcompile-mode', 'max-autotune', '--loss', 'ce'))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert 'unavailable here' not in proc.stderr
+    # the mode reaches torch.compile: the eager backend says it ignores it (inductor would use it)
+    assert "eager backend ignoring extra kwargs {'mode': 'max-autotune'}" in proc.stderr
     ckpt = torch.load(tmp_path / 'compiled' / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert not any(k.startswith('_orig_mod.') for k in ckpt['state_dict'])  # saved unwrapped
+
+
+@pytest.mark.parametrize('name', ['resnet20_cifar', 'ride_resnet20_cifar'])
+def test_layer_decay_is_timms_param_groups(name):
+    """--layer-decay 0.5 on the plugin's models: the stem gets 0.5^10 of the lr, block j of the 9 0.5^(9 - j), the
+    classifier(s) the full lr (RIDE's experts share the scale of their depth); timm's scheduler applies the scales
+    and schedule_lr reads the schedule's lr back."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    args, _ = train_cmo.parse_args(['--data-dir', 'x', '--model', name, '--layer-decay', '0.5', '--stage2', 'las',
+                                    '--loss', 'las', '--initial-checkpoint', 'x.pth'][:6])
+    model = timm.create_model(name, num_classes=10)
+    optimizer = train_cmo.create_run_optimizer(model, args)
+    scale = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
+    assert all(g['weight_decay'] == 2e-4 for g in optimizer.param_groups)  # the paper's decay on every parameter
+    for pname, p in model.named_parameters():
+        if pname.startswith(('conv1', 'bn1')):
+            expected = 0.5 ** 10
+        elif pname.startswith(('fc.', 'heads.')):
+            expected = 1.
+        else:
+            parts = pname.split('.')
+            stage, block = (int(parts[0][-1]), int(parts[1])) if parts[0].startswith('layer') else \
+                (int(parts[2][-1]), int(parts[3]))
+            expected = 0.5 ** (9 - (3 * (stage - 1) + block))
+        assert scale[id(p)] == pytest.approx(expected), pname
+    sched_args = type(args)(**vars(args))
+    sched_args.warmup_lr = args.lr / 5
+    sched, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(sched_args), updates_per_epoch=10)
+    for epoch in (0, 3, 170):
+        sched.step(epoch)
+        assert train_cmo.schedule_lr(optimizer) == pytest.approx(paper_lr(epoch))
+        assert all(g['lr'] == pytest.approx(paper_lr(epoch) * g['lr_scale']) for g in optimizer.param_groups)
+    code = pytest.raises(SystemExit, train_cmo.parse_args, ['--data-dir', 'x', '--layer-decay', '0.5', '--stage2',
+                                                            'las', '--loss', 'las', '--initial-checkpoint', 'x'])
+    assert code.value.code == 2
 
 
 LOOP_CASES = {
