@@ -30,7 +30,7 @@ from collections import OrderedDict
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -144,6 +144,9 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--interpolation', default='', type=str, metavar='NAME')
     group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N')
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                       help='accumulate the gradients of N batches per optimizer step (the step of one batch N times '
+                            'larger, its loss normalised over all N; BatchNorm still sees each batch alone)')
     group.add_argument('--channels-last', action='store_true', default=False)
     group.add_argument('--head-norm', action='store_true', default=False,
                        help='cosine-normalised classifier (NormedLinear), for LDAM')
@@ -370,7 +373,7 @@ def validate_args(args: argparse.Namespace) -> None:
         bad('imb_max', args.imb_max, 'must be >= 1')
     if not 0 <= args.smoothing < 1:
         bad('smoothing', args.smoothing, 'must be in [0, 1)')
-    for flag in ('epochs', 'batch_size', 'log_interval', 'eval_interval'):
+    for flag in ('epochs', 'batch_size', 'log_interval', 'eval_interval', 'grad_accum_steps'):
         if getattr(args, flag) < 1:
             bad(flag, getattr(args, flag), 'must be >= 1')
     if not args.lr > 0:
@@ -457,19 +460,54 @@ def warn_inactive_methods(args) -> None:
             f'epoch ({args.epochs - 1}): the class weights never apply.')
 
 
-def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Optional[MixInfo]) -> torch.Tensor:
+def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Optional[MixInfo],
+                 norm: Optional[Tuple[torch.Tensor, float]] = None) -> torch.Tensor:
     """The training loss of a batch: ``loss_fn(output, target, mix=mix_info)``.
 
     A batch the loader mixed (CMO) or smoothed gets the loss of its mix, the paper's per-term form
     ``lam * L(y_b) + (1 - lam) * L(y_f)`` (see :mod:`timm_cmo.losses.long_tail`), exactly what the
     README's library loop computes. Multi-expert outputs ``(logits, expert logits)`` go whole to
-    losses that use them (``ride``), else their ensemble logits do.
+    losses that use them (``ride``), else their ensemble logits do. ``norm``: a micro-batch's share of an
+    accumulated batch, from :func:`accumulation_norm`.
     """
     if isinstance(output, tuple) and not getattr(loss_fn, 'needs_experts', False):
         output = output[0]
-    if mix_info is not None:
-        return loss_fn(output, target, mix=mix_info)
-    return loss_fn(output, target)
+    kwargs = {} if mix_info is None else dict(mix=mix_info)
+    if norm is None:
+        return loss_fn(output, target, **kwargs)
+    denominators, share = norm
+    if denominators is not None:
+        return loss_fn(output, target, norm=denominators, **kwargs)
+    return loss_fn(output, target, **kwargs) * share
+
+
+def accumulation_norm(loss_fn: nn.Module, batches: List[Tuple[Any, torch.Tensor, Optional[MixInfo]]]
+                      ) -> List[Tuple[Optional[torch.Tensor], float]]:
+    """Per micro-batch, the ``norm`` of :func:`compute_loss` that makes the micro-batch losses of one accumulated
+    batch add up to the loss of their concatenation (and so their gradients to its gradient).
+
+    The plugin's losses divide by the summed denominators of all the micro-batches (``loss_fn.normalizer``: class
+    weights, the two terms of a mix, see :mod:`timm_cmo.losses.long_tail`); another loss, taken to be a batch
+    mean, is scaled by the micro-batch's share of the samples, ``B_j / sum_j B_j``.
+    """
+    if hasattr(loss_fn, 'normalizer'):
+        denominators = sum(loss_fn.normalizer(target, mix) for _, target, mix in batches)
+        return [(denominators, 1.)] * len(batches)
+    sizes = [target.shape[0] for _, target, _ in batches]
+    return [(None, b / sum(sizes)) for b in sizes]
+
+
+def accumulated_batches(loader, accum_steps: int) -> Iterator[List[Tuple[Any, torch.Tensor, Optional[MixInfo]]]]:
+    """The loader's batches, ``accum_steps`` at a time (the epoch's last group may be shorter), each as
+    ``(input, target, mix_info)`` with the loader's ``mix_info`` read as the batch arrives."""
+    group = []
+    for input, target in loader:
+        group.append((input, target, getattr(loader, 'mix_info', None)))
+        if len(group) == accum_steps:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def format_seconds(seconds: float) -> str:
@@ -489,40 +527,58 @@ def train_one_epoch(
         epoch: int, model: nn.Module, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
         amp_autocast=suppress, loss_scaler=None, model_ema=None, train_mode=None,
 ) -> Dict[str, float]:
-    """One epoch of training; ``train_mode(model)`` replaces ``model.train()`` (the LAS second stage)."""
+    """One epoch of training; ``train_mode(model)`` replaces ``model.train()`` (the LAS second stage).
+
+    With ``args.grad_accum_steps`` = k > 1 each optimizer step accumulates the gradients of k loader batches (the
+    epoch's last step those left over), their losses normalised together (:func:`accumulation_norm`): the step
+    is the one of the loss of their concatenation. The scheduler, the EMA and the log count optimizer steps.
+    BatchNorm layers still see each loader batch on its own (their statistics are per forward pass).
+    """
     if train_mode is not None:
         train_mode(model)
     else:
         model.train()
+    accum_steps = max(1, int(getattr(args, 'grad_accum_steps', 1) or 1))
     batch_time_m = utils.AverageMeter()
     num_batches = len(loader)
-    num_updates = epoch * num_batches
+    updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+    num_updates = epoch * updates_per_epoch
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     last_logged_sum, last_logged_count = 0., 0
+    no_sync = getattr(model, 'no_sync', None) if accum_steps > 1 else None
     start = end = time.time()
-    for batch_idx, (input, target) in enumerate(loader):
-        last_batch = batch_idx == num_batches - 1
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            output = model(input)
-            loss = compute_loss(loss_fn, output, target, getattr(loader, 'mix_info', None))
+    for update_idx, batches in enumerate(accumulated_batches(loader, accum_steps)):
+        last_update = update_idx == updates_per_epoch - 1
+        norms = accumulation_norm(loss_fn, batches) if len(batches) > 1 else [None]
         optimizer.zero_grad(set_to_none=True)
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                        parameters=model_parameters(model, exclude_head='agc' in args.clip_mode))
-        else:
-            loss.backward()
-            if args.clip_grad is not None:
-                utils.dispatch_clip_grad(model_parameters(model, exclude_head='agc' in args.clip_mode),
-                                         value=args.clip_grad, mode=args.clip_mode)
-            optimizer.step()
+        step_loss, samples = 0., 0
+        for j, ((input, target, mix_info), norm) in enumerate(zip(batches, norms)):
+            need_update = j == len(batches) - 1
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            with (suppress() if need_update or no_sync is None else no_sync()):
+                with amp_autocast():
+                    output = model(input)
+                    loss = compute_loss(loss_fn, output, target, mix_info, norm)
+                if loss_scaler is not None:
+                    loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                                parameters=model_parameters(model, exclude_head='agc' in args.clip_mode),
+                                need_update=need_update)
+                else:
+                    loss.backward()
+                    if need_update:
+                        if args.clip_grad is not None:
+                            utils.dispatch_clip_grad(model_parameters(model, exclude_head='agc' in args.clip_mode),
+                                                     value=args.clip_grad, mode=args.clip_mode)
+                        optimizer.step()
+            step_loss = step_loss + loss.detach()
+            samples += input.size(0)
         if model_ema is not None:
             model_ema.update(model, step=num_updates)
         num_updates += 1
-        loss = loss.detach()
+        loss = step_loss
         nonfinite |= ~torch.isfinite(loss)
         loss_sum += loss
         loss_count += 1
@@ -530,23 +586,24 @@ def train_one_epoch(
             lr_scheduler.step_update(num_updates=num_updates)
         batch_time_m.update(time.time() - end)
         end = time.time()
-        if last_batch or batch_idx % args.log_interval == 0:
+        if last_update or update_idx % args.log_interval == 0:
             if args.distributed:  # every rank stops together, not only the one that saw it
                 flag = nonfinite.to(torch.int32)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 nonfinite = flag.bool()
             if bool(nonfinite):  # host sync only at log points
-                raise NonFiniteLossError(f'non-finite loss in epoch {epoch}, step {batch_idx}')
+                raise NonFiniteLossError(f'non-finite loss in epoch {epoch}, step {update_idx}')
             total = loss_sum.item()
             interval_loss = (total - last_logged_sum) / max(1, loss_count - last_logged_count)
             last_logged_sum, last_logged_count = total, loss_count
             if args.rank == 0:
                 lr = schedule_lr(optimizer)
-                eta = (end - start) / (batch_idx + 1) * (num_batches - batch_idx - 1)
+                eta = (end - start) / (update_idx + 1) * (updates_per_epoch - update_idx - 1)
                 _logger.info(
-                    f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]  '
+                    f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                    f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
                     f'Loss: {interval_loss:#.4g}  '
-                    f'Time: {batch_time_m.val:.3f}s, {input.size(0) * args.world_size / batch_time_m.val:>7.1f}/s  '
+                    f'Time: {batch_time_m.val:.3f}s, {samples * args.world_size / batch_time_m.val:>7.1f}/s  '
                     f'LR: {lr:.3e}  ETA: {format_seconds(eta)}')
     avg = loss_sum.item() / max(1, loss_count)
     if args.distributed:
@@ -1167,11 +1224,12 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     sched_args = argparse.Namespace(**vars(args))
     if sched_args.warmup_lr is None:
         sched_args.warmup_lr = args.lr / 5.
+    updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps  # optimizer steps
     lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(sched_args), updates_per_epoch=len(train_loader))
+        optimizer, **scheduler_kwargs(sched_args), updates_per_epoch=updates_per_epoch)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * len(train_loader))
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
 
@@ -1192,7 +1250,9 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             f'min {int(train_ds.class_counts.min())}; loss {args.loss}/{args.reweight}, CMO '
             f'{"on" if args.cmo else "off"}{", ROS r=%g" % args.ros_r if args.ros else ""}'
             f'{", Remix" if args.remix else ""}; '
-            f'epochs {start_epoch}..{num_epochs - 1}, {len(train_loader)} steps each.')
+            f'epochs {start_epoch}..{num_epochs - 1}, {updates_per_epoch} steps each'
+            + (f' ({len(train_loader)} batches of {args.batch_size}, {args.grad_accum_steps} accumulated per step).'
+               if args.grad_accum_steps > 1 else '.'))
 
     eval_acc = None
     epoch = start_epoch - 1

@@ -420,6 +420,8 @@ PATH_CASES = {
                        '--remix'],
     'one-channel-cmo-ce': ['--in-chans', '1', '--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0',
                            '--loss', 'ce'],
+    'grad-accum-cmo-ce-drw-keep-last': ['--grad-accum-steps', '3', '--cmo', '--cmo-start-epoch', '-1', '--loss', 'ce',
+                                        '--reweight', 'drw', '--drw-epoch', '1', '--no-drop-last', '--sched-on-updates'],
 }
 
 
@@ -442,6 +444,40 @@ def test_data_on_device_run_equals_ordinary_run(small_cifar, tmp_path, case):
     assert ordinary.keys() == device.keys()
     for k in ordinary:
         assert torch.equal(ordinary[k], device[k]), k
+
+
+def test_grad_accum_run_equals_the_larger_batch_and_resumes(small_cifar, tmp_path):
+    """-b 64 --grad-accum-steps 2 trains the model -b 128 trains (a GroupNorm model: no batch statistics), under class
+    weights and label smoothing, with per-update scheduling and EMA: the same epoch losses and weights to float32
+    round-off; resumed from its epoch-0 checkpoint it ends on its own weights bit for bit."""
+    common = ['--model', 'test_efficientnet_gn', '--input-size', '3', '32', '32', '--crop-padding', '0', '--hflip', '0',
+              '--no-drop-last', '--reweight', 'cb', '--smoothing', '0.1', '--sched-on-updates', '--lr', '0.05',
+              '--model-ema', '--model-ema-decay', '0.5', '--device', 'cpu']
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'big', 2, *common, '-b', '128'))
+    proc = run_script(base_argv(small_cifar, tmp_path, 'accum', 2, *common, '-b', '64', '--grad-accum-steps', '2'))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert '2 steps each (4 batches of 64, 2 accumulated per step)' in proc.stderr  # 240 images: 64, 64 | 64, 48
+    assert 'Train: 1 [   1/2 (100%)]' in proc.stderr  # the log counts optimizer steps
+
+    def rows(run):
+        lines = (tmp_path / run / 'summary.csv').read_text().strip().splitlines()
+        return [dict(zip(lines[0].split(','), line.split(','))) for line in lines[1:]]
+
+    for a, b in zip(rows('big'), rows('accum')):
+        assert float(a['train_loss']) == pytest.approx(float(b['train_loss']), rel=1e-4) and a['lr'] == b['lr']
+    big, accum = (torch.load(tmp_path / r / 'last.pth.tar', map_location='cpu', weights_only=True) for r in ('big', 'accum'))
+    for key in ('state_dict', 'state_dict_ema'):
+        for k, v in big[key].items():
+            torch.testing.assert_close(accum[key][k], v, rtol=1e-4, atol=1e-5, msg=f'{key} {k}')
+
+    first = tmp_path / 'accum' / 'checkpoint-0.pth.tar'
+    assert torch.load(first, map_location='cpu', weights_only=True)['epoch'] == 0
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'resumed', 2, *common, '-b', '64', '--grad-accum-steps', '2',
+                             '--resume', str(first)))
+    resumed = torch.load(tmp_path / 'resumed' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    for key in ('state_dict', 'state_dict_ema'):
+        for k, v in accum[key].items():
+            assert torch.equal(resumed[key][k], v), f'{key} {k}'
 
 
 def test_torchcompile_eager_backend(small_cifar, tmp_path):
@@ -550,6 +586,92 @@ def test_library_loop_equals_train_one_epoch(tiny_lt, case, epoch):
         states.append(model.state_dict())
     for k, v in states[0].items():
         torch.testing.assert_close(states[1][k], v, rtol=0, atol=0, msg=k)
+
+
+class _ListLoader:
+    """Yields fixed (input, target) batches, setting ``mix_info`` as the plugin's loaders do."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for x, target, mix in self.batches:
+            self.mix_info = mix
+            yield x, target
+
+
+class _TwoExperts(torch.nn.Module):
+    """A BatchNorm-free multi-expert model: train-mode output (ensemble logits, (B, 2, C) expert logits)."""
+
+    num_experts = 2
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, num_classes) for _ in range(2))
+
+    def forward(self, x):
+        experts = torch.stack([h(x.flatten(1)) for h in self.heads], dim=1)
+        return experts.mean(1), experts
+
+
+@pytest.mark.parametrize('loss_name', ['ce-cb', 'ldam-drw', 'ride-drw', 'torch-ce'])
+def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
+    """--grad-accum-steps 3 over 5 batches (mixed with different lams, per-sample lams, unmixed; sizes 8, 8, 8, 8, 5):
+    2 optimizer steps, each the step of the loss of its batches' concatenation (the last step of 2 batches), also
+    under class weights, whose denominators differ from batch to batch; the scheduler counts optimizer steps."""
+    import argparse
+    from timm_cmo.data import MixInfo
+    from timm_cmo.losses import create_loss
+    counts, dim = [50, 20, 8, 3], 12
+    name, reweight = (loss_name.split('-') + ['none'])[:2]
+    loss_fn = torch.nn.CrossEntropyLoss() if name == 'torch' else create_loss(
+        name, counts, reweight=reweight, drw_epoch=0 if reweight == 'drw' else None)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for j, b in enumerate((8, 8, 8, 8, 5)):
+        x = torch.randn(b, dim, generator=g)
+        y_b, y_f = torch.randint(0, 4, (b,), generator=g), torch.randint(0, 4, (b,), generator=g)
+        lam = [0.3, 1.0, torch.rand(b, generator=g), 0.6, 0.9][j]
+        mix = None if name == 'torch' else MixInfo(y_b, y_b if j == 1 else y_f, lam)
+        batches.append((x, y_b if mix is None else mix.target(4), mix))
+
+    def build():
+        torch.manual_seed(1)
+        model = _TwoExperts(dim, 4) if name == 'ride' else torch.nn.Linear(dim, 4)
+        return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+    model, optimizer = build()
+
+    class Steps:
+        calls = []
+
+        def step_update(self, num_updates):
+            self.calls.append(num_updates)
+
+    sched = Steps()
+    args = argparse.Namespace(channels_last=False, clip_grad=None, clip_mode='norm', log_interval=1, rank=0,
+                              world_size=1, distributed=False, grad_accum_steps=3)
+    train_cmo.train_one_epoch(1, model, _ListLoader(batches), optimizer, loss_fn, args, torch.device('cpu'),
+                              lr_scheduler=sched)
+    assert sched.calls == [3, 4]  # epoch 1 of 2 optimizer steps each
+
+    ref, ref_opt = build()
+    for group in (batches[:3], batches[3:]):
+        x = torch.cat([b[0] for b in group])
+        if name == 'torch':
+            target, mix = torch.cat([b[1] for b in group]), None
+        else:
+            lam = torch.cat([torch.as_tensor(m.lam, dtype=torch.float32).expand(len(m.y_b)) for *_, m in group])
+            mix = MixInfo(torch.cat([m.y_b for *_, m in group]), torch.cat([m.y_f for *_, m in group]), lam)
+            target = None
+        ref_opt.zero_grad()
+        train_cmo.compute_loss(loss_fn, ref(x), target, mix).backward()
+        ref_opt.step()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_compute_loss_is_the_papers_cmo_form():
