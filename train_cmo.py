@@ -24,6 +24,7 @@ import difflib
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -54,6 +55,7 @@ from timm_cmo.data.cmo import cmo_active
 from timm_cmo.data.remix import RemixMixup
 from timm_cmo.data.sampler import derive_seed
 from timm_cmo.files import FileWriteError, write_text_atomic
+from timm_cmo.loggers import LoggerStartError, RunLoggers, check_logger_packages, start_loggers
 from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
@@ -84,7 +86,8 @@ RESUME_MAY_CHANGE = frozenset({
     'allow_config_change', 'start_epoch', 'initial_checkpoint', 'pretrained', 'pretrained_path', 'validation_batch_size',
     'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
     'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
-    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn'})
+    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn', 'torchcompile_mode',
+    'log_tensorboard', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id'})
 
 
 def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -287,6 +290,14 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--evaluate', action='store_true', default=False, help='evaluate only')
     group.add_argument('--data-on-device', action='store_true', default=False,
                        help='decode the data once into device memory and augment/mix there (small datasets)')
+    group.add_argument('--log-tensorboard', action='store_true', default=False,
+                       help='TensorBoard event files in <run>/tensorboard (needs the tensorboard package)')
+    group.add_argument('--log-wandb', action='store_true', default=False,
+                       help='log training and evaluation metrics to wandb (WANDB_MODE=offline without network)')
+    group.add_argument('--wandb-project', default=None, type=str, help='wandb project name')
+    group.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='wandb tags')
+    group.add_argument('--wandb-resume-id', default='', type=str, metavar='ID',
+                       help='with --resume: the id of the wandb run to continue')
     group.add_argument('--push-to-hub', default='', type=str, metavar='ORG/NAME', help='upload the final model')
     group.add_argument('--hub-private', action='store_true', default=False)
     group.add_argument('--paper-top1', type=float, default=None, help='the paper number this recipe targets (recorded)')
@@ -431,6 +442,16 @@ def validate_args(args: argparse.Namespace) -> None:
               'class count, --initial-checkpoint loads a run of this model as it is)')
     if not args.data_dir and not args.evaluate:
         error('--data-dir is required')
+    if args.wandb_resume_id and not args.resume:
+        error(f'--wandb-resume-id {args.wandb_resume_id}: continues the wandb run of a resumed run; add --resume')
+    if (args.wandb_project or args.wandb_tags or args.wandb_resume_id) and not args.log_wandb:
+        error('--wandb-project / --wandb-tags / --wandb-resume-id: add --log-wandb')
+    if not isinstance(args.wandb_tags, (list, tuple)):
+        bad('wandb_tags', args.wandb_tags, 'expected a list of tags')
+    try:
+        check_logger_packages(args.log_tensorboard and not args.evaluate, args.log_wandb and not args.evaluate)
+    except LoggerStartError as e:
+        error(str(e))
 
 
 def remix_kwargs(args) -> Dict[str, Any]:
@@ -1066,6 +1087,14 @@ def _attach_run_log(output_dir: str) -> None:
     logging.getLogger().addHandler(fh)
 
 
+_RUN_LOGGERS: List[RunLoggers] = []  # the experiment loggers of the run in progress (closed by main)
+
+
+def _close_run_loggers() -> None:
+    while _RUN_LOGGERS:
+        _RUN_LOGGERS.pop().close()
+
+
 def _detach_run_log() -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, 'train_cmo_run_log', False)]:
@@ -1080,6 +1109,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         return _main(argv)
     finally:
+        _close_run_loggers()
         _detach_run_log()
 
 
@@ -1190,6 +1220,13 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         start_epoch = args.start_epoch
 
     if args.rank == 0:
+        created = not os.path.exists(output_dir)
+        try:  # before the first file of the run: a logger that cannot start stops it here
+            _RUN_LOGGERS.append(start_loggers(args, output_dir, start_epoch))
+        except LoggerStartError as e:
+            if created and os.path.isdir(output_dir):
+                shutil.rmtree(output_dir, ignore_errors=True)
+            error(str(e))
         os.makedirs(output_dir, exist_ok=True)
         removed = remove_stale_temporaries(output_dir)
         args_path = os.path.join(output_dir, 'args.yaml')
@@ -1295,6 +1332,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     saver.save(epoch, metric=metric)
                 except (NonFiniteStateError, FileWriteError) as e:
                     failure = e
+                for loggers in _RUN_LOGGERS:
+                    loggers.log_epoch(epoch, train_metrics['loss'], lr, eval_metrics)
             if args.distributed:  # rank 0 saves; the others must stop with it, not wait for it
                 stop = torch.tensor([0 if failure is None else 1], device=device)
                 dist.broadcast(stop, 0)

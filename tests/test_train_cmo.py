@@ -480,6 +480,46 @@ def test_grad_accum_run_equals_the_larger_batch_and_resumes(small_cifar, tmp_pat
             assert torch.equal(resumed[key][k], v), f'{key} {k}'
 
 
+def test_run_logs_to_tensorboard_and_wandb_offline(small_cifar, tmp_path, monkeypatch, capsys, read_tensorboard,
+                                                   read_wandb_run):
+    """--log-tensorboard and --log-wandb (WANDB_MODE=offline): every epoch's loss and lr and every evaluation's metrics,
+    read back from the event file and the wandb run, equal summary.csv's; a missing package stops the run at start
+    with exit 2 and no run folder."""
+    env = dict(ENV, WANDB_MODE='offline', WANDB_SILENT='true')
+    proc = run_script(base_argv(small_cifar, tmp_path, 'logged', 3, '--loss', 'ce', '--eval-interval', '2',
+                                '--log-tensorboard', '--log-wandb', '--wandb-project', 'timm-cmo-test',
+                                '--wandb-tags', 'ce', 'test'), env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / 'logged'
+    lines = (run / 'summary.csv').read_text().strip().splitlines()
+    rows = [dict(zip(lines[0].split(','), line.split(','))) for line in lines[1:]]
+    scalars = read_tensorboard(run / 'tensorboard')
+    info, history = read_wandb_run(run)
+    history = [h for h in history if 'train/loss' in h]
+    assert info.display_name == 'logged' and list(info.tags) == ['ce', 'test']
+    assert [s for s, _ in scalars['train/loss']] == [h['epoch'] for h in history] == [0, 1, 2]
+    assert [s for s, _ in scalars['eval/top1']] == [1, 2]  # evaluated every 2 epochs and after the last
+    for row, (_, tb_loss), (_, tb_lr), wb in zip(rows, scalars['train/loss'], scalars['train/lr'], history):
+        assert float(row['train_loss']) == pytest.approx(tb_loss, rel=1e-5) == pytest.approx(wb['train/loss'])
+        assert float(row['lr']) == pytest.approx(tb_lr, rel=1e-5) == pytest.approx(wb['train/lr'])
+        for key in ('top1', 'many', 'medium', 'few', 'head', 'middle', 'tail', 'ece'):
+            if row[f'eval_{key}']:
+                tb = dict(scalars[f'eval/{key}'])[int(row['epoch'])]
+                assert float(row[f'eval_{key}']) == pytest.approx(tb, abs=1e-4) == pytest.approx(wb[f'eval/{key}'],
+                                                                                              abs=1e-4), key
+            else:
+                assert f'eval/{key}' not in wb
+
+    monkeypatch.setitem(sys.modules, 'wandb', None)
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'no_wandb', 1, '--log-wandb'), capsys)
+    assert code == 2 and "--log-wandb needs the 'wandb' package" in err and 'pip install wandb' in err
+    assert not (tmp_path / 'no_wandb').exists()
+    monkeypatch.delitem(sys.modules, 'wandb')
+    (tmp_path / 'blocked').write_text('a file where the run folder would go')
+    code, err = main_exit(base_argv(small_cifar, tmp_path / 'blocked', 'run', 1, '--log-tensorboard'), capsys)
+    assert code == 2 and '--log-tensorboard: cannot write event files' in err
+
+
 def test_torchcompile_eager_backend(small_cifar, tmp_path):
     proc = run_script(base_argv(small_cifar, tmp_path, 'compiled', 1, '--data-on-device', '--device', 'cpu',
                                 '--torchcompile', 'eager', '--torchcompile-mode', 'max-autotune', '--loss', 'ce'))
