@@ -87,7 +87,7 @@ RESUME_MAY_CHANGE = frozenset({
     'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
     'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
     'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn', 'torchcompile_mode',
-    'log_tensorboard', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id'})
+    'log_tensorboard', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'plot_format'})
 
 
 def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -290,6 +290,8 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--evaluate', action='store_true', default=False, help='evaluate only')
     group.add_argument('--data-on-device', action='store_true', default=False,
                        help='decode the data once into device memory and augment/mix there (small datasets)')
+    group.add_argument('--plot-format', default='png', type=str, metavar='FORMAT',
+                       help='file format of the result plots: png | svg | pdf')
     group.add_argument('--log-tensorboard', action='store_true', default=False,
                        help='TensorBoard event files in <run>/tensorboard (needs the tensorboard package)')
     group.add_argument('--log-wandb', action='store_true', default=False,
@@ -442,6 +444,9 @@ def validate_args(args: argparse.Namespace) -> None:
               'class count, --initial-checkpoint loads a run of this model as it is)')
     if not args.data_dir and not args.evaluate:
         error('--data-dir is required')
+    from timm_cmo.plot import PLOT_FORMATS
+    if args.plot_format not in PLOT_FORMATS:
+        bad('plot_format', args.plot_format, f'choose from {", ".join(PLOT_FORMATS)}')
     if args.wandb_resume_id and not args.resume:
         error(f'--wandb-resume-id {args.wandb_resume_id}: continues the wandb run of a resumed run; add --resume')
     if (args.wandb_project or args.wandb_tags or args.wandb_resume_id) and not args.log_wandb:
@@ -1399,7 +1404,7 @@ def build_eval_loader(args, eval_ds, data_config, device):
 
 def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, best, model: nn.Module,
                counts_source: Optional[str] = 'training split'):
-    """Write results.json, the per-class CSV and the PNG of accuracy against class size.
+    """Write results.json, the per-class CSV and the plots (accuracy against class size, reliability; --plot-format).
 
     The records come first: a failing plot is reported and leaves them in place.
     """
@@ -1411,7 +1416,7 @@ def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, 
     paths = write_results(
         output_dir, summary, eval_acc.per_class(), counts, train_ds.classes,
         extra=describe_run(args, train_ds, epoch, best, model, counts_source, epochs_min),
-        calibration=eval_acc.calibration())
+        calibration=eval_acc.calibration(), plot_format=args.plot_format)
     _logger.info(f'Final: {_metrics_line(summary)}; results in {paths["json"]}')
     return dict(summary, output_dir=output_dir, **paths)
 

@@ -71,6 +71,10 @@ def test_yaml_keys_dashes_and_command_line_override(tmp_path):
     ('', ['--torchcompile-mode', 'max-autotune'], '--torchcompile-mode max-autotune: add --torchcompile'),
     ('', ['--torchcompile', '--torchcompile-mode', 'fast'], "--torchcompile-mode 'fast': choose from default"),
     ('', ['--pretrained-path', 'a.pth', '--initial-checkpoint', 'b.pth'], '--pretrained-path and --initial-checkpoint'),
+    ('', ['--plot-format', 'jpg'], "--plot-format 'jpg': choose from png, svg, pdf"),
+    ('', ['--grad-accum-steps', '0'], '--grad-accum-steps 0: must be >= 1'),
+    ('', ['--wandb-resume-id', 'abc', '--log-wandb'], '--wandb-resume-id abc: continues the wandb run'),
+    ('', ['--wandb-project', 'p'], 'add --log-wandb'),
 ])
 def test_bad_config_fails_before_training(tmp_path, capsys, content, argv, message):
     cfg = tmp_path / 'bad.yaml'
@@ -484,13 +488,15 @@ def test_run_logs_to_tensorboard_and_wandb_offline(small_cifar, tmp_path, monkey
                                                    read_wandb_run):
     """--log-tensorboard and --log-wandb (WANDB_MODE=offline): every epoch's loss and lr and every evaluation's metrics,
     read back from the event file and the wandb run, equal summary.csv's; a missing package stops the run at start
-    with exit 2 and no run folder."""
+    with exit 2 and no run folder. (--plot-format svg: the plots are SVG files.)"""
     env = dict(ENV, WANDB_MODE='offline', WANDB_SILENT='true')
     proc = run_script(base_argv(small_cifar, tmp_path, 'logged', 3, '--loss', 'ce', '--eval-interval', '2',
                                 '--log-tensorboard', '--log-wandb', '--wandb-project', 'timm-cmo-test',
-                                '--wandb-tags', 'ce', 'test'), env=env)
+                                '--wandb-tags', 'ce', 'test', '--plot-format', 'svg'), env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / 'logged'
+    assert (run / 'per_class_accuracy.svg').is_file() and (run / 'reliability.svg').is_file()
+    assert not list(run.glob('*.png'))
     lines = (run / 'summary.csv').read_text().strip().splitlines()
     rows = [dict(zip(lines[0].split(','), line.split(','))) for line in lines[1:]]
     scalars = read_tensorboard(run / 'tensorboard')
