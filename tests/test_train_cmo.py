@@ -663,7 +663,7 @@ class _TwoExperts(torch.nn.Module):
         return experts.mean(1), experts
 
 
-@pytest.mark.parametrize('loss_name', ['ce-cb', 'ldam-drw', 'ride-drw', 'torch-ce'])
+@pytest.mark.parametrize('loss_name', ['ce-cb', 'ldam-drw', 'ride-drw', 'torch-ce', 'ce-cb-scaler'])
 def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
     """--grad-accum-steps 3 over 5 batches (mixed with different lams, per-sample lams, unmixed; sizes 8, 8, 8, 8, 5):
     2 optimizer steps, each the step of the loss of its batches' concatenation (the last step of 2 batches), also
@@ -673,6 +673,8 @@ def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
     from timm_cmo.losses import create_loss
     counts, dim = [50, 20, 8, 3], 12
     name, reweight = (loss_name.split('-') + ['none'])[:2]
+    from timm.utils import NativeScaler
+    scaler = NativeScaler(device='cpu') if loss_name.endswith('scaler') else None  # AMP's path: step on the last
     loss_fn = torch.nn.CrossEntropyLoss() if name == 'torch' else create_loss(
         name, counts, reweight=reweight, drw_epoch=0 if reweight == 'drw' else None)
     g = torch.Generator().manual_seed(0)
@@ -701,8 +703,10 @@ def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
     args = argparse.Namespace(channels_last=False, clip_grad=None, clip_mode='norm', log_interval=1, rank=0,
                               world_size=1, distributed=False, grad_accum_steps=3)
     train_cmo.train_one_epoch(1, model, _ListLoader(batches), optimizer, loss_fn, args, torch.device('cpu'),
-                              lr_scheduler=sched)
+                              lr_scheduler=sched, loss_scaler=scaler)
     assert sched.calls == [3, 4]  # epoch 1 of 2 optimizer steps each
+    if scaler is not None:
+        assert scaler._scaler.get_scale() == 2. ** 16  # no inf/nan step skipped
 
     ref, ref_opt = build()
     for group in (batches[:3], batches[3:]):
