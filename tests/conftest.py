@@ -44,14 +44,29 @@ def _read_tensorboard(log_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
 
 
-def _read_wandb_run(run_dir):
+def _read_wandb_run(run_dir, timeout=120.):
     """The records of the offline run under ``<run_dir>/wandb``: (run record, [history dicts]).
+
+    wandb's service may still be writing the file when ``finish()`` returns in this process: it is read again
+    until it holds the run's exit record (or ``timeout`` seconds pass).
+    """
+    import time
+    (path,) = glob.glob(str(run_dir / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
+    deadline = time.time() + timeout
+    while True:
+        run, history, exited = _read_wandb_records(path)
+        if exited or time.time() > deadline:
+            return run, history
+        time.sleep(0.5)
+
+
+def _read_wandb_records(path):
+    """(run record, [history dicts], whether the exit record is there) of a ``.wandb`` file.
 
     The ``.wandb`` file is a LevelDB-style log (7-byte header ``:W&B`` + magic + version, 32 KiB blocks of chunks
     with a 7-byte header: crc32c, length, type FULL/FIRST/MIDDLE/LAST) of wandb's protobuf ``Record``s.
     """
     from wandb.proto import wandb_internal_pb2 as pb
-    (path,) = glob.glob(str(run_dir / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
     data = open(path, 'rb').read()
     assert data[:4] == b':W&B'
     pos, block, chunks, pending = 7, 32768, [], b''
@@ -71,16 +86,18 @@ def _read_wandb_run(run_dir):
             pending += chunk
         elif kind == 4:
             chunks.append(pending + chunk)
-    run, history = None, []
+    run, history, exited = None, [], False
     for chunk in chunks:
         record = pb.Record()
         record.ParseFromString(chunk)
         if record.WhichOneof('record_type') == 'run':
             run = record.run
+        elif record.WhichOneof('record_type') == 'exit':
+            exited = True
         elif record.WhichOneof('record_type') == 'history':
             history.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
                             for item in record.history.item})
-    return run, history
+    return run, history, exited
 
 
 
