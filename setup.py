@@ -29,9 +29,13 @@ setup(
         'huggingface-hub',
         'safetensors',
         'pyyaml',
+        'matplotlib',  # the result plots (Agg backend, no display)
     ],
     extras_require={
-        'test': ['pytest', 'pytest-xdist', 'scipy'],
+        'wandb': ['wandb'],  # --log-wandb
+        'tensorboard': ['tensorboard'],  # --log-tensorboard (torch.utils.tensorboard writes, tensorboard reads back)
+        # the logger tests write and read back real wandb (offline) and TensorBoard files: CI installs both
+        'test': ['pytest', 'pytest-xdist', 'scipy', 'wandb', 'tensorboard'],
     },
     entry_points={
         'console_scripts': [

@@ -25,13 +25,14 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections import OrderedDict
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,7 @@ from timm_cmo.data.splits import (
     PriorFileError, TEST_PRIORS, describe_prior, leftover_holdout_indices, read_prior_file, shifted_prior_counts,
     shifted_test_indices, stratified_holdout)
 from timm_cmo.files import FileWriteError, write_text_atomic
+from timm_cmo.loggers import LoggerStartError, RunLoggers, check_logger_packages, start_loggers
 from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
@@ -68,6 +70,7 @@ from timm_cmo.models import (
     CAUSAL_ARGS, CausalNormClassifier, is_causal_norm, set_causal_norm_lr)
 from timm_cmo.models.stage2 import fold_weight_scaling_state_dict, get_stage2, list_stage2, match_weight_scaling
 from timm_cmo.posthoc import DEFAULT_TAU_GRID, POST_HOC, PRIOR_CORRECTIONS
+from timm_cmo.pretrained import adapt_pretrained_state_dict, fetch_error_message, is_fetch_error, load_weights_file
 from timm_cmo.recipes import resolve_recipe
 from timm_cmo.results import SummaryWriter, cpu_model, peak_rss_mib, write_results
 
@@ -89,10 +92,11 @@ MODEL_PREFIXES = ('hf-hub:', 'local-dir:', 'hf_hub:', 'timm/')
 # flags that may differ between a run and its resumption: how it runs, not what it trains
 RESUME_MAY_CHANGE = frozenset({
     'config', 'data_dir', 'dataset_download', 'val_split', 'val_list', 'resume', 'no_resume_opt',
-    'allow_config_change', 'start_epoch', 'initial_checkpoint', 'pretrained', 'validation_batch_size',
+    'allow_config_change', 'start_epoch', 'initial_checkpoint', 'pretrained', 'pretrained_path', 'validation_batch_size',
     'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
     'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
-    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn',
+    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn', 'torchcompile_mode',
+    'log_tensorboard', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'plot_format',
     'causal_alpha',  # Causal Norm's alpha acts at evaluation only
     # evaluation-time options (the held-out fraction, --tune-fraction / --tune-seed, shapes the training set)
     'post_hoc', 'post_hoc_tau', 'tune_holdout_per_class', 'tune_list', 'tune_split', 'test_prior', 'test_imb_ratio',
@@ -132,7 +136,11 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='resnet32_cifar', type=str, metavar='MODEL',
                        help='timm model name, or local-dir:<folder> / hf-hub:<org>/<name>')
-    group.add_argument('--pretrained', action='store_true', default=False)
+    group.add_argument('--pretrained', action='store_true', default=False,
+                       help="start from the model's pretrained weights (the Hub, or the HF cache offline)")
+    group.add_argument('--pretrained-path', default=None, type=str, metavar='FILE',
+                       help='start from the weights of this local checkpoint or .safetensors file (a classifier '
+                            'for another class count is replaced by a new one)')
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load weights before training')
     group.add_argument('--resume', default='', type=str, metavar='PATH', help='resume model and optimizer state')
     group.add_argument('--no-resume-opt', action='store_true', default=False)
@@ -153,11 +161,16 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--interpolation', default='', type=str, metavar='NAME')
     group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N')
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                       help='accumulate the gradients of N batches per optimizer step (the step of one batch N times '
+                            'larger, its loss normalised over all N; BatchNorm still sees each batch alone)')
     group.add_argument('--channels-last', action='store_true', default=False)
     group.add_argument('--head-norm', action='store_true', default=False,
                        help='cosine-normalised classifier (NormedLinear), for LDAM')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        help='torch.compile the model (backend, default inductor)')
+    group.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
+                       help='torch.compile mode: default | reduce-overhead | max-autotune | ... (with --torchcompile)')
 
     group = parser.add_argument_group('Causal Norm head (Tang et al., NeurIPS 2020)')
     group.add_argument('--head', default='linear', type=str, metavar='KIND',
@@ -282,6 +295,13 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='weight decay on biases and norm layers too, as the paper code does (default)')
     group.add_argument('--no-wd-bias-bn', action='store_false', dest='wd_bias_bn',
                        help="timm's default: no weight decay on biases and norm layers")
+    group.add_argument('--layer-decay', type=float, default=None, metavar='RATE',
+                       help="layer-wise lr decay: layer i of L gets lr * RATE^(L - 1 - i) (timm's param groups; "
+                            "the model's group_matcher defines the layers, the classifier is the last)")
+    group.add_argument('--layer-decay-min-scale', type=float, default=0, metavar='SCALE',
+                       help='--layer-decay: the smallest lr scale (clamp)')
+    group.add_argument('--layer-decay-no-opt-scale', type=float, default=None, metavar='SCALE',
+                       help='--layer-decay: freeze the layers whose lr scale is below this')
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
     group.add_argument('--clip-mode', type=str, default='norm', help='norm | value | agc')
 
@@ -345,6 +365,16 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--evaluate', action='store_true', default=False, help='evaluate only')
     group.add_argument('--data-on-device', action='store_true', default=False,
                        help='decode the data once into device memory and augment/mix there (small datasets)')
+    group.add_argument('--plot-format', default='png', type=str, metavar='FORMAT',
+                       help='file format of the result plots: png | svg | pdf')
+    group.add_argument('--log-tensorboard', action='store_true', default=False,
+                       help='TensorBoard event files in <run>/tensorboard (needs the tensorboard package)')
+    group.add_argument('--log-wandb', action='store_true', default=False,
+                       help='log training and evaluation metrics to wandb (WANDB_MODE=offline without network)')
+    group.add_argument('--wandb-project', default=None, type=str, help='wandb project name')
+    group.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='wandb tags')
+    group.add_argument('--wandb-resume-id', default='', type=str, metavar='ID',
+                       help='with --resume: the id of the wandb run to continue')
     group.add_argument('--push-to-hub', default='', type=str, metavar='ORG/NAME', help='upload the final model')
     group.add_argument('--hub-private', action='store_true', default=False)
     group.add_argument('--paper-top1', type=float, default=None, help='the paper number this recipe targets (recorded)')
@@ -443,7 +473,7 @@ def validate_args(args: argparse.Namespace) -> None:
         bad('imb_max', args.imb_max, 'must be >= 1')
     if not 0 <= args.smoothing < 1:
         bad('smoothing', args.smoothing, 'must be in [0, 1)')
-    for flag in ('epochs', 'batch_size', 'log_interval', 'eval_interval'):
+    for flag in ('epochs', 'batch_size', 'log_interval', 'eval_interval', 'grad_accum_steps'):
         if getattr(args, flag) < 1:
             bad(flag, getattr(args, flag), 'must be >= 1')
     if not args.lr > 0:
@@ -469,6 +499,17 @@ def validate_args(args: argparse.Namespace) -> None:
             bad('train_crop_mode', args.train_crop_mode,
                 "--data-on-device augments with the paper's CIFAR pad crop only: add --train-crop-mode pad "
                 "(timm's random-resized crop, used without it, runs in the ordinary loader)")
+    if args.layer_decay is not None:
+        if not 0 < args.layer_decay <= 1:
+            bad('layer_decay', args.layer_decay, 'must be in (0, 1] (the lr scale from one layer to the one below)')
+        if args.stage2 is not None:
+            error(f'--layer-decay and --stage2 {args.stage2}: a second stage trains its own parameter groups')
+    if args.torchcompile_mode is not None:
+        if not args.torchcompile:
+            error(f'--torchcompile-mode {args.torchcompile_mode}: add --torchcompile (the mode of its compilation)')
+        from torch._inductor import list_mode_options
+        if args.torchcompile_mode not in list_mode_options():
+            bad('torchcompile_mode', args.torchcompile_mode, f'choose from {", ".join(list_mode_options())}')
     if args.stage2 is not None:
         if args.stage2 not in list_stage2():
             bad('stage2', args.stage2, f'choose from {", ".join(list_stage2())}')
@@ -487,8 +528,24 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.resume and args.initial_checkpoint:
         error('--resume and --initial-checkpoint: pass one (--resume continues a run, --initial-checkpoint '
               'starts a new one from weights)')
+    if args.pretrained_path and args.initial_checkpoint:
+        error('--pretrained-path and --initial-checkpoint: pass one (--pretrained-path adapts the head to the '
+              'class count, --initial-checkpoint loads a run of this model as it is)')
     if not args.data_dir and not args.evaluate:
         error('--data-dir is required')
+    from timm_cmo.plot import PLOT_FORMATS
+    if args.plot_format not in PLOT_FORMATS:
+        bad('plot_format', args.plot_format, f'choose from {", ".join(PLOT_FORMATS)}')
+    if args.wandb_resume_id and not args.resume:
+        error(f'--wandb-resume-id {args.wandb_resume_id}: continues the wandb run of a resumed run; add --resume')
+    if (args.wandb_project or args.wandb_tags or args.wandb_resume_id) and not args.log_wandb:
+        error('--wandb-project / --wandb-tags / --wandb-resume-id: add --log-wandb')
+    if not isinstance(args.wandb_tags, (list, tuple)):
+        bad('wandb_tags', args.wandb_tags, 'expected a list of tags')
+    try:
+        check_logger_packages(args.log_tensorboard and not args.evaluate, args.log_wandb and not args.evaluate)
+    except LoggerStartError as e:
+        error(str(e))
 
 
 def validate_causal_args(args: argparse.Namespace, bad) -> None:
@@ -665,19 +722,54 @@ def warn_inactive_methods(args) -> None:
             f'epoch ({args.epochs - 1}): the class weights never apply.')
 
 
-def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Optional[MixInfo]) -> torch.Tensor:
+def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Optional[MixInfo],
+                 norm: Optional[Tuple[torch.Tensor, float]] = None) -> torch.Tensor:
     """The training loss of a batch: ``loss_fn(output, target, mix=mix_info)``.
 
     A batch the loader mixed (CMO) or smoothed gets the loss of its mix, the paper's per-term form
     ``lam * L(y_b) + (1 - lam) * L(y_f)`` (see :mod:`timm_cmo.losses.long_tail`), exactly what the
     README's library loop computes. Multi-expert outputs ``(logits, expert logits)`` go whole to
-    losses that use them (``ride``), else their ensemble logits do.
+    losses that use them (``ride``), else their ensemble logits do. ``norm``: a micro-batch's share of an
+    accumulated batch, from :func:`accumulation_norm`.
     """
     if isinstance(output, tuple) and not getattr(loss_fn, 'needs_experts', False):
         output = output[0]
-    if mix_info is not None:
-        return loss_fn(output, target, mix=mix_info)
-    return loss_fn(output, target)
+    kwargs = {} if mix_info is None else dict(mix=mix_info)
+    if norm is None:
+        return loss_fn(output, target, **kwargs)
+    denominators, share = norm
+    if denominators is not None:
+        return loss_fn(output, target, norm=denominators, **kwargs)
+    return loss_fn(output, target, **kwargs) * share
+
+
+def accumulation_norm(loss_fn: nn.Module, batches: List[Tuple[Any, torch.Tensor, Optional[MixInfo]]]
+                      ) -> List[Tuple[Optional[torch.Tensor], float]]:
+    """Per micro-batch, the ``norm`` of :func:`compute_loss` that makes the micro-batch losses of one accumulated
+    batch add up to the loss of their concatenation (and so their gradients to its gradient).
+
+    The plugin's losses divide by the summed denominators of all the micro-batches (``loss_fn.normalizer``: class
+    weights, the two terms of a mix, see :mod:`timm_cmo.losses.long_tail`); another loss, taken to be a batch
+    mean, is scaled by the micro-batch's share of the samples, ``B_j / sum_j B_j``.
+    """
+    if hasattr(loss_fn, 'normalizer'):
+        denominators = sum(loss_fn.normalizer(target, mix) for _, target, mix in batches)
+        return [(denominators, 1.)] * len(batches)
+    sizes = [target.shape[0] for _, target, _ in batches]
+    return [(None, b / sum(sizes)) for b in sizes]
+
+
+def accumulated_batches(loader, accum_steps: int) -> Iterator[List[Tuple[Any, torch.Tensor, Optional[MixInfo]]]]:
+    """The loader's batches, ``accum_steps`` at a time (the epoch's last group may be shorter), each as
+    ``(input, target, mix_info)`` with the loader's ``mix_info`` read as the batch arrives."""
+    group = []
+    for input, target in loader:
+        group.append((input, target, getattr(loader, 'mix_info', None)))
+        if len(group) == accum_steps:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def format_seconds(seconds: float) -> str:
@@ -697,40 +789,58 @@ def train_one_epoch(
         epoch: int, model: nn.Module, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
         amp_autocast=suppress, loss_scaler=None, model_ema=None, train_mode=None,
 ) -> Dict[str, float]:
-    """One epoch of training; ``train_mode(model)`` replaces ``model.train()`` (a second stage's mode)."""
+    """One epoch of training; ``train_mode(model)`` replaces ``model.train()`` (a second stage's mode).
+
+    With ``args.grad_accum_steps`` = k > 1 each optimizer step accumulates the gradients of k loader batches (the
+    epoch's last step those left over), their losses normalised together (:func:`accumulation_norm`): the step
+    is the one of the loss of their concatenation. The scheduler, the EMA and the log count optimizer steps.
+    BatchNorm layers still see each loader batch on its own (their statistics are per forward pass).
+    """
     if train_mode is not None:
         train_mode(model)
     else:
         model.train()
+    accum_steps = max(1, int(getattr(args, 'grad_accum_steps', 1) or 1))
     batch_time_m = utils.AverageMeter()
     num_batches = len(loader)
-    num_updates = epoch * num_batches
+    updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+    num_updates = epoch * updates_per_epoch
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     last_logged_sum, last_logged_count = 0., 0
+    no_sync = getattr(model, 'no_sync', None) if accum_steps > 1 else None
     start = end = time.time()
-    for batch_idx, (input, target) in enumerate(loader):
-        last_batch = batch_idx == num_batches - 1
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            output = model(input)
-            loss = compute_loss(loss_fn, output, target, getattr(loader, 'mix_info', None))
+    for update_idx, batches in enumerate(accumulated_batches(loader, accum_steps)):
+        last_update = update_idx == updates_per_epoch - 1
+        norms = accumulation_norm(loss_fn, batches) if len(batches) > 1 else [None]
         optimizer.zero_grad(set_to_none=True)
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                        parameters=model_parameters(model, exclude_head='agc' in args.clip_mode))
-        else:
-            loss.backward()
-            if args.clip_grad is not None:
-                utils.dispatch_clip_grad(model_parameters(model, exclude_head='agc' in args.clip_mode),
-                                         value=args.clip_grad, mode=args.clip_mode)
-            optimizer.step()
+        step_loss, samples = 0., 0
+        for j, ((input, target, mix_info), norm) in enumerate(zip(batches, norms)):
+            need_update = j == len(batches) - 1
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            with (suppress() if need_update or no_sync is None else no_sync()):
+                with amp_autocast():
+                    output = model(input)
+                    loss = compute_loss(loss_fn, output, target, mix_info, norm)
+                if loss_scaler is not None:
+                    loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                                parameters=model_parameters(model, exclude_head='agc' in args.clip_mode),
+                                need_update=need_update)
+                else:
+                    loss.backward()
+                    if need_update:
+                        if args.clip_grad is not None:
+                            utils.dispatch_clip_grad(model_parameters(model, exclude_head='agc' in args.clip_mode),
+                                                     value=args.clip_grad, mode=args.clip_mode)
+                        optimizer.step()
+            step_loss = step_loss + loss.detach()
+            samples += input.size(0)
         if model_ema is not None:
             model_ema.update(model, step=num_updates)
         num_updates += 1
-        loss = loss.detach()
+        loss = step_loss
         nonfinite |= ~torch.isfinite(loss)
         loss_sum += loss
         loss_count += 1
@@ -738,23 +848,24 @@ def train_one_epoch(
             lr_scheduler.step_update(num_updates=num_updates)
         batch_time_m.update(time.time() - end)
         end = time.time()
-        if last_batch or batch_idx % args.log_interval == 0:
+        if last_update or update_idx % args.log_interval == 0:
             if args.distributed:  # every rank stops together, not only the one that saw it
                 flag = nonfinite.to(torch.int32)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 nonfinite = flag.bool()
             if bool(nonfinite):  # host sync only at log points
-                raise NonFiniteLossError(f'non-finite loss in epoch {epoch}, step {batch_idx}')
+                raise NonFiniteLossError(f'non-finite loss in epoch {epoch}, step {update_idx}')
             total = loss_sum.item()
             interval_loss = (total - last_logged_sum) / max(1, loss_count - last_logged_count)
             last_logged_sum, last_logged_count = total, loss_count
             if args.rank == 0:
-                lr = optimizer.param_groups[0]['lr']
-                eta = (end - start) / (batch_idx + 1) * (num_batches - batch_idx - 1)
+                lr = schedule_lr(optimizer)
+                eta = (end - start) / (update_idx + 1) * (updates_per_epoch - update_idx - 1)
                 _logger.info(
-                    f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]  '
+                    f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                    f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
                     f'Loss: {interval_loss:#.4g}  '
-                    f'Time: {batch_time_m.val:.3f}s, {input.size(0) * args.world_size / batch_time_m.val:>7.1f}/s  '
+                    f'Time: {batch_time_m.val:.3f}s, {samples * args.world_size / batch_time_m.val:>7.1f}/s  '
                     f'LR: {lr:.3e}  ETA: {format_seconds(eta)}')
     avg = loss_sum.item() / max(1, loss_count)
     if args.distributed:
@@ -819,14 +930,14 @@ def eval_summary(acc: ClassAccuracy, class_counts) -> Dict[str, Any]:
     return summary
 
 
-def compile_model(model: nn.Module, backend: str, input_size, device) -> nn.Module:
-    """``torch.compile`` the model, or keep it eager (with a warning) where compiling fails.
+def compile_model(model: nn.Module, backend: str, input_size, device, mode: Optional[str] = None) -> nn.Module:
+    """``torch.compile(model, backend=backend, mode=mode)``, or the eager model (with a warning) where compiling fails.
 
     Compilation is lazy, so one eval-mode call on a dummy batch (the graph evaluation uses) checks
     that the backend works here before training starts.
     """
     try:
-        compiled = torch.compile(model, backend=backend)
+        compiled = torch.compile(model, backend=backend, mode=mode)
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -835,7 +946,8 @@ def compile_model(model: nn.Module, backend: str, input_size, device) -> nn.Modu
         return compiled
     except Exception as e:  # no compiler toolchain, unsupported platform or backend
         model.train()
-        _logger.warning(f'torch.compile (backend {backend!r}) is unavailable here, training eagerly: '
+        _logger.warning(f'torch.compile (backend {backend!r}{f", mode {mode!r}" if mode else ""}) is unavailable here, '
+                        f'training eagerly: '
                         f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
         return model
 
@@ -1078,6 +1190,21 @@ def load_initial_checkpoint(model: nn.Module, args) -> None:
                        fresh=get_stage2(args.stage2).fresh if args.stage2 else ())
 
 
+def load_pretrained_path(model: nn.Module, args) -> None:
+    """``--pretrained-path``: a local checkpoint's or safetensors file's weights (``weights_only``), a classifier
+    for another class count replaced by a new one, every other key checked."""
+    path = args.pretrained_path
+    try:
+        state_dict = load_weights_file(path)
+    except (FileNotFoundError, CheckpointError) as e:
+        error(f'--pretrained-path: {e}')
+    state_dict, fresh, notes = adapt_pretrained_state_dict(model, state_dict, input_channels(vars(args), default=None))
+    load_model_weights(model, {'state_dict': state_dict}, path, keys=('state_dict',), flag='--pretrained-path',
+                       fresh=fresh)
+    if args.rank == 0:
+        _logger.info(f'Loaded the pretrained weights of {path}' + (f' ({"; ".join(notes)})' if notes else ''))
+
+
 def prepare_stage2(model: nn.Module, args) -> Optional[List[Any]]:
     """Freeze what the ``--stage2`` entry keeps and return the optimizer's parameter groups (None: no second
     stage, the whole model trains)."""
@@ -1096,6 +1223,20 @@ def stage2_train_mode(args):
     if stage is None or stage.train_mode is None:
         return None
     return partial(stage.train_mode, **stage.kwargs(vars(args)))
+
+
+def create_run_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """timm's optimizer for the flags: a second stage's parameter groups, else the model's, with ``--layer-decay``
+    timm's layer-wise groups (each with its ``lr_scale``, which timm's schedulers apply)."""
+    params = prepare_stage2(model, args)
+    return create_optimizer_v2(model if params is None else params, **optimizer_kwargs(cfg=args),
+                               filter_bias_and_bn=not args.wd_bias_bn)
+
+
+def schedule_lr(optimizer) -> float:
+    """The schedule's learning rate: the first parameter group's lr over its ``--layer-decay`` scale."""
+    group = optimizer.param_groups[0]
+    return group['lr'] / group.get('lr_scale', 1.)
 
 
 def load_model_weights(model: nn.Module, ckpt: Dict[str, Any], path: str, use_ema: bool = False,
@@ -1243,6 +1384,14 @@ def _attach_run_log(output_dir: str) -> None:
     logging.getLogger().addHandler(fh)
 
 
+_RUN_LOGGERS: List[RunLoggers] = []  # the experiment loggers of the run in progress (closed by main)
+
+
+def _close_run_loggers() -> None:
+    while _RUN_LOGGERS:
+        _RUN_LOGGERS.pop().close()
+
+
 def _detach_run_log() -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, 'train_cmo_run_log', False)]:
@@ -1257,6 +1406,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         return _main(argv)
     finally:
+        _close_run_loggers()
         _detach_run_log()
 
 
@@ -1306,7 +1456,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         model = create_model(
             args.model,
-            pretrained=args.pretrained,
+            pretrained=args.pretrained and not args.pretrained_path,
             in_chans=input_channels(vars(args), default=None),
             num_classes=num_classes,
             drop_rate=args.drop,
@@ -1325,6 +1475,10 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         error(f'--model {args.model}{" --model-kwargs " + str(model_kwargs) if model_kwargs else ""}: {e}')
     except ValueError as e:
         error(f'--model {args.model}{" --model-kwargs " + str(model_kwargs) if model_kwargs else ""}: {e}')
+    except Exception as e:  # no network / offline with an empty HF cache: one line, not the Hub's traceback
+        if not is_fetch_error(e):
+            raise
+        error(fetch_error_message(args.model, e, pretrained=args.pretrained and not args.pretrained_path))
     if (args.head == 'causal' or causal_model_kwargs(args)) and not is_causal_norm(model):
         error(f'--head causal / --causal-*: --model {args.model} was built without a Causal Norm classifier (it '
               f'has none, ignores the causal_norm argument, or has no classifier)')
@@ -1342,6 +1496,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         'its tau: --loss ce is the paper\'s.')
     elif args.loss == 'ldam' and not args.head_norm and not timm_cmo.models.is_head_norm(model) and args.rank == 0:
         _logger.warning('LDAM is meant for a cosine-normalised head: consider --head-norm.')
+    if args.pretrained_path and resume is None:  # a resumed run has its weights in the checkpoint
+        load_pretrained_path(model, args)
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args)
     data_config = resolve_run_data_config(vars(args), model=model, verbose=args.rank == 0)
@@ -1383,10 +1539,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         output_dir = resolve_output_dir(args)
         resuming_here = check_output_dir(args, output_dir)
 
-    params = prepare_stage2(model, args)
-    opt_kwargs = optimizer_kwargs(cfg=args)
-    optimizer = create_optimizer_v2(model if params is None else params, **opt_kwargs,
-                                    filter_bias_and_bn=not args.wd_bias_bn)
+    optimizer = create_run_optimizer(model, args)
     model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     start_epoch = 0
     if resume is not None:
@@ -1395,6 +1548,13 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         start_epoch = args.start_epoch
 
     if args.rank == 0:
+        created = not os.path.exists(output_dir)
+        try:  # before the first file of the run: a logger that cannot start stops it here
+            _RUN_LOGGERS.append(start_loggers(args, output_dir, start_epoch))
+        except LoggerStartError as e:
+            if created and os.path.isdir(output_dir):
+                shutil.rmtree(output_dir, ignore_errors=True)
+            error(str(e))
         os.makedirs(output_dir, exist_ok=True)
         removed = remove_stale_temporaries(output_dir)
         args_path = os.path.join(output_dir, 'args.yaml')
@@ -1414,7 +1574,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         model = convert_sync_batchnorm(model)
 
     if args.torchcompile:
-        model = compile_model(model, args.torchcompile, data_config['input_size'], device)
+        model = compile_model(model, args.torchcompile, data_config['input_size'], device, args.torchcompile_mode)
     train_model = model
     if args.distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -1429,11 +1589,12 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     sched_args = argparse.Namespace(**vars(args))
     if sched_args.warmup_lr is None:
         sched_args.warmup_lr = args.lr / 5.
+    updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps  # optimizer steps
     lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(sched_args), updates_per_epoch=len(train_loader))
+        optimizer, **scheduler_kwargs(sched_args), updates_per_epoch=updates_per_epoch)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * len(train_loader))
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
 
@@ -1456,7 +1617,9 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             f'{", ROS r=%g" % args.ros_r if args.ros else ""}'
             f'{", Remix" if args.remix else ""}'
             f'{mixup_text(args)}; '
-            f'epochs {start_epoch}..{num_epochs - 1}, {len(train_loader)} steps each.')
+            f'epochs {start_epoch}..{num_epochs - 1}, {updates_per_epoch} steps each'
+            + (f' ({len(train_loader)} batches of {args.batch_size}, {args.grad_accum_steps} accumulated per step).'
+               if args.grad_accum_steps > 1 else '.'))
 
     eval_acc = None
     epoch = start_epoch - 1
@@ -1469,7 +1632,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             utils.random_seed(derive_seed(args.seed, epoch) % (2 ** 31), args.rank)
             train_loader.set_epoch(epoch)
             loss_fn.set_epoch(epoch)
-            lr = optimizer.param_groups[0]['lr']
+            lr = schedule_lr(optimizer)
             set_causal_norm_lr(model, lr)  # Causal Norm's moving-average decay, where tied to the lr
             train_metrics = train_one_epoch(
                 epoch, train_model, train_loader, optimizer, loss_fn, args, device, lr_scheduler=lr_scheduler,
@@ -1501,6 +1664,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     saver.save(epoch, metric=metric)
                 except (NonFiniteStateError, FileWriteError) as e:
                     failure = e
+                for loggers in _RUN_LOGGERS:
+                    loggers.log_epoch(epoch, train_metrics['loss'], lr, eval_metrics)
             if args.distributed:  # rank 0 saves; the others must stop with it, not wait for it
                 stop = torch.tensor([0 if failure is None else 1], device=device)
                 dist.broadcast(stop, 0)
@@ -1567,7 +1732,7 @@ def build_eval_loader(args, eval_ds, data_config, device):
 
 def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, best, model: nn.Module,
                counts_source: Optional[str] = 'training split', records: Optional[Dict[str, Any]] = None):
-    """Write results.json, the per-class CSV and the PNG of accuracy against class size.
+    """Write results.json, the per-class CSV and the plots (accuracy against class size, reliability; --plot-format).
 
     ``records``: more top-level keys of results.json (``test_prior``, ``post_hoc``, ``prior_correction``).
     The records come first: a failing plot is reported and leaves them in place.
@@ -1580,7 +1745,7 @@ def finish_run(args, output_dir, train_ds, eval_acc: ClassAccuracy, epoch: int, 
     paths = write_results(
         output_dir, summary, eval_acc.per_class(), counts, train_ds.classes,
         extra=dict(describe_run(args, train_ds, epoch, best, model, counts_source, epochs_min), **(records or {})),
-        calibration=eval_acc.calibration())
+        calibration=eval_acc.calibration(), plot_format=args.plot_format)
     _logger.info(f'Final: {_metrics_line(summary)}; results in {paths["json"]}')
     return dict(summary, output_dir=output_dir, **paths)
 

@@ -13,7 +13,7 @@ many / medium / few shot, with the top-1 gain of each seed, so a sign that flips
 and the time and peak memory of each run. Methods are named like the recipes:
 ``<base>[_ros|_remix|_cmo][_las|_crt|_lws|_tau_norm|_post_la]`` (``_tau_norm`` / ``_post_la``: the
 ``--evaluate --post-hoc`` folders of a run). ``--copy-to`` also copies each run's results.json, summary.csv,
-args.yaml, per-class CSV and reliability diagram (a few KB each) and draws ``per_class_<base>.png``:
+args.yaml, per-class CSV and reliability diagram (a few KB each) and draws ``per_class_<base>.png`` (``--plot-format svg|pdf``):
 per-class accuracy of each variant of a base method (mean over seeds) against the training images
 per class.
 """
@@ -30,7 +30,8 @@ from common import run_name  # (also puts the repo on sys.path)
 from timm_cmo.plot import plot_per_class_accuracy  # noqa: E402
 from timm_cmo.results import SummaryWriter  # noqa: E402
 
-KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'reliability.png')
+KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'reliability.png', 'reliability.svg',
+        'reliability.pdf')
 NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE',
          'causal_norm': 'Causal Norm'}
 VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_mixup': '+ Mixup', '_cutmix': '+ CutMix',
@@ -165,7 +166,7 @@ def mean_per_class(seeds: Dict[int, dict]) -> List[float]:
     return [statistics.mean(vals) for vals in zip(*(r['per_class']['top1'] for r in seeds.values()))]
 
 
-def plot_pairs(runs: Dict[str, Dict[int, dict]], out: Path, title: str = '') -> List[Path]:
+def plot_pairs(runs: Dict[str, Dict[int, dict]], out: Path, title: str = '', fmt: str = 'png') -> List[Path]:
     """One PNG per base method: per-class accuracy of each of its variants (as is, ROS, Remix, CMO, CMO + LAS),
     each the mean over its seeds."""
     paths = []
@@ -176,7 +177,7 @@ def plot_pairs(runs: Dict[str, Dict[int, dict]], out: Path, title: str = '') -> 
                 seeds = runs[method]
                 series[f'{label(method)} ({len(seeds)} seed{"s" if len(seeds) > 1 else ""})'] = mean_per_class(seeds)
         any_run = next(iter(runs[next(base + v for v in VARIANTS if base + v in runs)].values()))
-        path = out / f'per_class_{base}.png'
+        path = out / f'per_class_{base}.{fmt}'
         plot_per_class_accuracy(path, series, any_run['dataset']['class_counts'], any_run['class_names'],
                                 title=f'{title}{" " if title else ""}{" vs ".join(series)}')
         paths.append(path)
@@ -188,6 +189,7 @@ def main(argv=None):
     p.add_argument('runs', help='folder holding the <method>-s<seed> run folders')
     p.add_argument('--copy-to', default='', help='keep the small result files, table.md and the PNGs here')
     p.add_argument('--title', default='', help='prefix of the plot titles, e.g. "mini CIFAR-10-LT:"')
+    p.add_argument('--plot-format', default='png', choices=('png', 'svg', 'pdf'), help='file format of the plots')
     args = p.parse_args(argv)
     root = Path(args.runs)
     runs = load_runs(root)
@@ -206,7 +208,7 @@ def main(argv=None):
                     if (src / name).is_file():
                         shutil.copy2(src / name, dst / name)
         (out / 'table.md').write_text('\n'.join(lines) + '\n')
-        plot_pairs(runs, out, args.title)
+        plot_pairs(runs, out, args.title, args.plot_format)
 
 
 if __name__ == '__main__':

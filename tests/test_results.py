@@ -90,6 +90,23 @@ def test_calibration_and_failing_plots_never_lose_the_records(tmp_path, monkeypa
     assert 'png' not in paths and rows[1].split(',')[2] == '' and rows[1].split(',')[-1] == ''
 
 
+def test_plots_in_svg_and_pdf(tmp_path):
+    """plot_format svg / pdf: the same two plots in that format beside the same records; an unknown format fails
+    before anything is written."""
+    counts = long_tail_counts(500, 10, 100)
+    metric = evaluated(counts)
+    for fmt, magic in (('svg', b'<?xml'), ('pdf', b'%PDF')):
+        paths = write_results(tmp_path / fmt, metric.summary(counts), metric.per_class(), counts, CIFAR10,
+                              calibration=metric.calibration(), plot_format=fmt)
+        assert paths['png'].name == f'per_class_accuracy.{fmt}' and paths['reliability'].name == f'reliability.{fmt}'
+        assert all(paths[k].read_bytes().startswith(magic) for k in ('png', 'reliability'))
+        assert sorted(p.name for p in (tmp_path / fmt).iterdir()) == sorted(
+            ['per_class_accuracy.csv', 'results.json', f'per_class_accuracy.{fmt}', f'reliability.{fmt}'])
+    with pytest.raises(ValueError, match="plot_format 'jpg'"):
+        write_results(tmp_path / 'jpg', metric.summary(counts), metric.per_class(), counts, CIFAR10, plot_format='jpg')
+    assert not (tmp_path / 'jpg').exists()
+
+
 def test_plot_tiny_accuracies(tmp_path):
     """A class scoring between 0 and 0.3 % (under one pixel) once crashed the drawing."""
     acc = [0.1, 0.0, 0.2, 55.0, 100.0, float('nan')]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 
@@ -80,6 +81,14 @@ def test_yaml_keys_dashes_and_command_line_override(tmp_path):
     ('', ['--in-chans', '2'], 'in_chans 2: images decode to 1 (L) or 3 (RGB)'),
     ('input_img_mode: RGB\n', ['--in-chans', '1'], "input_img_mode 'RGB' decodes to 3 channels"),
     ('', ['--in-chans', '3', '--input-size', '1', '32', '32'], 'in_chans 3 disagrees with input_size'),
+    ('', ['--layer-decay', '1.5'], '--layer-decay 1.5: must be in (0, 1]'),
+    ('', ['--torchcompile-mode', 'max-autotune'], '--torchcompile-mode max-autotune: add --torchcompile'),
+    ('', ['--torchcompile', '--torchcompile-mode', 'fast'], "--torchcompile-mode 'fast': choose from default"),
+    ('', ['--pretrained-path', 'a.pth', '--initial-checkpoint', 'b.pth'], '--pretrained-path and --initial-checkpoint'),
+    ('', ['--plot-format', 'jpg'], "--plot-format 'jpg': choose from png, svg, pdf"),
+    ('', ['--grad-accum-steps', '0'], '--grad-accum-steps 0: must be >= 1'),
+    ('', ['--wandb-resume-id', 'abc', '--log-wandb'], '--wandb-resume-id abc: continues the wandb run'),
+    ('', ['--wandb-project', 'p'], 'add --log-wandb'),
 ])
 def test_bad_config_fails_before_training(tmp_path, capsys, content, argv, message):
     cfg = tmp_path / 'bad.yaml'
@@ -292,6 +301,67 @@ def test_evaluate_checkpoint_and_exported_model(ldam_cmo_run, small_cifar, tmp_p
     assert got['top1'] == pytest.approx(ref['top1'])
 
 
+def test_pretrained_path_evaluates_and_fine_tunes(ldam_cmo_run, small_cifar, tmp_path, capsys):
+    """--pretrained-path: a run's weights (as a bare state dict and as the export's safetensors) evaluate to the run's
+    own figures; on a 5-class folder the head starts new and every other weight is the file's; a bad file is one
+    line, exit 2, nothing written."""
+    from timm_cmo import hub
+    run, _ = ldam_cmo_run
+    ref = json.loads((run / 'results.json').read_text())['metrics']
+    sd = torch.load(run / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
+    torch.save({'state_dict': sd}, tmp_path / 'weights.pth')
+    export = hub.export(run, tmp_path / 'export')
+    common = ['--evaluate', '--data-dir', str(small_cifar), '--imb-ratio', '10', '--model', 'resnet20_cifar',
+              '--head-norm', '--workers', '0', '--output', str(tmp_path)]
+    for exp, path in (('eval_pth', tmp_path / 'weights.pth'), ('eval_st', export / 'model.safetensors')):
+        train_cmo.main(common + ['--pretrained-path', str(path), '--experiment', exp])
+        got = json.loads((tmp_path / exp / 'results.json').read_text())['metrics']
+        assert got['top1'] == pytest.approx(ref['top1']) and got['nll'] == pytest.approx(ref['nll']), exp
+
+    five = tmp_path / 'five'
+    for split in ('train', 'test'):
+        for c in sorted(os.listdir(small_cifar / split))[:5]:
+            (five / split).mkdir(parents=True, exist_ok=True)
+            os.symlink(small_cifar / split / c, five / split / c)
+    args, _ = train_cmo.parse_args(['--data-dir', str(five), '--model', 'resnet20_cifar', '--head-norm',
+                                    '--pretrained-path', str(tmp_path / 'weights.pth')])
+    args.rank = 0
+    model = timm.create_model('resnet20_cifar', num_classes=5, head_norm=True)
+    head = model.fc.weight.detach().clone()
+    train_cmo.load_pretrained_path(model, args)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items() if not k.startswith('fc.'))
+    assert got['fc.weight'].shape == (64, 5) and torch.equal(got['fc.weight'], head)  # the model's new head
+    proc = run_script(base_argv(five, tmp_path, 'tuned', 1, '--loss', 'ce', '--head-norm', '--pretrained-path',
+                                str(tmp_path / 'weights.pth'), '--layer-decay', '0.7'))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 'classifier fc new for 5 classes (fc.weight is (64, 10) in the file, (64, 5) in the model)' in proc.stderr
+
+    bad = tmp_path / 'bad.pth'
+    torch.save({'state_dict': {k: v for k, v in sd.items() if not k.startswith('layer3.')}}, bad)
+    for path, message in ((bad, 'missing keys'), (tmp_path / 'nope.pth', 'no such file')):
+        code, err = main_exit(base_argv(five, tmp_path, 'refused', 1, '--head-norm', '--pretrained-path', str(path)),
+                              capsys)
+        assert code == 2 and message in err and str(path) in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / 'refused').exists()
+
+
+def test_pretrained_offline_is_one_line_and_writes_nothing(small_cifar, tmp_path):
+    """--pretrained without network and with an empty HF cache: one line naming the model and the ways out, exit 2,
+    no run folder (not the Hub's traceback)."""
+    env = dict(ENV, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'empty_hf_home'))
+    proc = run_script(base_argv(small_cifar, tmp_path, 'offline', 1, '--model', 'resnet18', '--pretrained'), env=env)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert 'Traceback' not in proc.stderr and err[-1].startswith('train_cmo.py: error: --model resnet18: its '
+                                                                 'pretrained weights could not be fetched')
+    assert sum('error' in line.lower() for line in err) == 1, proc.stderr[-3000:]
+    for part in ('HF_HUB_OFFLINE is set', 'timm/resnet18.a1_in1k', '--pretrained-path FILE', '--model local-dir:',
+                 'HF_HOME'):
+        assert part in err[-1]
+    assert not (tmp_path / 'offline').exists()
+
+
 def test_one_channel_run_evaluates_from_checkpoint_and_export(small_cifar, tmp_path):
     """A --in-chans 1 run evaluates to the same figures from its checkpoint and from its export, neither command
     repeating --in-chans (the checkpoint records it; the exported config holds the input size and mean/std)."""
@@ -413,6 +483,8 @@ PATH_CASES = {
                                '--cmo-end-epochs', '0', '--loss', 'bs', '--reweight', 'drw', '--drw-epoch', '1'],
     'causal-norm-cmo-ce-ema': ['--head', 'causal', '--causal-alpha', '1.5', '--cmo', '--cmo-start-epoch', '-1',
                                '--cmo-end-epochs', '0', '--loss', 'ce', '--model-ema', '--model-ema-decay', '0.9'],
+    'grad-accum-cmo-ce-drw-keep-last': ['--grad-accum-steps', '3', '--cmo', '--cmo-start-epoch', '-1', '--loss', 'ce',
+                                        '--reweight', 'drw', '--drw-epoch', '1', '--no-drop-last', '--sched-on-updates'],
 }
 
 
@@ -440,13 +512,126 @@ def test_data_on_device_run_equals_ordinary_run(small_cifar, tmp_path, case):
         assert torch.equal(ordinary[k], device[k]), k
 
 
+def test_grad_accum_run_equals_the_larger_batch_and_resumes(small_cifar, tmp_path):
+    """-b 64 --grad-accum-steps 2 trains the model -b 128 trains (a GroupNorm model: no batch statistics), under class
+    weights and label smoothing, with per-update scheduling and EMA: the same epoch losses and weights to float32
+    round-off; resumed from its epoch-0 checkpoint it ends on its own weights bit for bit."""
+    common = ['--model', 'test_efficientnet_gn', '--input-size', '3', '32', '32', '--crop-padding', '0', '--hflip', '0',
+              '--no-drop-last', '--reweight', 'cb', '--smoothing', '0.1', '--sched-on-updates', '--lr', '0.05',
+              '--model-ema', '--model-ema-decay', '0.5', '--device', 'cpu']
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'big', 2, *common, '-b', '128'))
+    proc = run_script(base_argv(small_cifar, tmp_path, 'accum', 2, *common, '-b', '64', '--grad-accum-steps', '2'))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert '2 steps each (4 batches of 64, 2 accumulated per step)' in proc.stderr  # 240 images: 64, 64 | 64, 48
+    assert 'Train: 1 [   1/2 (100%)]' in proc.stderr  # the log counts optimizer steps
+
+    def rows(run):
+        lines = (tmp_path / run / 'summary.csv').read_text().strip().splitlines()
+        return [dict(zip(lines[0].split(','), line.split(','))) for line in lines[1:]]
+
+    for a, b in zip(rows('big'), rows('accum')):
+        assert float(a['train_loss']) == pytest.approx(float(b['train_loss']), rel=1e-4) and a['lr'] == b['lr']
+    big, accum = (torch.load(tmp_path / r / 'last.pth.tar', map_location='cpu', weights_only=True) for r in ('big', 'accum'))
+    for key in ('state_dict', 'state_dict_ema'):
+        for k, v in big[key].items():
+            torch.testing.assert_close(accum[key][k], v, rtol=1e-4, atol=1e-5, msg=f'{key} {k}')
+
+    first = tmp_path / 'accum' / 'checkpoint-0.pth.tar'
+    assert torch.load(first, map_location='cpu', weights_only=True)['epoch'] == 0
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'resumed', 2, *common, '-b', '64', '--grad-accum-steps', '2',
+                             '--resume', str(first)))
+    resumed = torch.load(tmp_path / 'resumed' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    for key in ('state_dict', 'state_dict_ema'):
+        for k, v in accum[key].items():
+            assert torch.equal(resumed[key][k], v), f'{key} {k}'
+
+
+def test_run_logs_to_tensorboard_and_wandb_offline(small_cifar, tmp_path, monkeypatch, capsys, read_tensorboard,
+                                                   read_wandb_run):
+    """--log-tensorboard and --log-wandb (WANDB_MODE=offline): every epoch's loss and lr and every evaluation's metrics,
+    read back from the event file and the wandb run, equal summary.csv's; a missing package stops the run at start
+    with exit 2 and no run folder. (--plot-format svg: the plots are SVG files.)"""
+    env = dict(ENV, WANDB_MODE='offline', WANDB_SILENT='true')
+    proc = run_script(base_argv(small_cifar, tmp_path, 'logged', 3, '--loss', 'ce', '--eval-interval', '2',
+                                '--log-tensorboard', '--log-wandb', '--wandb-project', 'timm-cmo-test',
+                                '--wandb-tags', 'ce', 'test', '--plot-format', 'svg'), env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / 'logged'
+    assert (run / 'per_class_accuracy.svg').is_file() and (run / 'reliability.svg').is_file()
+    assert not list(run.glob('*.png'))
+    lines = (run / 'summary.csv').read_text().strip().splitlines()
+    rows = [dict(zip(lines[0].split(','), line.split(','))) for line in lines[1:]]
+    scalars = read_tensorboard(run / 'tensorboard')
+    info, history = read_wandb_run(run)
+    history = [h for h in history if 'train/loss' in h]
+    assert info.display_name == 'logged' and list(info.tags) == ['ce', 'test']
+    assert [s for s, _ in scalars['train/loss']] == [h['epoch'] for h in history] == [0, 1, 2]
+    assert [s for s, _ in scalars['eval/top1']] == [1, 2]  # evaluated every 2 epochs and after the last
+    for row, (_, tb_loss), (_, tb_lr), wb in zip(rows, scalars['train/loss'], scalars['train/lr'], history):
+        assert float(row['train_loss']) == pytest.approx(tb_loss, rel=1e-5) == pytest.approx(wb['train/loss'])
+        assert float(row['lr']) == pytest.approx(tb_lr, rel=1e-5) == pytest.approx(wb['train/lr'])
+        for key in ('top1', 'many', 'medium', 'few', 'head', 'middle', 'tail', 'ece'):
+            if row[f'eval_{key}']:
+                tb = dict(scalars[f'eval/{key}'])[int(row['epoch'])]
+                assert float(row[f'eval_{key}']) == pytest.approx(tb, abs=1e-4) == pytest.approx(wb[f'eval/{key}'],
+                                                                                              abs=1e-4), key
+            else:
+                assert f'eval/{key}' not in wb
+
+    monkeypatch.setitem(sys.modules, 'wandb', None)
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'no_wandb', 1, '--log-wandb'), capsys)
+    assert code == 2 and "--log-wandb needs the 'wandb' package" in err and 'pip install wandb' in err
+    assert not (tmp_path / 'no_wandb').exists()
+    monkeypatch.delitem(sys.modules, 'wandb')
+    (tmp_path / 'blocked').write_text('a file where the run folder would go')
+    code, err = main_exit(base_argv(small_cifar, tmp_path / 'blocked', 'run', 1, '--log-tensorboard'), capsys)
+    assert code == 2 and '--log-tensorboard: cannot write event files' in err
+
+
 def test_torchcompile_eager_backend(small_cifar, tmp_path):
     proc = run_script(base_argv(small_cifar, tmp_path, 'compiled', 1, '--data-on-device', '--device', 'cpu',
-                                '--torchcompile', 'eager', '--loss', 'ce'))
+                                '--torchcompile', 'eager', '--torchcompile-mode', 'max-autotune', '--loss', 'ce'))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert 'unavailable here' not in proc.stderr
+    # the mode reaches torch.compile: the eager backend says it ignores it (inductor would use it)
+    assert "eager backend ignoring extra kwargs {'mode': 'max-autotune'}" in proc.stderr
     ckpt = torch.load(tmp_path / 'compiled' / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert not any(k.startswith('_orig_mod.') for k in ckpt['state_dict'])  # saved unwrapped
+
+
+@pytest.mark.parametrize('name', ['resnet20_cifar', 'ride_resnet20_cifar'])
+def test_layer_decay_is_timms_param_groups(name):
+    """--layer-decay 0.5 on the plugin's models: the stem gets 0.5^10 of the lr, block j of the 9 0.5^(9 - j), the
+    classifier(s) the full lr (RIDE's experts share the scale of their depth); timm's scheduler applies the scales
+    and schedule_lr reads the schedule's lr back."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    args, _ = train_cmo.parse_args(['--data-dir', 'x', '--model', name, '--layer-decay', '0.5', '--stage2', 'las',
+                                    '--loss', 'las', '--initial-checkpoint', 'x.pth'][:6])
+    model = timm.create_model(name, num_classes=10)
+    optimizer = train_cmo.create_run_optimizer(model, args)
+    scale = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
+    assert all(g['weight_decay'] == 2e-4 for g in optimizer.param_groups)  # the paper's decay on every parameter
+    for pname, p in model.named_parameters():
+        if pname.startswith(('conv1', 'bn1')):
+            expected = 0.5 ** 10
+        elif pname.startswith(('fc.', 'heads.')):
+            expected = 1.
+        else:
+            parts = pname.split('.')
+            stage, block = (int(parts[0][-1]), int(parts[1])) if parts[0].startswith('layer') else \
+                (int(parts[2][-1]), int(parts[3]))
+            expected = 0.5 ** (9 - (3 * (stage - 1) + block))
+        assert scale[id(p)] == pytest.approx(expected), pname
+    sched_args = type(args)(**vars(args))
+    sched_args.warmup_lr = args.lr / 5
+    sched, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(sched_args), updates_per_epoch=10)
+    for epoch in (0, 3, 170):
+        sched.step(epoch)
+        assert train_cmo.schedule_lr(optimizer) == pytest.approx(paper_lr(epoch))
+        assert all(g['lr'] == pytest.approx(paper_lr(epoch) * g['lr_scale']) for g in optimizer.param_groups)
+    code = pytest.raises(SystemExit, train_cmo.parse_args, ['--data-dir', 'x', '--layer-decay', '0.5', '--stage2',
+                                                            'las', '--loss', 'las', '--initial-checkpoint', 'x'])
+    assert code.value.code == 2
 
 
 LOOP_CASES = {
@@ -520,6 +705,96 @@ def test_library_loop_equals_train_one_epoch(tiny_lt, case, epoch):
         states.append(model.state_dict())
     for k, v in states[0].items():
         torch.testing.assert_close(states[1][k], v, rtol=0, atol=0, msg=k)
+
+
+class _ListLoader:
+    """Yields fixed (input, target) batches, setting ``mix_info`` as the plugin's loaders do."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for x, target, mix in self.batches:
+            self.mix_info = mix
+            yield x, target
+
+
+class _TwoExperts(torch.nn.Module):
+    """A BatchNorm-free multi-expert model: train-mode output (ensemble logits, (B, 2, C) expert logits)."""
+
+    num_experts = 2
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, num_classes) for _ in range(2))
+
+    def forward(self, x):
+        experts = torch.stack([h(x.flatten(1)) for h in self.heads], dim=1)
+        return experts.mean(1), experts
+
+
+@pytest.mark.parametrize('loss_name', ['ce-cb', 'ldam-drw', 'ride-drw', 'torch-ce', 'ce-cb-scaler'])
+def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
+    """--grad-accum-steps 3 over 5 batches (mixed with different lams, per-sample lams, unmixed; sizes 8, 8, 8, 8, 5):
+    2 optimizer steps, each the step of the loss of its batches' concatenation (the last step of 2 batches), also
+    under class weights, whose denominators differ from batch to batch; the scheduler counts optimizer steps."""
+    import argparse
+    from timm_cmo.data import MixInfo
+    from timm_cmo.losses import create_loss
+    counts, dim = [50, 20, 8, 3], 12
+    name, reweight = (loss_name.split('-') + ['none'])[:2]
+    from timm.utils import NativeScaler
+    scaler = NativeScaler(device='cpu') if loss_name.endswith('scaler') else None  # AMP's path: step on the last
+    loss_fn = torch.nn.CrossEntropyLoss() if name == 'torch' else create_loss(
+        name, counts, reweight=reweight, drw_epoch=0 if reweight == 'drw' else None)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for j, b in enumerate((8, 8, 8, 8, 5)):
+        x = torch.randn(b, dim, generator=g)
+        y_b, y_f = torch.randint(0, 4, (b,), generator=g), torch.randint(0, 4, (b,), generator=g)
+        lam = [0.3, 1.0, torch.rand(b, generator=g), 0.6, 0.9][j]
+        mix = None if name == 'torch' else MixInfo(y_b, y_b if j == 1 else y_f, lam)
+        batches.append((x, y_b if mix is None else mix.target(4), mix))
+
+    def build():
+        torch.manual_seed(1)
+        model = _TwoExperts(dim, 4) if name == 'ride' else torch.nn.Linear(dim, 4)
+        return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+    model, optimizer = build()
+
+    class Steps:
+        calls = []
+
+        def step_update(self, num_updates):
+            self.calls.append(num_updates)
+
+    sched = Steps()
+    args = argparse.Namespace(channels_last=False, clip_grad=None, clip_mode='norm', log_interval=1, rank=0,
+                              world_size=1, distributed=False, grad_accum_steps=3)
+    train_cmo.train_one_epoch(1, model, _ListLoader(batches), optimizer, loss_fn, args, torch.device('cpu'),
+                              lr_scheduler=sched, loss_scaler=scaler)
+    assert sched.calls == [3, 4]  # epoch 1 of 2 optimizer steps each
+    if scaler is not None:
+        assert scaler._scaler.get_scale() == 2. ** 16  # no inf/nan step skipped
+
+    ref, ref_opt = build()
+    for group in (batches[:3], batches[3:]):
+        x = torch.cat([b[0] for b in group])
+        if name == 'torch':
+            target, mix = torch.cat([b[1] for b in group]), None
+        else:
+            lam = torch.cat([torch.as_tensor(m.lam, dtype=torch.float32).expand(len(m.y_b)) for *_, m in group])
+            mix = MixInfo(torch.cat([m.y_b for *_, m in group]), torch.cat([m.y_f for *_, m in group]), lam)
+            target = None
+        ref_opt.zero_grad()
+        train_cmo.compute_loss(loss_fn, ref(x), target, mix).backward()
+        ref_opt.step()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_compute_loss_is_the_papers_cmo_form():

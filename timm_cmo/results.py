@@ -1,4 +1,4 @@
-"""End-of-run result files: per-class CSV, ``results.json`` and the per-class accuracy plot.
+"""End-of-run result files: per-class CSV, ``results.json`` and the plots (per-class accuracy, reliability).
 
 ``results.json`` layout::
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from .data.dataset import shot_groups
 from .files import write_text_atomic
-from .plot import plot_per_class_accuracy, plot_reliability
+from .plot import PLOT_FORMATS, plot_per_class_accuracy, plot_reliability
 
 _logger = logging.getLogger(__name__)
 
@@ -107,9 +107,10 @@ def write_results(
         many: int = 100,
         few: int = 20,
         calibration: Optional[Mapping[str, Any]] = None,
+        plot_format: str = 'png',
 ) -> Dict[str, Path]:
     """Write ``per_class_accuracy.csv``, ``results.json``, ``per_class_accuracy.png`` and, with
-    ``calibration``, ``reliability.png`` (each atomically).
+    ``calibration``, ``reliability.png`` (each atomically; ``.svg`` / ``.pdf`` with ``plot_format``).
 
     Args:
         output_dir: Run folder (created if needed).
@@ -121,11 +122,14 @@ def write_results(
         many, few: Shot-group thresholds of the ``shot_group`` column.
         calibration: :meth:`ClassAccuracy.calibration` output, stored under ``calibration`` and drawn
             as a reliability diagram.
+        plot_format: ``'png'`` (default), ``'svg'`` or ``'pdf'``: the plots' file format.
 
     Returns:
-        ``{'csv': path, 'json': path, 'png': path, 'reliability': path}`` (a plot that could not be drawn
-        is missing: the error is logged, the CSV and JSON are kept).
+        ``{'csv': path, 'json': path, 'png': path, 'reliability': path}`` (``'png'``: the per-class plot, in
+        ``plot_format``; a plot that could not be drawn is missing: the error is logged, the CSV and JSON are kept).
     """
+    if plot_format not in PLOT_FORMATS:
+        raise ValueError(f'plot_format {plot_format!r}: choose from {", ".join(PLOT_FORMATS)}')
     extra = dict(extra or {})
     clash = [k for k in _RESERVED if k in extra]
     if clash:
@@ -153,9 +157,10 @@ def write_results(
     for c in range(num_classes):
         acc = ['' if _round(v) is None else f'{_round(v):.4f}' for v in (top1[c], top5[c])]
         writer.writerow([c, names[c], '' if train[c] is None else train[c], test[c], *acc, group[c]])
-    paths = {'csv': output_dir / RESULTS_CSV, 'json': output_dir / RESULTS_JSON, 'png': output_dir / RESULTS_PNG}
+    paths = {'csv': output_dir / RESULTS_CSV, 'json': output_dir / RESULTS_JSON,
+             'png': (output_dir / RESULTS_PNG).with_suffix('.' + plot_format)}
     if calibration is not None:
-        paths['reliability'] = output_dir / RELIABILITY_PNG
+        paths['reliability'] = (output_dir / RELIABILITY_PNG).with_suffix('.' + plot_format)
     write_text_atomic(paths['csv'], buf.getvalue())
 
     results = {

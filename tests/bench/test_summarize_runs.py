@@ -47,6 +47,12 @@ def test_comparison_table_and_files(tmp_path):
     assert (out / 'table.md').read_text().strip() == text.strip()
     assert (out / 'per_class_ce_drw.png').is_file() and (out / 'per_class_ride.png').is_file()
     assert (out / 'ce_drw_cmo_las-s0' / 'results.json').is_file()
+    (runs / 'ride-s0' / 'reliability.svg').write_text('<svg/>')  # a run drawn with --plot-format svg
+    proc = subprocess.run([sys.executable, str(REPO / 'bench' / 'summarize_runs.py'), str(runs), '--copy-to',
+                           str(tmp_path / 'svg'), '--plot-format', 'svg'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / 'svg' / 'per_class_ride.svg').read_bytes().startswith(b'<?xml')
+    assert (tmp_path / 'svg' / 'ride-s0' / 'reliability.svg').is_file()
 
 
 def test_resumed_run_time_is_summed_over_epochs(tmp_path):

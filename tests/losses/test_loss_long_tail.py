@@ -489,3 +489,60 @@ def test_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     assert set(a.state_dict()) == {'class_counts', 'class_weight', 'margins'}
     assert isinstance(a, timm_cmo.losses.LongTailLoss)
+
+
+# ---------------------------------------------------------------- accumulation: norm= and normalizer()
+
+def _micro_batches(seed=0, sizes=(6, 6, 4)):
+    """Micro-batches with (B_j, C) logits and a MixInfo each: two scalar lams, an unmixed one (lam 1, y_f = y_b)."""
+    from timm_cmo.data.cmo import MixInfo
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for j, b in enumerate(sizes):
+        logits = torch.randn(b, C, generator=g, dtype=torch.float64)
+        y_b = torch.randint(0, C, (b,), generator=g)
+        y_f = y_b if j == 2 else torch.randint(0, C, (b,), generator=g)
+        out.append((logits, MixInfo(y_b, y_f, (0.3, 0.8, 1.0)[j], 0.0)))
+    return out
+
+
+def _concatenated(batches, smoothing=0.0):
+    from timm_cmo.data.cmo import MixInfo
+    lam = torch.cat([torch.full((m.y_b.shape[0],), float(m.lam), dtype=torch.float64) for _, m in batches])
+    return (torch.cat([x for x, _ in batches]),
+            MixInfo(torch.cat([m.y_b for _, m in batches]), torch.cat([m.y_f for _, m in batches]), lam, smoothing))
+
+
+@pytest.mark.parametrize('name', NAMES + ['las'])
+@pytest.mark.parametrize('reweight', ['none', 'cb'])
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_micro_batch_losses_with_the_summed_normalizer_add_up_to_the_concatenated_batch(name, reweight, smoothing):
+    """sum_j loss(x_j, mix_j, norm=sum_j normalizer(mix_j)) == loss(concatenation) for mixed, per-sample-lam and
+    unmixed micro-batches of different sizes, with and without class weights (where the denominators differ)."""
+    loss_fn = create_loss(name, COUNTS, reweight=reweight, **KWARGS.get(name, {}))
+    batches = [(x, m._replace(smoothing=smoothing)) for x, m in _micro_batches()]
+    norm = sum(loss_fn.normalizer(x, m) for x, m in batches)
+    assert norm.shape == (2,)
+    total = sum(loss_fn(x, None, mix=m, norm=norm) for x, m in batches)
+    x, mix = _concatenated(batches, smoothing)
+    torch.testing.assert_close(total, loss_fn(x, mix), rtol=1e-12, atol=1e-12)
+    # plain integer labels (no mix): the weighted mean of the whole batch, F.cross_entropy's for CE
+    ys = [m.y_b for _, m in batches]
+    norm = sum(loss_fn.normalizer(y) for y in ys)
+    total = sum(loss_fn(x, y, norm=norm) for (x, _), y in zip(batches, ys))
+    torch.testing.assert_close(total, loss_fn(torch.cat([x for x, _ in batches]), torch.cat(ys)), rtol=1e-12, atol=1e-12)
+    if name == 'ce':
+        w = None if reweight == 'none' else class_balanced_weights(COUNTS).double()
+        torch.testing.assert_close(total, F.cross_entropy(torch.cat([x for x, _ in batches]), torch.cat(ys), weight=w))
+    # soft targets
+    soft = [m.target(C).double() for _, m in batches]
+    norm = sum(loss_fn.normalizer(t) for t in soft)
+    total = sum(loss_fn(x, t, norm=norm) for (x, _), t in zip(batches, soft))
+    torch.testing.assert_close(total, loss_fn(torch.cat([x for x, _ in batches]), torch.cat(soft)), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_norm_needs_the_mean_reduction():
+    loss_fn = create_loss('ce', COUNTS, reduction='sum')
+    with pytest.raises(ValueError, match="norm= applies to reduction='mean'"):
+        loss_fn(torch.zeros(2, C), torch.zeros(2, dtype=torch.long), norm=torch.ones(2))

@@ -227,3 +227,31 @@ def test_router_targets_and_loss():
         loss((experts.mean(1), experts, router), y, mix=MixInfo(y, y, 0.5))
     with pytest.raises(ValueError, match='re-weighting'):
         create_loss('ride_ea', [10, 5, 2], reweight='drw', epochs=10)
+
+
+@pytest.mark.parametrize('reweight', ['drw', 'none'])
+def test_micro_batches_with_the_summed_normalizer_add_up_to_the_concatenated_batch(reweight):
+    """RIDE's LDAM terms (class-weighted denominators) and its diversity term (a batch mean) both split exactly:
+    sum_j loss(out_j, mix_j, norm=sum_j normalizer) == loss(concatenation); the router loss likewise."""
+    loss_fn = RIDELoss(COUNTS, reweight=reweight, drw_epoch=0)
+    g = torch.Generator().manual_seed(5)
+    parts = []
+    for j, b in enumerate((5, 5, 3)):
+        experts = torch.randn(b, 3, len(COUNTS), generator=g, dtype=torch.float64)
+        y_b, y_f = torch.randint(0, len(COUNTS), (b,), generator=g), torch.randint(0, len(COUNTS), (b,), generator=g)
+        parts.append(((experts.mean(1), experts), MixInfo(y_b, y_b if j == 2 else y_f, (0.4, 0.9, 1.0)[j])))
+    norm = sum(loss_fn.normalizer(None, m) for _, m in parts)
+    assert norm.shape == (3,) and norm[2] == 13
+    total = sum(loss_fn(out, None, mix=m, norm=norm) for out, m in parts)
+    experts = torch.cat([out[1] for out, _ in parts])
+    lam = torch.cat([torch.full((m.y_b.shape[0],), float(m.lam), dtype=torch.float64) for _, m in parts])
+    mix = MixInfo(torch.cat([m.y_b for _, m in parts]), torch.cat([m.y_f for _, m in parts]), lam)
+    torch.testing.assert_close(total, loss_fn((experts.mean(1), experts), None, mix=mix), rtol=1e-12, atol=1e-12)
+
+    router_loss = RIDERouterLoss(COUNTS)
+    outs = [(out[0], out[1], torch.randn(out[1].shape[0], 2, generator=g, dtype=torch.float64)) for out, _ in parts]
+    ys = [m.y_b for _, m in parts]
+    norm = sum(router_loss.normalizer(y) for y in ys)
+    total = sum(router_loss(o, y, norm=norm) for o, y in zip(outs, ys))
+    cat = tuple(torch.cat([o[i] for o in outs]) for i in range(3))
+    torch.testing.assert_close(total, router_loss(cat, torch.cat(ys)), rtol=1e-12, atol=1e-12)

@@ -35,6 +35,14 @@ class weights this equals the soft-target loss of ``mix.target(C)``; with them (
 ``drw`` once active) the soft target alone would be normalised jointly, which is not the
 paper's loss. ``target`` may also be the ``MixInfo`` itself. ``'sum'`` gives the numerators'
 sum, ``'none'`` the ``(B,)`` per-sample numerators of both terms.
+
+Gradient accumulation (``--grad-accum-steps``): the denominators depend on the targets only, so
+``loss.normalizer(target, mix)`` gives a batch's ``(2,)`` denominators ``[sum_i d_i(y_b), sum_i
+d_i(y_f)]`` (an unmixed batch counts as ``y_f = y_b``), and ``loss(logits, target, mix=, norm=N)``
+divides the batch's numerators by a given ``N`` instead of its own. With ``N`` the sum of the
+micro-batches' normalizers, the micro-batch losses add up to the loss of their concatenation
+(logits, labels and a per-sample ``lam`` concatenated; an unmixed micro-batch as ``lam = 1``), and
+so do their gradients.
 """
 from typing import Optional, Sequence, Tuple, Union
 
@@ -205,8 +213,37 @@ class LongTailLoss(nn.Module):
         tw = t if weight is None else t * weight
         return (tw * class_losses).sum(dim=1), tw.sum(dim=1)
 
-    def mixed_loss(self, logits: torch.Tensor, mix, weight: Optional[torch.Tensor]) -> torch.Tensor:
-        """The per-term loss of a mix (module docstring); ``logits`` already checked and promoted."""
+    def _denominator(self, y: torch.Tensor, smoothing: float, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """``sum_i d_i(y)`` of integer labels ``y`` (float64 scalar), as :meth:`_term` sums them."""
+        if smoothing == 0:
+            return y.new_tensor(float(y.numel()), dtype=torch.float64) if weight is None else weight[y].sum()
+        t = soft_target(y, self.num_classes, smoothing).to(torch.float64)
+        return (t if weight is None else t * weight).sum()
+
+    def normalizer(self, target: Union[torch.Tensor, MixInfo], mix: Optional[MixInfo] = None) -> torch.Tensor:
+        """The ``(2,)`` float64 denominators of this batch's ``'mean'`` loss: ``[sum_i d_i(y_b), sum_i d_i(y_f)]``
+        (module docstring; both the same for a batch without ``mix``). Sums of these over micro-batches, passed
+        as ``norm=``, make the micro-batch losses add up to the loss of their concatenation."""
+        if isinstance(target, MixInfo):
+            mix = target
+        weight = self.weight
+        if mix is not None:
+            device = mix.y_b.device
+            weight = None if weight is None else weight.to(device, torch.float64)
+            smoothing = float(getattr(mix, 'smoothing', 0.0))
+            return torch.stack([self._denominator(mix.y_b.long(), smoothing, weight),
+                                self._denominator(mix.y_f.long(), smoothing, weight)])
+        weight = None if weight is None else weight.to(target.device, torch.float64)
+        if target.is_floating_point():
+            d = (target.double() if weight is None else target.double() * weight).sum()
+        else:
+            d = self._denominator(target.long(), 0.0, weight)
+        return torch.stack([d, d])
+
+    def mixed_loss(self, logits: torch.Tensor, mix, weight: Optional[torch.Tensor],
+                   norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The per-term loss of a mix (module docstring); ``logits`` already checked and promoted; ``norm``: the
+        ``(2,)`` denominators to divide the two terms by instead of their own (``'mean'`` only)."""
         y_b = self._check_target(mix.y_b, logits)
         lam = mix.lam
         smoothing = float(getattr(mix, 'smoothing', 0.0))
@@ -220,12 +257,12 @@ class LongTailLoss(nn.Module):
         elif lam != 1.:
             terms.append((self._check_target(mix.y_f, logits), 1. - float(lam)))
         per_sample, total = 0., 0.
-        for y, share in terms:
+        for i, (y, share) in enumerate(terms):
             num, den = self._term(logits, y, smoothing, weight, class_losses)
             num = share * num
             per_sample = per_sample + num
             if self.reduction == 'mean':
-                total = total + num.sum() / den.sum()
+                total = total + num.sum() / (den.sum() if norm is None else norm[i].to(num))
         if self.reduction == 'none':
             return per_sample
         return per_sample.sum() if self.reduction == 'sum' else total
@@ -269,11 +306,12 @@ class LongTailLoss(nn.Module):
         return target.long()
 
     def forward(self, logits: torch.Tensor, target: Union[torch.Tensor, MixInfo],
-                mix: Optional[MixInfo] = None) -> torch.Tensor:
+                mix: Optional[MixInfo] = None, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Loss of ``(B, C)`` logits against ``(B,)`` integer or ``(B, C)`` soft targets.
 
         With ``mix`` (or a :class:`~timm_cmo.data.cmo.MixInfo` as ``target``) the loss is the
-        paper's per-term CMO loss of the mix; ``target`` is then not read.
+        paper's per-term CMO loss of the mix; ``target`` is then not read. ``norm``: ``(2,)``
+        denominators (sums of :meth:`normalizer`) that replace the batch's own (``'mean'`` only).
         """
         logits = self._check_logits(logits)
         if isinstance(target, MixInfo):
@@ -281,9 +319,17 @@ class LongTailLoss(nn.Module):
         weight = self.weight
         if weight is not None:
             weight = weight.to(logits)
+        if norm is not None and self.reduction != 'mean':
+            raise ValueError(f"norm= applies to reduction='mean', not {self.reduction!r}")
         if mix is not None:
-            return self.mixed_loss(logits, mix, weight)
+            return self.mixed_loss(logits, mix, weight, norm)
         target = self._check_target(target, logits)
+        if norm is not None:
+            if target.is_floating_point():
+                num = reduce_soft(self.class_losses(logits), target, weight, 'sum')
+            else:
+                num = reduce_hard(self.hard_losses(logits, target), target, weight, 'sum')
+            return num / norm[0].to(num)
         if target.is_floating_point():
             return reduce_soft(self.class_losses(logits), target, weight, self.reduction)
         return self.hard_loss(logits, target, weight)

@@ -181,9 +181,19 @@ class RIDELoss(LongTailLoss):
         base = self.base_diversity_temperature
         return base * self.diversity_temperature.unsqueeze(0), base * self._mean_temperature
 
-    def diversity(self, logits: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
-        """``sum_e mean(T)^2 * KL(softmax(logits / T) || softmax(z_e / T))`` (batch mean, no gradient through
-        the ensemble side), unweighted by the factor. logits (B, C), expert_logits (B, E, C)."""
+    def normalizer(self, target: Union[torch.Tensor, MixInfo], mix: Optional[MixInfo] = None) -> torch.Tensor:
+        """``(3,)``: the LDAM terms' two denominators (:meth:`LongTailLoss.normalizer`) and the batch size (the
+        diversity term's batch mean); see :meth:`LongTailLoss.normalizer` for their use as ``norm=``."""
+        ldam = self.ldam.normalizer(target, mix)
+        y = (mix if mix is not None else target)
+        size = (y.y_b if isinstance(y, MixInfo) else y).shape[0]
+        return torch.cat([ldam, ldam.new_tensor([float(size)])])
+
+    def diversity(self, logits: torch.Tensor, expert_logits: torch.Tensor,
+                  batch_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``sum_e mean(T)^2 * KL(softmax(logits / T) || softmax(z_e / T))`` (batch mean, or the batch sum over
+        ``batch_norm``; no gradient through the ensemble side), unweighted by the factor. logits (B, C),
+        expert_logits (B, E, C)."""
         t, t_mean = self.temperature()
         if isinstance(t, torch.Tensor):
             t = t.to(logits)
@@ -192,11 +202,13 @@ class RIDELoss(LongTailLoss):
         total = 0.
         for e in range(expert_logits.shape[1]):
             log_q = F.log_softmax(expert_logits[:, e] / t, dim=1)
-            total = total + t_mean * t_mean * F.kl_div(log_q, target, reduction='batchmean')
+            kl = F.kl_div(log_q, target, reduction='batchmean') if batch_norm is None else \
+                F.kl_div(log_q, target, reduction='sum') / batch_norm.to(log_q)
+            total = total + t_mean * t_mean * kl
         return total
 
     def forward(self, output: RIDEModelOutput, target: Union[torch.Tensor, MixInfo],
-                mix: Optional[MixInfo] = None) -> torch.Tensor:
+                mix: Optional[MixInfo] = None, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
         logits, experts, _ = split_ride_output(output)
         if experts.shape[2] != self.num_classes:
             raise ValueError(f'expert logits must have {self.num_classes} classes, got shape {tuple(experts.shape)}')
@@ -206,9 +218,11 @@ class RIDELoss(LongTailLoss):
         loss = 0.
         for e in range(experts.shape[1]):
             base_logits = logits if ensemble_base else experts[:, e]
-            loss = loss + self.base_loss_factor * self.ldam(base_logits / self.s, target, mix=mix)
+            loss = loss + self.base_loss_factor * self.ldam(base_logits / self.s, target, mix=mix,
+                                                            norm=None if norm is None else norm[:2])
         if self.additional_diversity_factor != 0:
-            loss = loss + self.additional_diversity_factor * self.diversity(logits, experts)
+            loss = loss + self.additional_diversity_factor * self.diversity(
+                logits, experts, None if norm is None else norm[2])
         return loss
 
     def extra_repr(self) -> str:
@@ -263,8 +277,13 @@ class RIDERouterLoss(LongTailLoss):
         later = correct.flip(1).cummax(dim=1).values.flip(1)  # later[:, i]: any(correct[:, i:])
         return (~correct[:, :-1] & later[:, 1:]).to(expert_logits.dtype)
 
+    def normalizer(self, target: Union[torch.Tensor, MixInfo], mix: Optional[MixInfo] = None) -> torch.Tensor:
+        """``(1,)``: the batch size (every decision's loss is a batch mean); see :meth:`LongTailLoss.normalizer`."""
+        y = target.y_b if isinstance(target, MixInfo) else target
+        return torch.tensor([float(y.shape[0])], device=y.device)
+
     def forward(self, output: RIDEModelOutput, target: Union[torch.Tensor, MixInfo],
-                mix: Optional[MixInfo] = None) -> torch.Tensor:
+                mix: Optional[MixInfo] = None, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
         if mix is not None or isinstance(target, MixInfo):
             raise ValueError('the ride_ea router loss needs plain labels: train the router without CMO / mixing')
         logits, experts, router = split_ride_output(output)
@@ -281,8 +300,13 @@ class RIDERouterLoss(LongTailLoss):
         labels = self.router_targets(experts, target)
         router = router.to(experts.dtype)
         pos_weight = router.new_tensor([self.pos_weight])
-        losses = [F.binary_cross_entropy_with_logits(router[:, i], labels[:, i], pos_weight=pos_weight)
-                  for i in range(router.shape[1])]
+        if norm is None:
+            losses = [F.binary_cross_entropy_with_logits(router[:, i], labels[:, i], pos_weight=pos_weight)
+                      for i in range(router.shape[1])]
+        else:
+            losses = [F.binary_cross_entropy_with_logits(router[:, i], labels[:, i], pos_weight=pos_weight,
+                                                         reduction='sum') / norm[0].to(router)
+                      for i in range(router.shape[1])]
         return torch.stack(losses).mean()
 
     def extra_repr(self) -> str:
