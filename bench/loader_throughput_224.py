@@ -194,7 +194,7 @@ def time_loaders(root: str, args, workers: int) -> Dict:
 # ---------------------------------------------------------------- the profile
 
 def profile(files: List[str], n: int, seed: int) -> Dict:
-    """Per-image CPU seconds (median of 3 passes over ``n`` files) of: Pillow's decode, simplejpeg's, the rest of
+    """Per-image CPU milliseconds (mean over 3 passes over ``n`` files, the steps interleaved) of: Pillow's decode, simplejpeg's, the rest of
     timm's transform (random-resized crop 224 + flip + to tensor), the crop's resize alone, and resizing only the
     CutMix box of a foreground (a Beta(1, 1) lambda), with how far its pixels are from the full resize's."""
     from timm.data import create_transform
@@ -230,15 +230,14 @@ def profile(files: List[str], n: int, seed: int) -> Dict:
     )
     if not fast_decode_available():
         del steps['decode_fast']
-    result = {}
-    for name, fn in steps.items():
-        passes = []
-        for _ in range(3):
-            t0 = time.thread_time()
-            for k in range(len(datas)):
+    times = {name: [] for name in steps}
+    for _ in range(3):  # interleaved image by image, so a busy moment of the machine hits every step alike
+        for k in range(len(datas)):
+            for name, fn in steps.items():
+                t0 = time.thread_time()
                 fn(k)
-            passes.append((time.thread_time() - t0) / len(datas))
-        result[name + '_ms'] = 1e3 * statistics.median(passes)
+                times[name].append(time.thread_time() - t0)
+    result = {name + '_ms': 1e3 * float(np.mean(t)) for name, t in times.items()}
     identical = sum(np.array_equal(np.asarray(read_image(d, 'RGB', fast=True)), np.asarray(im)) for d, im in zip(datas, imgs))
     diffs = []
     for k in range(len(datas)):
@@ -277,7 +276,8 @@ def main(argv=None):
     p.add_argument('--warmup-batches', type=int, default=4)
     p.add_argument('--color-jitter', type=float, default=0., help="timm's --color-jitter (0: none, as the issue's transform)")
     p.add_argument('--profile-images', type=int, default=200)
-    p.add_argument('--threads', type=int, default=None, help='torch threads of the main process (default: torch default)')
+    p.add_argument('--threads', type=int, default=1,
+                   help='torch threads of the main process (default 1: the loader workers need the cores)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'loader_throughput_224.json'))
     args = p.parse_args(argv)
