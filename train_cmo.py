@@ -50,6 +50,7 @@ from timm_cmo.checkpoint import (
     remove_stale_temporaries, state_dict_from_checkpoint)
 from timm_cmo.data import CMO_VARIANTS, CMOConfig, CorruptImageError, MixInfo, create_cmo_loader, create_lt_dataset
 from timm_cmo.data.config import input_channels, input_img_mode, resolve_run_data_config
+from timm_cmo.data.decode import fast_decode_available
 from timm_cmo.data.cmo import cmo_active
 from timm_cmo.data.remix import RemixMixup
 from timm_cmo.data.sampler import derive_seed
@@ -83,7 +84,7 @@ RESUME_MAY_CHANGE = frozenset({
     'allow_config_change', 'start_epoch', 'initial_checkpoint', 'pretrained', 'validation_batch_size',
     'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
     'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
-    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn'})
+    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn', 'fast_decode'})
 
 
 def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -114,6 +115,10 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="drop the last incomplete training batch (timm's default)")
     group.add_argument('--no-drop-last', action='store_false', dest='drop_last',
                        help="keep the last incomplete training batch, as the paper's loaders do")
+    group.add_argument('--fast-decode', action='store_true', default=None,
+                       help='decode plain JPEGs with simplejpeg (the same pixels as Pillow, faster; '
+                            'default: when simplejpeg is installed)')
+    group.add_argument('--no-fast-decode', action='store_false', dest='fast_decode', help='decode every image with Pillow')
 
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='resnet32_cifar', type=str, metavar='MODEL',
@@ -329,6 +334,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
     if args.loss not in list_losses():
         bad('loss', args.loss, f'unknown loss, choose from {", ".join(list_losses())}')
+    if args.fast_decode and not fast_decode_available():
+        bad('fast_decode', args.fast_decode, 'needs simplejpeg: pip install simplejpeg (or timm-cmo[fast]), or drop the flag')
     if args.reweight not in REWEIGHTS:
         bad('reweight', args.reweight, f'choose from {", ".join(REWEIGHTS)}')
     try:
@@ -632,10 +639,10 @@ def build_datasets(args):
         common['class_map'] = args.class_map
     train_ds = create_lt_dataset(
         args.dataset, args.data_dir, split=args.train_split, imb_ratio=args.imb_ratio, imb_seed=args.imb_seed,
-        imb_max=args.imb_max, list_file=args.train_list, is_train=True, **common)
+        imb_max=args.imb_max, list_file=args.train_list, is_train=True, fast_decode=args.fast_decode, **common)
     eval_ds = create_lt_dataset(
         args.dataset, args.data_dir, split=args.val_split, list_file=args.val_list,
-        num_classes=train_ds.num_classes, is_train=False, **common)
+        num_classes=train_ds.num_classes, is_train=False, fast_decode=args.fast_decode, **common)
     return train_ds, eval_ds
 
 

@@ -51,6 +51,7 @@ from common import REPO, default_data_dir, report_header, write_json  # noqa: E4
 from loader_throughput import CountingDataset, CountReads, TwoLoaders, run_epoch  # noqa: E402
 
 from timm_cmo.data import create_cmo_loader, create_lt_dataset, long_tail_counts, rand_bbox  # noqa: E402
+from timm_cmo.data import decode  # noqa: E402
 from timm_cmo.data.decode import fast_decode_available, read_image  # noqa: E402
 from timm_cmo.files import write_text_atomic  # noqa: E402
 
@@ -194,8 +195,8 @@ def time_loaders(root: str, args, workers: int) -> Dict:
 # ---------------------------------------------------------------- the profile
 
 def profile(files: List[str], n: int, seed: int) -> Dict:
-    """Per-image CPU milliseconds (mean over 3 passes over ``n`` files, the steps interleaved) of: Pillow's decode, simplejpeg's, the rest of
-    timm's transform (random-resized crop 224 + flip + to tensor), the crop's resize alone, and resizing only the
+    """Per-image CPU milliseconds (mean over 3 passes over ``n`` files, the steps interleaved) of: Pillow's decode,
+    simplejpeg's (to a PIL image, and libjpeg-turbo's part alone), the rest of timm's transform (random-resized crop 224 + flip + to tensor), the crop's resize alone, and resizing only the
     CutMix box of a foreground (a Beta(1, 1) lambda), with how far its pixels are from the full resize's."""
     from timm.data import create_transform
     rng = np.random.default_rng(seed)
@@ -224,12 +225,13 @@ def profile(files: List[str], n: int, seed: int) -> Dict:
     steps = dict(
         decode_pillow=lambda k: read_image(datas[k], 'RGB', fast=False),
         decode_fast=lambda k: read_image(datas[k], 'RGB', fast=True),
+        decode_libjpeg=lambda k: decode.simplejpeg.decode_jpeg(datas[k], 'RGB'),  # libjpeg-turbo alone, no PIL image
         transform=lambda k: transform(imgs[k]),
         resize=lambda k: crops[k].resize(out, Image.BILINEAR),
         resize_box=box_resize,
     )
     if not fast_decode_available():
-        del steps['decode_fast']
+        del steps['decode_fast'], steps['decode_libjpeg']
     times = {name: [] for name in steps}
     for _ in range(3):  # interleaved image by image, so a busy moment of the machine hits every step alike
         for k in range(len(datas)):
