@@ -99,7 +99,7 @@ def read_image(fp: Any, mode: Optional[str] = 'RGB', fast: bool = True) -> Image
     """Decode an image file object (or bytes) to a PIL image in ``mode``, as ``Image.open(fp).convert(mode)``.
 
     Args:
-        fp: A binary file object (read to its end and closed when the fast path reads it) or bytes.
+        fp: A binary file object (closed once the image is decoded) or bytes.
         mode: PIL mode to convert to (``'RGB'``, ``'L'``, ...); None keeps the file's own mode (the
             image is then decoded lazily when it comes from Pillow).
         fast: Decode plain JPEGs (:func:`is_plain_jpeg`) with simplejpeg when it is installed.
@@ -128,5 +128,8 @@ def read_image(fp: Any, mode: Optional[str] = 'RGB', fast: bool = True) -> Image
         fp = io.BytesIO(bytes(fp))
     img = Image.open(fp)
     if mode:
-        img = img.convert(mode)
+        img = img.convert(mode)  # decodes: the file is no longer needed
+        close = getattr(fp, 'close', None)
+        if close is not None:
+            close()
     return img
