@@ -30,6 +30,7 @@ on ``--profile-images`` of the files in this process, by CPU time) divided by th
 processes (``max(1, workers)``). The profile also times the rest of timm's transform and what
 resizing only the pasted box of a foreground would save (the bound behind not planning the box).
 
+    python bench/loader_throughput_224.py --make-only   # once: the folder (~500 MB; untimed, any load)
     python bench/loader_throughput_224.py --workers 0 2 --repeats 3
 """
 import argparse
@@ -267,6 +268,7 @@ def main(argv=None):
     p.add_argument('--data-dir', default=default_data_dir(), help='Folder with CIFAR-10 train.tar (or the tar itself)')
     p.add_argument('--make-data', default=str(REPO / 'output' / 'bench_imagenet_lt'), metavar='DIR',
                    help='Where the generated JPEG folder is (made when missing or different)')
+    p.add_argument('--make-only', action='store_true', help='Make the folder (if needed) and stop: nothing is timed')
     p.add_argument('--n-max', type=int, default=256, help='Images of the largest class (256: 4,635 images; 512: 9,315)')
     p.add_argument('--num-classes', type=int, default=100)
     p.add_argument('--imb-ratio', type=float, default=256.)
@@ -298,6 +300,8 @@ def main(argv=None):
     results['data'] = dict(folder=args.make_data, **{k: v for k, v in manifest.items() if k != 'class_counts'})
     print(f'# data: {manifest["images"]} images in {args.make_data}, {manifest["bytes_per_pixel"]:.3f} bytes/pixel, '
           f'{manifest["mean_kib"]:.0f} KiB on average', flush=True)
+    if args.make_only:
+        return results
     prof = profile(image_files(args.make_data), args.profile_images, args.seed)
     results['profile'] = prof
     print(f'# profile (ms per image, CPU time): {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in prof.items()})}',

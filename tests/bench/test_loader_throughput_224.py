@@ -48,6 +48,10 @@ def test_folder_is_long_tailed_imagenet_sized_and_kept(cifar10_dir, tmp_path):
 
 def test_report_counts_reads_and_shares(cifar10_dir, tmp_path):
     out = tmp_path / 'r.json'
+    made = bench.main(['--data-dir', str(cifar10_dir), '--make-data', str(tmp_path / 'lt'), *TINY, '--make-only',
+                       '--out', str(out)])
+    assert made['data']['images'] == 8 and made['workers'] == {}
+    assert not out.exists() and len(bench.image_files(str(tmp_path / 'lt'))) == 8
     bench.main(['--data-dir', str(cifar10_dir), '--make-data', str(tmp_path / 'lt'), *TINY, '--batch-size', '2',
                 '--workers', '0', '--repeats', '2', '--warmup-batches', '1', '--profile-images', '4', '--out', str(out)])
     report = json.loads(out.read_text())
