@@ -196,9 +196,10 @@ def time_loaders(root: str, args, workers: int) -> Dict:
 # ---------------------------------------------------------------- the profile
 
 def profile(files: List[str], n: int, seed: int) -> Dict:
-    """Per-image CPU milliseconds (mean over 3 passes over ``n`` files, the steps interleaved) of: Pillow's decode,
-    simplejpeg's (to a PIL image, and libjpeg-turbo's part alone), the rest of timm's transform (random-resized crop 224 + flip + to tensor), the crop's resize alone, and resizing only the
-    CutMix box of a foreground (a Beta(1, 1) lambda), with how far its pixels are from the full resize's."""
+    """Per-image CPU milliseconds (mean over 3 passes over ``n`` files, the steps interleaved) of: Pillow's
+    decode, simplejpeg's (to a PIL image, and libjpeg-turbo's part alone), the rest of timm's transform
+    (random-resized crop 224 + flip + to tensor), the crop's resize alone, and resizing only the CutMix box
+    of a foreground (a Beta(1, 1) lambda), with how far its pixels are from the full resize's."""
     from timm.data import create_transform
     rng = np.random.default_rng(seed)
     random.seed(seed)
@@ -304,8 +305,8 @@ def main(argv=None):
         return results
     prof = profile(image_files(args.make_data), args.profile_images, args.seed)
     results['profile'] = prof
-    print(f'# profile (ms per image, CPU time): {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in prof.items()})}',
-          flush=True)
+    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in prof.items()}
+    print(f'# profile (ms per image, CPU time): {json.dumps(shown)}', flush=True)
     for workers in args.workers:
         summary = time_loaders(args.make_data, args, workers)
         decode_share(summary, prof, workers)
@@ -320,7 +321,8 @@ def main(argv=None):
 
     print()
     print(f'224 px, {manifest["images"]} images (rho {args.imb_ratio:g}), batch {args.batch_size}, median of '
-          f'{args.repeats} epochs, {info["cpu"]}, {info["cores"]} cores, simplejpeg {"on" if results["fast_decode"] else "missing"}')
+          f'{args.repeats} epochs, {info["cpu"]}, {info["cores"]} cores, '
+          f'simplejpeg {"on" if results["fast_decode"] else "missing"}')
     print('| workers | ' + ' | '.join(f'{n} img/s' for n in LOADERS) + ' | CMO/timm (before -> after) | plain/timm '
           '| CMO/two-loader (before -> after) | reads/sample CMO | decode share timm / plain / CMO before -> after |')
     print('|---' * (len(LOADERS) + 6) + '|')

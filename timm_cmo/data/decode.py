@@ -7,10 +7,11 @@ libjpeg-turbo decoder with the same settings as Pillow's (accurate integer IDCT,
 upsampling: ``fastdct=False, fastupsample=False``), so the pixels are Pillow's bit for bit (tested
 on generated and real JPEGs of every chroma subsampling), about 1.1x faster on a 500 x 375 photo
 (libjpeg-turbo's part alone is 1.35x faster than Pillow's decode; the PIL image that timm's
-transform needs costs the rest). Everything else goes to Pillow exactly as before: progressive and arithmetic-coded JPEGs, grey and CMYK JPEGs,
-Adobe RGB-coded JPEGs, 12-bit JPEGs, PNG and other formats, files above Pillow's decompression-bomb
-limit, and any file simplejpeg refuses or only decodes with a warning (a truncated or corrupt
-file), so Pillow's tolerance and error messages are unchanged.
+transform needs costs the rest). Everything else goes to Pillow exactly as before: progressive and
+arithmetic-coded JPEGs, grey and CMYK JPEGs, Adobe RGB-coded JPEGs, 12-bit JPEGs, PNG and other
+formats, files above Pillow's decompression-bomb limit, and any file simplejpeg refuses or only
+decodes with a warning (a truncated or corrupt file), so Pillow's tolerance and error messages are
+unchanged.
 
 simplejpeg is optional (``pip install timm-cmo[fast]``); without it everything decodes with Pillow.
 """
@@ -27,7 +28,8 @@ except ImportError:  # optional: Pillow decodes everything
 __all__ = ['fast_decode_available', 'is_plain_jpeg', 'read_image', 'resolve_fast_decode']
 
 _SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline, extended sequential (Huffman); progressive (C2) and arithmetic go to Pillow
-_SOF_OTHER = frozenset(range(0xC2, 0xD0)) - {0xC4, 0xC8, 0xCC}  # other frame types: DHT (C4), JPG (C8), DAC (CC) are not frames
+# the other frame types; C4 (DHT), C8 (JPG) and CC (DAC) are not frames
+_SOF_OTHER = frozenset(range(0xC2, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 def fast_decode_available() -> bool:
