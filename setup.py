@@ -36,6 +36,7 @@ setup(
         'tensorboard': ['tensorboard'],  # --log-tensorboard (torch.utils.tensorboard writes, tensorboard reads back)
         # the logger tests write and read back real wandb (offline) and TensorBoard files: CI installs both
         'test': ['pytest', 'pytest-xdist', 'scipy', 'wandb', 'tensorboard'],
+        'fast': ['simplejpeg>=1.8'],  # JPEG decoding with Pillow's pixels, faster (timm_cmo.data.decode); Pillow without it
     },
     entry_points={
         'console_scripts': [

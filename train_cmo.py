@@ -54,6 +54,7 @@ from timm_cmo.data import (
     CMO_VARIANTS, CMOConfig, CorruptImageError, LongTailDataset, MixInfo, create_cmo_loader, create_lt_dataset,
     dataset_targets)
 from timm_cmo.data.config import input_channels, input_img_mode, resolve_run_data_config
+from timm_cmo.data.decode import fast_decode_available
 from timm_cmo.data.cmo import cmo_active
 from timm_cmo.data.mixup import MixupCutmix
 from timm_cmo.data.remix import RemixMixup
@@ -96,7 +97,7 @@ RESUME_MAY_CHANGE = frozenset({
     'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
     'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
     'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn', 'torchcompile_mode',
-    'log_tensorboard', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'plot_format',
+    'log_tensorboard', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'plot_format', 'fast_decode',
     'causal_alpha',  # Causal Norm's alpha acts at evaluation only
     # evaluation-time options (the held-out fraction, --tune-fraction / --tune-seed, shapes the training set)
     'post_hoc', 'post_hoc_tau', 'tune_holdout_per_class', 'tune_list', 'tune_split', 'test_prior', 'test_imb_ratio',
@@ -132,6 +133,10 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="drop the last incomplete training batch (timm's default)")
     group.add_argument('--no-drop-last', action='store_false', dest='drop_last',
                        help="keep the last incomplete training batch, as the paper's loaders do")
+    group.add_argument('--fast-decode', action='store_true', default=None,
+                       help='decode plain JPEGs with simplejpeg (the same pixels as Pillow, faster; '
+                            'default: when simplejpeg is installed)')
+    group.add_argument('--no-fast-decode', action='store_false', dest='fast_decode', help='decode every image with Pillow')
 
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='resnet32_cifar', type=str, metavar='MODEL',
@@ -435,6 +440,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
     if args.loss not in list_losses():
         bad('loss', args.loss, f'unknown loss, choose from {", ".join(list_losses())}')
+    if args.fast_decode and not fast_decode_available():
+        bad('fast_decode', args.fast_decode, 'needs simplejpeg: pip install simplejpeg (or timm-cmo[fast]), or drop the flag')
     if args.reweight not in REWEIGHTS:
         bad('reweight', args.reweight, f'choose from {", ".join(REWEIGHTS)}')
     try:
@@ -981,11 +988,11 @@ def build_datasets(args):
     if args.class_map:
         common['class_map'] = args.class_map
     train_kwargs = dict(split=args.train_split, imb_ratio=args.imb_ratio, imb_seed=args.imb_seed, imb_max=args.imb_max,
-                        list_file=args.train_list, is_train=True, **common)
+                        list_file=args.train_list, is_train=True, fast_decode=args.fast_decode, **common)
     train_ds = create_lt_dataset(args.dataset, args.data_dir, **train_kwargs)
     eval_ds = create_lt_dataset(
         args.dataset, args.data_dir, split=args.val_split, list_file=args.val_list,
-        num_classes=train_ds.num_classes, is_train=False, **common)
+        num_classes=train_ds.num_classes, is_train=False, fast_decode=args.fast_decode, **common)
     tune_ds = None
     if args.tune_fraction is not None:
         # the held-out images get their own copy of the source (its own transform: evaluation, not training)
@@ -1003,19 +1010,20 @@ def build_datasets(args):
         tune_ds = _view(source, held, train_ds)
     elif args.tune_list is not None and args.post_hoc is not None:
         tune_ds = create_lt_dataset(args.dataset, args.data_dir, split='tune', list_file=args.tune_list,
-                                    num_classes=train_ds.num_classes, is_train=False, **common)
+                                    num_classes=train_ds.num_classes, is_train=False, fast_decode=args.fast_decode, **common)
     elif args.tune_split is not None and args.post_hoc is not None:
         if args.dataset.lower().startswith('torch/'):
             raise ValueError(f'{args.dataset} has only the train and test splits: hold validation data out with '
                              f'--tune-holdout-per-class or --tune-fraction')
         tune_ds = create_lt_dataset(args.dataset, args.data_dir, split=args.tune_split,
-                                    num_classes=train_ds.num_classes, is_train=False, **common)
+                                    num_classes=train_ds.num_classes, is_train=False, fast_decode=args.fast_decode, **common)
     return train_ds, eval_ds, tune_ds
 
 
 def _view(ds: LongTailDataset, source_indices, like: LongTailDataset) -> LongTailDataset:
     """The samples ``source_indices`` of ``ds``'s source, with ``like``'s classes."""
-    return LongTailDataset(ds.dataset, indices=source_indices, num_classes=like.num_classes, classes=like.classes)
+    return LongTailDataset(ds.dataset, indices=source_indices, num_classes=like.num_classes, classes=like.classes,
+                           fast_decode=ds.fast_decode)
 
 
 def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_classes):

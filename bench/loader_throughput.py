@@ -33,7 +33,9 @@ from timm.data.loader import PrefetchLoader, fast_collate
 from common import REPO, default_data_dir, report_header, write_json  # noqa: E402  (also puts the repo on sys.path)
 
 import timm_cmo  # noqa: E402,F401  (registers the plugin)
-from timm_cmo.data import CMOMixup, LongTailDataset, create_cmo_loader, create_lt_dataset, sample_weights  # noqa: E402
+from timm_cmo.data import (  # noqa: E402
+    CMOMixup, LongTailDataset, create_cmo_loader, create_lt_dataset, dataset_targets, sample_weights,
+)
 from timm_cmo.data.transforms import pad_crop_transform  # noqa: E402
 
 CPU = torch.device('cpu')
@@ -42,8 +44,9 @@ INPUT_SIZE = (3, 32, 32)
 LOADERS = ('timm', 'cmo', 'two_loader')
 
 
-class CountingDataset(LongTailDataset):
-    """A LongTailDataset counting ``__getitem__`` calls in a shared-memory tensor, one slot per process."""
+class CountReads:
+    """Mixin for a map-style dataset: counts ``__getitem__`` calls in a shared-memory tensor, one slot per process
+    (so reads in loader workers count too)."""
 
     MAX_SLOTS = 64
 
@@ -60,6 +63,10 @@ class CountingDataset(LongTailDataset):
         return int(self.reads.sum())
 
 
+class CountingDataset(CountReads, LongTailDataset):
+    """A LongTailDataset counting its image reads."""
+
+
 def make_dataset(tar: str, imb_ratio: float) -> CountingDataset:
     """A fresh dataset with its own tar reader: a reader whose tar file the parent process has opened
     must not be shared with forked workers (they would share one file offset)."""
@@ -74,20 +81,28 @@ def loader_kwargs(batch_size: int, workers: int):
 
 class TwoLoaders:
     """The paper code's training-loop data path: a background batch from the plain loader and, at
-    every step, a foreground batch from a class-weighted loader; mixed with probability ``prob``."""
+    every step, a foreground batch from a class-weighted loader; mixed with probability ``prob``.
 
-    def __init__(self, bg_dataset, fg_dataset, batch_size, workers, prob=0.5, seed=0):
-        self.bg = create_loader(bg_dataset, **loader_kwargs(batch_size, workers))
-        bg_dataset.transform = pad_crop_transform(bg_dataset.transform, INPUT_SIZE)
+    ``loader_kw``: the arguments of timm's ``create_loader`` (default: this script's CIFAR ones);
+    ``pad_crop``: swap in the paper's pad-4 random crop (the CIFAR recipe).
+    """
+
+    def __init__(self, bg_dataset, fg_dataset, batch_size, workers, prob=0.5, seed=0, loader_kw=None, pad_crop=True):
+        kw = loader_kw if loader_kw is not None else loader_kwargs(batch_size, workers)
+        self.bg = create_loader(bg_dataset, **kw)
+        if pad_crop:
+            bg_dataset.transform = pad_crop_transform(bg_dataset.transform, kw['input_size'])
         # same transform (timm's, with the pad crop), same collate and prefetcher for the foregrounds
         fg_dataset.transform = bg_dataset.transform
-        weights = sample_weights(fg_dataset.targets, r=1.0)
+        targets = dataset_targets(fg_dataset)
+        weights = sample_weights(targets, r=1.0)
         sampler = torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True)
         inner = torch.utils.data.DataLoader(
-            fg_dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=fast_collate,
-            drop_last=True, persistent_workers=workers > 0)
-        self.fg = PrefetchLoader(inner, mean=CIFAR_MEAN, std=CIFAR_STD, device=CPU)
-        self.mixer = CMOMixup(bg_dataset.num_classes, prob=prob, beta=1.0, seed=seed)
+            fg_dataset, batch_size=kw['batch_size'], sampler=sampler, num_workers=kw['num_workers'],
+            collate_fn=fast_collate, drop_last=True, persistent_workers=kw['num_workers'] > 0)
+        self.fg = PrefetchLoader(inner, mean=kw['mean'], std=kw['std'], device=kw['device'])
+        num_classes = getattr(bg_dataset, 'num_classes', None) or int(targets.max()) + 1
+        self.mixer = CMOMixup(num_classes, prob=prob, beta=1.0, seed=seed)
 
     def set_epoch(self, epoch):
         pass

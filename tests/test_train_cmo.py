@@ -937,6 +937,17 @@ def test_drop_last_with_no_full_batch_is_refused(small_cifar, tmp_path, capsys):
     assert not (tmp_path / 'empty').exists()
 
 
+def test_fast_decode_flag(capsys, monkeypatch, tmp_path):
+    args, _ = train_cmo.parse_args(['--data-dir', 'x'])
+    assert args.fast_decode is None  # auto: simplejpeg when installed
+    assert train_cmo.parse_args(['--data-dir', 'x', '--no-fast-decode'])[0].fast_decode is False
+    from timm_cmo.data import decode
+    monkeypatch.setattr(decode, 'simplejpeg', None)
+    monkeypatch.setattr(train_cmo, 'fast_decode_available', decode.fast_decode_available)
+    code, err = main_exit(['--data-dir', str(tmp_path / 'no_such_data'), '--fast-decode'], capsys)
+    assert code == 2 and '--fast-decode True: needs simplejpeg' in err
+
+
 def test_recipes_by_name():
     args, _ = train_cmo.parse_args(['-c', 'cifar10_lt_r100_ldam_drw_cmo', '--data-dir', 'x'])
     assert args.config.endswith(os.path.join('hparams', 'cifar10_lt_r100_ldam_drw_cmo.yaml'))

@@ -14,6 +14,7 @@ import torch.utils.data
 from PIL import Image
 from timm.data import ImageDataset, create_dataset
 
+from .decode import read_image, resolve_fast_decode
 from .reader_image_list import ReaderImageList
 
 _logger = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class LongTailDataset(torch.utils.data.Dataset):
         classes: Class names in index order.
         input_img_mode: PIL mode the images are decoded to (``'RGB'``, ``'L'`` for one channel);
             None keeps the source's. It applies to every view of the same source.
+        fast_decode: Decode plain JPEGs of a timm reader source with simplejpeg (Pillow's pixels,
+            faster; see :mod:`timm_cmo.data.decode`); None: when simplejpeg is installed.
     """
 
     def __init__(
@@ -167,8 +170,10 @@ class LongTailDataset(torch.utils.data.Dataset):
             num_classes: Optional[int] = None,
             classes: Optional[List[str]] = None,
             input_img_mode: Optional[str] = None,
+            fast_decode: Optional[bool] = None,
     ):
         all_targets = dataset_targets(dataset)
+        self.fast_decode = resolve_fast_decode(fast_decode)
         self.dataset = dataset
         self.indices = np.arange(len(all_targets)) if indices is None else np.asarray(indices, dtype=np.int64)
         if len(self.indices) == 0:
@@ -229,9 +234,7 @@ class LongTailDataset(torch.utils.data.Dataset):
         base = self.dataset
         img, target, *_ = base.reader[i]
         try:
-            img = Image.open(img)
-            if base.input_img_mode:
-                img = img.convert(base.input_img_mode)  # decodes the pixels
+            img = read_image(img, base.input_img_mode, fast=self.fast_decode)  # a mode decodes the pixels
         except (OSError, SyntaxError, ValueError) as e:
             raise CorruptImageError(
                 f'cannot read image {base.filename(i)} (sample {index} of this split): {type(e).__name__}: {e}. '
@@ -299,6 +302,7 @@ def create_lt_dataset(
         imb_max: Optional[int] = None,
         input_img_mode: Optional[str] = None,
         is_train: Optional[bool] = None,
+        fast_decode: Optional[bool] = None,
         **kwargs: Any,
 ) -> LongTailDataset:
     """Create a (long-tailed) dataset, in the spirit of timm's ``create_dataset``.
@@ -326,6 +330,7 @@ def create_lt_dataset(
         is_train: Whether ``split`` is the training split (made long-tailed; a missing folder of that name
             is looked for as ``train``/``training``, never as an evaluation split). None: ``split`` is
             ``'train'`` or ``'training'``.
+        fast_decode: Decode plain JPEGs with simplejpeg (identical pixels); None: when it is installed.
         **kwargs: Passed to timm's ``create_dataset`` (e.g. ``class_map``); ``num_classes`` and
             ``check_files`` apply to list files.
 
@@ -363,7 +368,7 @@ def create_lt_dataset(
                             f'training would.')
         base = create_dataset(name, root=split_root, split=split, search_split=False, **kwargs)
 
-    full = LongTailDataset(base, num_classes=num_classes, input_img_mode=input_img_mode)
+    full = LongTailDataset(base, num_classes=num_classes, input_img_mode=input_img_mode, fast_decode=fast_decode)
     if imb_ratio is None and imb_max is None:
         return full
     if not is_train:
@@ -384,7 +389,7 @@ def create_lt_dataset(
             f'needs at least {need}')
     indices = long_tail_indices(full.targets, counts, seed=imb_seed)
     dataset = LongTailDataset(base, indices=full.indices[indices], num_classes=full.num_classes, classes=full.classes,
-                              input_img_mode=input_img_mode)
+                              input_img_mode=input_img_mode, fast_decode=fast_decode)
     short = [c for c, (want, have) in enumerate(zip(counts, dataset.class_counts)) if have < want]
     if short:
         _logger.warning(f'Classes {short} have fewer source images than the long-tail profile asks for.')
