@@ -434,11 +434,9 @@ def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Opt
 
     A batch the loader mixed (CMO) or smoothed gets the loss of its mix, the paper's per-term form
     ``lam * L(y_b) + (1 - lam) * L(y_f)`` (see :mod:`timm_cmo.losses.long_tail`), exactly what the
-    README's library loop computes. Multi-expert outputs ``(logits, expert logits)`` go whole to
-    losses that use them (``ride``), else their ensemble logits do.
+    README's library loop computes. ``output`` is the model's: (B, C) logits, or the multi-expert
+    training output for a loss that ``needs_experts`` (``_main`` switches it on for those).
     """
-    if isinstance(output, tuple) and not getattr(loss_fn, 'needs_experts', False):
-        output = output[0]
     if mix_info is not None:
         return loss_fn(output, target, mix=mix_info)
     return loss_fn(output, target)
@@ -1019,7 +1017,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         error(f'--model {args.model}{" --model-kwargs " + str(model_kwargs) if model_kwargs else ""}: {e}')
     num_classes = model.num_classes
     args.num_classes = num_classes
-    multi_expert = hasattr(model, 'num_experts')
+    multi_expert = callable(getattr(model, 'set_expert_training', None))
     if getattr(_loss_class(args.loss), 'needs_experts', False) and not multi_expert:
         bad_loss = f'--loss {args.loss} needs a multi-expert model (e.g. ride_resnet32_cifar)'
         error(f'{bad_loss}; --model {args.model} has a single classifier')
@@ -1054,6 +1052,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             cb_beta=args.cb_beta, **loss_kwargs).to(device)
     except ValueError as e:  # e.g. a class without training images under a loss that needs every count
         error(f'--loss {args.loss}: {e}')
+    if getattr(loss_fn, 'needs_experts', False):  # ride, ride_ea (--stage2 router): every expert's logits in training
+        model.set_expert_training(True)
     output_dir = None
     resuming_here = False
     if args.rank == 0:
