@@ -735,12 +735,10 @@ def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Opt
 
     A batch the loader mixed (CMO) or smoothed gets the loss of its mix, the paper's per-term form
     ``lam * L(y_b) + (1 - lam) * L(y_f)`` (see :mod:`timm_cmo.losses.long_tail`), exactly what the
-    README's library loop computes. Multi-expert outputs ``(logits, expert logits)`` go whole to
-    losses that use them (``ride``), else their ensemble logits do. ``norm``: a micro-batch's share of an
-    accumulated batch, from :func:`accumulation_norm`.
+    README's library loop computes. ``output`` is the model's: (B, C) logits, or the multi-expert
+    training output for a loss that ``needs_experts`` (``_main`` switches it on for those). ``norm``: a
+    micro-batch's share of an accumulated batch, from :func:`accumulation_norm`.
     """
-    if isinstance(output, tuple) and not getattr(loss_fn, 'needs_experts', False):
-        output = output[0]
     kwargs = {} if mix_info is None else dict(mix=mix_info)
     if norm is None:
         return loss_fn(output, target, **kwargs)
@@ -1492,7 +1490,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
               f'has none, ignores the causal_norm argument, or has no classifier)')
     num_classes = model.num_classes
     args.num_classes = num_classes
-    multi_expert = hasattr(model, 'num_experts')
+    multi_expert = callable(getattr(model, 'set_expert_training', None))
     if getattr(_loss_class(args.loss), 'needs_experts', False) and not multi_expert:
         bad_loss = f'--loss {args.loss} needs a multi-expert model (e.g. ride_resnet32_cifar)'
         error(f'{bad_loss}; --model {args.model} has a single classifier')
@@ -1541,6 +1539,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             cb_beta=args.cb_beta, **loss_kwargs).to(device)
     except ValueError as e:  # e.g. a class without training images under a loss that needs every count
         error(f'--loss {args.loss}: {e}')
+    if getattr(loss_fn, 'needs_experts', False):  # ride, ride_ea (--stage2 router): every expert's logits in training
+        model.set_expert_training(True)
     output_dir = None
     resuming_here = False
     if args.rank == 0:

@@ -136,7 +136,11 @@ class LongTailLoss(nn.Module):
         validate: check target values (range, non-negativity); shape checks always run. On
             CUDA the value checks are asynchronous asserts (no host sync). Turn off for a
             compiled fast path.
+
+    ``needs_experts`` (class attribute, False here): True for losses that take a multi-expert model's
+    training output instead of (B, C) logits (RIDE's); switch it on with ``model.set_expert_training(True)``.
     """
+    needs_experts = False
 
     def __init__(
             self,
