@@ -36,7 +36,7 @@ class weights this equals the soft-target loss of ``mix.target(C)``; with them (
 paper's loss. ``target`` may also be the ``MixInfo`` itself. ``'sum'`` gives the numerators'
 sum, ``'none'`` the ``(B,)`` per-sample numerators of both terms.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -205,12 +205,16 @@ class LongTailLoss(nn.Module):
         tw = t if weight is None else t * weight
         return (tw * class_losses).sum(dim=1), tw.sum(dim=1)
 
-    def mixed_loss(self, logits: torch.Tensor, mix, weight: Optional[torch.Tensor]) -> torch.Tensor:
-        """The per-term loss of a mix (module docstring); ``logits`` already checked and promoted."""
+    def mix_terms(
+            self, logits: torch.Tensor, mix,
+    ) -> Tuple[List[Tuple[torch.Tensor, Union[float, torch.Tensor]]], float]:
+        """``([(y, share), ...], smoothing)`` of a mix: ``(y_b, lam)`` and, unless ``lam == 1``, ``(y_f, 1 - lam)``.
+
+        ``y`` are checked ``(B,)`` int64 labels; ``share`` a float or a ``(B,)`` tensor in the logits' dtype.
+        """
         y_b = self._check_target(mix.y_b, logits)
         lam = mix.lam
         smoothing = float(getattr(mix, 'smoothing', 0.0))
-        class_losses = self.class_losses(logits) if smoothing else None
         terms = [(y_b, lam)]
         if isinstance(lam, torch.Tensor):
             lam = lam.to(logits.device, logits.dtype).reshape(-1)
@@ -219,6 +223,12 @@ class LongTailLoss(nn.Module):
             terms = [(y_b, lam), (self._check_target(mix.y_f, logits), 1. - lam)]
         elif lam != 1.:
             terms.append((self._check_target(mix.y_f, logits), 1. - float(lam)))
+        return terms, smoothing
+
+    def mixed_loss(self, logits: torch.Tensor, mix, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """The per-term loss of a mix (module docstring); ``logits`` already checked and promoted."""
+        terms, smoothing = self.mix_terms(logits, mix)
+        class_losses = self.class_losses(logits) if smoothing else None
         per_sample, total = 0., 0.
         for y, share in terms:
             num, den = self._term(logits, y, smoothing, weight, class_losses)
