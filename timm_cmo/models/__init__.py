@@ -2,8 +2,10 @@
 
 Importing this package registers ``resnet{20,32,44,56,110}_cifar``, ``ride_resnet{20,32,44,56,110}_cifar``,
 ``ride_resnet10``, ``ride_resnet50`` and ``ride_resnext50_32x4d`` with timm and adds the ``head_norm``
-argument to timm's ``ResNet`` (``timm.create_model('resnet50', head_norm=True)``).
+argument to timm's ``ResNet`` (``timm.create_model('resnet50', head_norm=True)``). :func:`logits_and_features`
+gives a model's logits with its penultimate features (for losses with ``needs_features``, e.g. IB).
 """
+from .features import LogitsAndFeatures, WithFeatures, check_feature_split, logits_and_features
 from .head_norm import NormedLinear, add_head_norm_arg, is_head_norm, patch_timm_resnet
 from .resnet_cifar import CIFAR_MEAN, CIFAR_STD, ResNetCifar
 from .ride import RIDEResNet, RIDEResNetCifar, freeze_for_router_training, ride_checkpoint_filter_fn
@@ -11,4 +13,5 @@ from .ride import RIDEResNet, RIDEResNetCifar, freeze_for_router_training, ride_
 patch_timm_resnet()
 
 __all__ = ['NormedLinear', 'ResNetCifar', 'is_head_norm', 'add_head_norm_arg', 'CIFAR_MEAN', 'CIFAR_STD',
-           'RIDEResNet', 'RIDEResNetCifar', 'freeze_for_router_training', 'ride_checkpoint_filter_fn']
+           'RIDEResNet', 'RIDEResNetCifar', 'freeze_for_router_training', 'ride_checkpoint_filter_fn',
+           'LogitsAndFeatures', 'WithFeatures', 'check_feature_split', 'logits_and_features']
