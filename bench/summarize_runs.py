@@ -29,7 +29,7 @@ from timm_cmo.plot import plot_per_class_accuracy  # noqa: E402
 from timm_cmo.results import SummaryWriter  # noqa: E402
 
 KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'reliability.png')
-NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE'}
+NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE', 'lade': 'LADE', 'ib': 'IB'}
 VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_cmo': '+ CMO', '_cmo_las': '+ CMO + LAS',
             '_router': '+ EA', '_cmo_router': '+ CMO + EA'}  # EA: RIDE's expert assignment (router stage)
 RUN_KEYS = ('top1', 'head', 'middle', 'tail', 'ece', 'mce', 'nll')  # per-run table columns

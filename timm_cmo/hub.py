@@ -57,6 +57,9 @@ _LOSSES = {
     'bs': 'Balanced Softmax (Ren et al., NeurIPS 2020)',
     'focal': 'the focal loss (Lin et al., ICCV 2017)',
     'la': 'the logit-adjusted loss (Menon et al., ICLR 2021)',
+    'lade': 'LADE (PC softmax with the LADE regulariser, Hong et al., CVPR 2021)',
+    'ib': 'the influence-balanced loss (IB, Park et al., ICCV 2021)',
+    'ib_focal': 'the influence-balanced focal loss (IB + focal, Park et al., ICCV 2021)',
 }
 _CITATION = """@inproceedings{park2022majority,
   title={The Majority Can Help the Minority: Context-rich Minority Oversampling for Long-tailed Classification},

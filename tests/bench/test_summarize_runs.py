@@ -69,3 +69,12 @@ def test_resumed_run_time_is_summed_over_epochs(tmp_path):
     assert '| ce-s0 | 3.0 (resumed: epoch times summed) | 1,300 | cpu |' in proc.stdout
     # no summary.csv: results.json's figure, marked as the last part only
     assert '| ce_cmo-s0 | 50.0 (after resume: last part only) | 1,300 | cpu |' in proc.stdout
+
+
+def test_lade_and_ib_rows_are_named():
+    sys.path.insert(0, str(REPO / 'bench'))
+    import summarize_runs
+    assert summarize_runs.label('lade') == 'LADE' and summarize_runs.label('ib_cmo') == 'IB + CMO'
+    # the comparison methods follow the paper's own losses in the table
+    order = sorted(['ib_cmo', 'lade', 'ce', 'ib', 'ride_cmo'], key=summarize_runs.order_key)
+    assert order == ['ce', 'ride_cmo', 'lade', 'ib', 'ib_cmo']
