@@ -370,6 +370,9 @@ def test_card_for_timm_resnet_baseline():
     assert 'without CMO' in card and '| 50.0 | 60.0 | – | – |' in card and 'Recipe file' not in card
     card = hub.model_card(dict(args, head_norm=True), results)
     assert "the plugin's `head_norm` classifier" in card
+    for loss, words in (('lade', 'LADE (PC softmax with the LADE regulariser'), ('ib', 'influence-balanced loss (IB')):
+        card = hub.model_card(dict(args, loss=loss), dict(results, method=dict(results['method'], loss=loss)))
+        assert words in card, loss
     np.testing.assert_equal(hub.run_data_config(dict(interpolation='', crop_pct=None, mean=[0.5])), {'mean': (0.5,)})
 
 
