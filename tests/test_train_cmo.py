@@ -1278,14 +1278,6 @@ def test_lade_and_ib_errors(small_cifar, tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_batch_larger_than_the_data_with_drop_last_is_refused(small_cifar, tmp_path, capsys):
-    """--drop-last with fewer training images than one batch would train no step (LADE's recipes drop the last
-    batch): refused before the run folder exists; --no-drop-last trains."""
-    code, err = main_exit(base_argv(small_cifar, tmp_path, 'big', 1, '-b', '4096'), capsys)
-    assert code == 2 and '--batch-size 4096 with --drop-last: the ' in err and 'no step would train' in err
-    assert not (tmp_path / 'big').exists()
-
-
 def test_ib_epochs_recorded_and_a_late_start_warned(caplog):
     import logging
     caplog.set_level(logging.WARNING)
