@@ -1008,11 +1008,16 @@ def build_graphed_step(args, model: nn.Module, loss_fn: nn.Module, optimizer, tr
     """``--cuda-graph``: the graph-safe training step (CUDA graphs on a GPU, the eager stand-in on the CPU)."""
     from timm_cmo.train_step import GraphedTrainStep
     try:
-        return GraphedTrainStep(model, loss_fn, optimizer, train_loader, model_ema=model_ema,
-                                autocast_dtype=torch.bfloat16 if args.amp else None, clip_grad=args.clip_grad,
-                                clip_mode=args.clip_mode)
+        graphed = GraphedTrainStep(model, loss_fn, optimizer, train_loader, model_ema=model_ema,
+                                   autocast_dtype=torch.bfloat16 if args.amp else None, clip_grad=args.clip_grad,
+                                   clip_mode=args.clip_mode)
     except ValueError as e:
         error(f'--cuda-graph: {e}')
+    if args.rank == 0:
+        _logger.info('--cuda-graph: the graph-safe training step, ' + (
+            'captured as CUDA graphs (one per batch size)' if graphed.capture else
+            f'run eagerly on {graphed.device} (CUDA graphs need a CUDA device)'))
+    return graphed
 
 
 @torch.no_grad()
