@@ -663,8 +663,8 @@ class Suite:
             rows.append(('0', 'check', f'{"nvidia-smi, " if a.device == "cuda" else ""}torch, timm, timm_cmo: '
                                        f'the {"GPU" if a.device == "cuda" else "CPU"} and the versions',
                          m.fixed_s('check')))
-            if not a.no_timings:
-                for name, title, v in self.timing_plan(variant):
+            for name, title, v in self.timing_plan(variant):
+                if not a.no_timings or name == 'graph_check':  # the self-check runs even with --no-timings
                     rows.append(('1', name, title, self.timing_est(name, v)))
         for step, name, title, est in rows:
             t += est * a.margin
@@ -820,6 +820,8 @@ class Suite:
         tdir = self.pack_dir / 'timings'
         tdir.mkdir(parents=True, exist_ok=True)
         for name, title, variant in self.timing_plan(self.plan_variant()):
+            if a.no_timings and name != 'graph_check':
+                continue
             if name == 'probe':
                 variant = self.plan_variant()  # the fastest one measured so far
                 if variant in GRAPH_TWIN:  # train_speed.py times the eager step: the twin's parallel slope
@@ -1203,7 +1205,7 @@ class Suite:
         lines += ['', '## Timings (median seconds per epoch of CIFAR-10-LT, ResNet-32, batch 128)', '',
                   '| report | data path | CMO | s/epoch | images/s | 200 epochs (min) |', '|---|---|---|---|---|---|']
         for name, rep in self.timings.items():
-            if name in ('mixing', 'probe'):
+            if name in ('mixing', 'probe') or name.startswith('graph_'):
                 continue
             for r in rep['rows']:
                 lines.append(f'| {name} | {r["path"]} | {r["cmo"]} | {r["s_per_epoch"]:.3f} | {r["images_per_s"]:.0f} '
@@ -1297,8 +1299,8 @@ class Suite:
         try:
             self.step_install()
             ok = self.step_check()
-            if ok and not a.no_timings:
-                self.step_timings()
+            if ok and (not a.no_timings or self.graph_variants()):
+                self.step_timings()  # with --no-timings: the graph-safe step's self-check only
                 if self.measured['variants']:
                     self.log(self.plan_text(replan=True))
             elif not ok:

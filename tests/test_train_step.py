@@ -192,3 +192,25 @@ def test_what_cannot_be_graphed_is_refused_by_name():
     erasing = DeviceLoader(images, targets, 8, MEAN, STD, num_classes=C, re_prob=0.25)
     with pytest.raises(ValueError, match='random erasing'):
         check_graphable(model, loss_fn, optimizer, erasing)
+
+
+@pytest.mark.parametrize('case', ['cmo-batch-ce-drw', 'remix-ride-drw-keep-last'])
+def test_graph_safe_step_under_bf16_autocast_equals_train_one_epoch(case):
+    """``--amp --amp-dtype bfloat16``: the graph-safe step's autocast (its cache off, as graphs need) gives the
+    weights of train_one_epoch under timm's autocast."""
+    from functools import partial
+    states = []
+    for graphed in (False, True):
+        model, loader, loss_fn, optimizer, _ = build(*CASES[case])
+        step = GraphedTrainStep(model, loss_fn, optimizer, loader, autocast_dtype=torch.bfloat16) if graphed else None
+        amp = partial(torch.autocast, device_type='cpu', dtype=torch.bfloat16)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            loss_fn.set_epoch(epoch)
+            if graphed:
+                train_cmo.train_one_epoch_graphed(epoch, step, ARGS)
+            else:
+                train_cmo.train_one_epoch(epoch, model, loader, optimizer, loss_fn, ARGS, torch.device('cpu'),
+                                          amp_autocast=amp)
+        states.append(dict(model.state_dict()))
+    assert_same(*states)
