@@ -793,7 +793,8 @@ class Suite:
         sizes = [BATCH, last] if last != BATCH else [BATCH]
         if a.device == 'cpu':  # the dry mode: small batches, a couple of steps
             sizes = [32, 8]
-        return cmd + ['--check-steps', '0', '--kernels', '--steps', str(a.graph_steps), '--batch-sizes'] + \
+        return cmd + ['--check-steps', '0', '--kernels', '--steps', str(a.graph_steps), '--repeats',
+                      '3' if a.device == 'cuda' else '1', '--batch-sizes'] + \
             [str(b) for b in sizes]
 
     def timing_cmd(self, name: str, variant: str, out: Path) -> List[str]:

@@ -9,7 +9,8 @@ the graph-safe step is captured as CUDA graphs; on the CPU it is its eager stand
 
   --check-steps N   the self-check: N steps of each from the same seed, the weights and losses compared
                     (exit 3 when they differ beyond --check-rtol / --check-atol)
-  --batch-sizes     ms per step of each batch size (128: the recipes'; 118: the last batch of a CIFAR-10-LT epoch)
+  --batch-sizes     ms per step of each batch size (128: the recipes'; 118: the last batch of a CIFAR-10-LT epoch),
+                    the median of --repeats epochs of --steps steps, the two paths interleaved
   --kernels         device kernels per step from torch.profiler (on the CPU: aten operators per step)
 
     python bench/graph_step.py --device cuda --amp --channels-last --out graph_step.json   # on a GPU
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument('--batch-sizes', type=int, nargs='+', default=[128, 118])
     p.add_argument('--steps', type=int, default=30,
                    help='steps timed per batch size and path (after a warm-up); 0: the self-check only')
+    p.add_argument('--repeats', type=int, default=3, help='timed epochs per path, interleaved (the median)')
     p.add_argument('--check-steps', type=int, default=4, help='steps of the self-check (0: no check)')
     p.add_argument('--check-rtol', type=float, default=None, help='default 1e-5 (fp32), 2e-2 (--amp)')
     p.add_argument('--check-atol', type=float, default=None, help='default 1e-5 (fp32), 2e-3 (--amp)')
@@ -151,13 +153,13 @@ def self_check(a) -> dict:
                 captured=bool(got.graphed is not None and got.graphed.capture))
 
 
-def count_kernels(setup: Setup, graphed: bool, steps: int) -> float:
+def count_kernels(setup: Setup, graphed: bool, steps: int, epoch: int) -> float:
     """Device kernels (CUDA) or aten operators (CPU) per step of one profiled epoch."""
     from torch.profiler import ProfilerActivity, profile
     cuda = setup.device.type == 'cuda'
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        setup.epoch(2, graphed)
+        setup.epoch(epoch, graphed)
         sync(setup.device)
     events = prof.events()
     if cuda:
@@ -169,18 +171,26 @@ def count_kernels(setup: Setup, graphed: bool, steps: int) -> float:
 
 
 def time_steps(a, b: int) -> dict:
-    """ms per step of batch ``b`` on both paths: one warm-up epoch (the capture), then one timed epoch."""
-    row = dict(batch_size=b, steps=a.steps)
-    for graphed in (False, True):
-        setup = Setup(a, b, a.steps)
+    """ms per step of batch ``b`` on both paths: one warm-up epoch each (the capture), then ``repeats`` timed
+    epochs of each, interleaved (eager, graph-safe, eager, ...); the median epoch of each."""
+    import statistics
+    row = dict(batch_size=b, steps=a.steps, repeats=a.repeats)
+    setups = {graphed: Setup(a, b, a.steps) for graphed in (False, True)}
+    for graphed, setup in setups.items():
         setup.epoch(0, graphed)
         sync(setup.device)
-        t = time.perf_counter()
-        setup.epoch(1, graphed)
-        sync(setup.device)
-        row['graphed_ms' if graphed else 'eager_ms'] = (time.perf_counter() - t) / a.steps * 1e3
+    times = {False: [], True: []}
+    for r in range(a.repeats):
+        for graphed, setup in setups.items():
+            t = time.perf_counter()
+            setup.epoch(1 + r, graphed)
+            sync(setup.device)
+            times[graphed].append((time.perf_counter() - t) / a.steps * 1e3)
+    for graphed, key in ((False, 'eager'), (True, 'graphed')):
+        row[f'{key}_ms'] = statistics.median(times[graphed])
+        row[f'{key}_ms_all'] = [round(x, 3) for x in times[graphed]]
         if a.kernels:
-            row['graphed_kernels' if graphed else 'eager_kernels'] = count_kernels(setup, graphed, a.steps)
+            row[f'{key}_kernels'] = count_kernels(setups[graphed], graphed, a.steps, 1 + a.repeats)
     row['speedup'] = row['eager_ms'] / row['graphed_ms']
     return row
 
