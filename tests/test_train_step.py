@@ -75,6 +75,9 @@ CASES = {  # (loader options, loss, reweight[, EMA, optimizer])
     'cmo-mixup-batch-ce': (dict(cmo=dict(cmo_variant='mixup')), 'ce', 'none'),
     'cmo-mixup-elem-ce-keep-last': (dict(cmo=dict(cmo_variant='mixup', cmo_mode='elem'), drop_last=False), 'ce',
                                     'none'),
+    'cmo-lade': (dict(cmo={}), 'lade', 'none'),
+    'cmo-elem-smoothing-lade-drw': (dict(cmo=dict(cmo_mode='elem'), label_smoothing=0.1), 'lade', 'drw'),
+    'remix-focal-drw': (dict(remix={}), 'focal', 'drw'),
 }
 ARGS = argparse.Namespace(channels_last=False, clip_grad=None, clip_mode='norm', log_interval=2, rank=0,
                           world_size=1, distributed=False, grad_accum_steps=1)
@@ -130,7 +133,8 @@ def test_graph_safe_step_clips_as_timm(clip):
 
 
 @pytest.mark.parametrize('case', ['cmo-elem-ldam-drw-head-norm', 'cmo-smoothing-bs-cb-ema', 'remix-ride-drw-keep-last',
-                                  'cutmix-minmax-elem-smoothing-bs', 'cmo-jitter-la-drw', 'cmo-mixup-elem-ce-keep-last'])
+                                  'cutmix-minmax-elem-smoothing-bs', 'cmo-jitter-la-drw', 'cmo-mixup-elem-ce-keep-last',
+                                  'cmo-elem-smoothing-lade-drw'])
 def test_step_compiles_without_a_graph_break(case):
     """``torch.compile(fullgraph=True)`` of the whole step (batch from the drawn epoch, mixing, forward, loss,
     ``autograd.grad``, SGD, EMA) of every batch size compiles (a host read would be a graph break, an error
