@@ -227,12 +227,12 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     group = parser.add_argument_group('BBN (Zhou et al., CVPR 2020; --loss bbn with a bbn_* model)')
     group.add_argument('--bbn-r', type=float, default=None, metavar='R',
-                       help="--loss bbn: the re-balancing branch's sampler, per-sample weight n_k^-R (2, default: BBN's "
-                            "reversed sampler, class k drawn with probability proportional to n_max / n_k; 1: "
+                       help="--loss bbn: the re-balancing branch's sampler, per-sample weight n_k^-R (2, default: "
+                            "BBN's reversed sampler, class k drawn with probability proportional to n_max / n_k; 1: "
                             "class-balanced; 0: the data distribution)")
     group.add_argument('--bbn-alpha-epochs', type=int, default=None, metavar='T',
-                       help='--loss bbn: the T of the cumulative-learning weight alpha = 1 - (t / T)^2 in 0-based epoch '
-                            't (default --epochs; BBN divides by 200 in its 180-epoch iNaturalist schedule)')
+                       help='--loss bbn: the T of the cumulative-learning weight alpha = 1 - (t / T)^2 in 0-based '
+                            'epoch t (default --epochs; BBN divides by 200 in its 180-epoch iNaturalist schedule)')
 
     group = parser.add_argument_group('Post-hoc adjustment, validation data and test prior (--evaluate)')
     group.add_argument('--post-hoc', type=str, default=None, metavar='KIND',
@@ -816,8 +816,9 @@ def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Opt
     return loss_fn(output, target, **kwargs) * share
 
 
-def accumulation_norm(loss_fn: nn.Module, batches: List[Tuple[Any, torch.Tensor, Optional[MixInfo], Optional[DualBatch]]]
-                      ) -> List[Tuple[Optional[torch.Tensor], float]]:
+def accumulation_norm(
+        loss_fn: nn.Module, batches: List[Tuple[Any, torch.Tensor, Optional[MixInfo], Optional[DualBatch]]],
+) -> List[Tuple[Optional[torch.Tensor], float]]:
     """Per micro-batch, the ``norm`` of :func:`compute_loss` that makes the micro-batch losses of one accumulated
     batch add up to the loss of their concatenation (and so their gradients to its gradient).
 
@@ -1115,7 +1116,8 @@ def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_class
         num_classes=num_classes, label_smoothing=args.smoothing,
         cmo=CMOConfig.from_flags(**vars(args)) if args.cmo else None,
         epochs=args.epochs, seed=args.seed, drop_last=args.drop_last, ros_r=args.ros_r if args.ros else None,
-        dual_r=args.bbn_r if trains_on_dual(args) else None, channels_last=args.channels_last, img_dtype=img_dtype, re_prob=args.reprob, re_mode=args.remode,
+        dual_r=args.bbn_r if trains_on_dual(args) else None,
+        channels_last=args.channels_last, img_dtype=img_dtype, re_prob=args.reprob, re_mode=args.remode,
         re_count=args.recount,
         remix=RemixMixup(num_classes, train_ds.class_counts, label_smoothing=args.smoothing, **remix_kwargs(args))
         if args.remix else None,

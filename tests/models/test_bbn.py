@@ -2,12 +2,15 @@
 (values and gradients), BatchNorm on each batch alone, inference at equal weight, TorchScript / fx, BBN's
 checkpoints, features."""
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import timm_cmo  # noqa: F401  (registers the models)
 from timm_cmo.models import BBNResNet, BBNResNetCifar, bbn_checkpoint_filter_fn
@@ -147,8 +150,8 @@ def test_inference_is_both_branches_at_equal_weight(name, size):
 
 
 def test_torchscript_and_fx():
-    """TorchScript scripts both forwards (the dual batch as an Optional argument); a torch.fx trace records the one-batch
-    forward, which a traced module then computes."""
+    """TorchScript scripts both forwards (the dual batch as an Optional argument); a torch.fx trace records the
+    one-batch forward, which a traced module then computes."""
     torch.manual_seed(0)
     with timm.set_scriptable(True):
         model = timm.create_model('bbn_resnet32_cifar', num_classes=4).eval()
@@ -179,7 +182,8 @@ def test_loads_bbns_checkpoint_layout(name, size, tmp_path):
     path = tmp_path / 'best_model.pth'
     torch.save(bbn_layout(source.state_dict()), path)
     torch.manual_seed(1)
-    model = timm.create_model(name, num_classes=5, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5)).eval()
+    model = timm.create_model(name, num_classes=5, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=5)).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.equal(model(x), source(x))
@@ -214,3 +218,42 @@ def test_bad_arguments():
         BBNResNet(layers=(3, 4, 6, 1))
     with pytest.raises(TypeError):
         timm.create_model('bbn_resnet32_cifar', head_norm=True)  # no cosine head on BBN's classifier
+
+
+def test_ddp_two_batch_forward_averages_the_gradients(tmp_path):
+    """Under DistributedDataParallel the two-batch forward (``ddp(x_c, x_r, alpha)``, what the training step calls)
+    synchronises the gradients: both ranks end with the mean of their local gradients, every parameter's."""
+    script = tmp_path / 'worker.py'
+    script.write_text(textwrap.dedent(f'''
+        import copy, os
+        import torch, torch.distributed as dist
+        import timm, timm_cmo
+        from timm_cmo.data import DualBatch
+        dist.init_process_group('gloo')
+        rank = dist.get_rank()
+        torch.manual_seed(0)
+        model = timm.create_model('bbn_resnet32_cifar', num_classes=5)
+        local = copy.deepcopy(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        loss_fn = timm_cmo.create_loss('bbn', [50, 20, 9, 4, 2], epochs=4)
+        loss_fn.set_epoch(2)
+        g = torch.Generator().manual_seed(rank)
+        x_c, x_r = torch.randn(6, 3, 32, 32, generator=g), torch.randn(6, 3, 32, 32, generator=g)
+        y_c, y_r = torch.randint(0, 5, (6,), generator=g), torch.randint(0, 5, (6,), generator=g)
+        loss_fn(ddp(x_c, x_r, loss_fn.alpha), y_c, dual=DualBatch(x_r, y_r)).backward()
+        loss_fn(local(x_c, x_r, loss_fn.alpha), y_c, dual=DualBatch(x_r, y_r)).backward()
+        torch.save(dict(ddp={{n: p.grad for n, p in model.named_parameters()}},
+                        local={{n: p.grad for n, p in local.named_parameters()}}),
+                   os.path.join(r"{tmp_path}", f"rank{{rank}}.pt"))
+        dist.destroy_process_group()
+    '''))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2))
+    for name, grad in r0['ddp'].items():
+        mean = (r0['local'][name] + r1['local'][name]) / 2
+        assert not torch.equal(r0['local'][name], r1['local'][name]), name  # the ranks' batches differ
+        torch.testing.assert_close(grad, mean, rtol=1e-5, atol=1e-7, msg=name)
+        assert torch.equal(grad, r1['ddp'][name]), name

@@ -4,7 +4,8 @@ Everything random about *which* images make a batch is decided here, once per ep
 ``(seed, epoch, rank)`` alone: the background order (a shuffled epoch split across ranks like
 ``DistributedSampler``, or with ROS draws with per-sample weight n_k^-r), whether CMO mixes a
 batch (or, in elem mode, a sample), which foregrounds are pasted where, the dual batch of two-branch
-methods (BBN's re-balancing batch, :mod:`timm_cmo.data.dual`), and a seed for each batch's augmentation. Both loaders turn the same plan into pixels, so their sampling can not
+methods (BBN's re-balancing batch, :mod:`timm_cmo.data.dual`), and a seed for each batch's
+augmentation. Both loaders turn the same plan into pixels, so their sampling can not
 drift apart, and a run resumed at epoch e repeats epoch e exactly, whatever the number of
 loader workers.
 """

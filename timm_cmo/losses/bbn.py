@@ -76,8 +76,8 @@ class BBNLoss(CrossEntropyLoss):
         if isinstance(total, bool) or int(total) != total or total < 1:
             raise ValueError(f'alpha_epochs must be an integer >= 1, got {total!r}')
         if epochs is not None and total < epochs:
-            raise ValueError(f'alpha_epochs must be >= epochs ({epochs}), got {total}: alpha = 1 - (t / T)^2 would turn '
-                             f'negative')
+            raise ValueError(f'alpha_epochs must be >= epochs ({epochs}), got {total}: alpha = 1 - (t / T)^2 would '
+                             f'turn negative')
         self.alpha_epochs = int(total)
 
     @property

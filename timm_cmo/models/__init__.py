@@ -1,7 +1,9 @@
-"""Models: CIFAR ResNets, RIDE multi-expert ResNets and two classifier heads, in timm's registry.
+"""Models: CIFAR ResNets, RIDE multi-expert ResNets, BBN's bilateral-branch ResNets and two classifier heads, in
+timm's registry.
 
 Importing this package registers ``resnet{20,32,44,56,110}_cifar``, ``ride_resnet{20,32,44,56,110}_cifar``,
-``ride_resnet10``, ``ride_resnet50``, ``ride_resnext50_32x4d``, ``bbn_resnet32_cifar`` and ``bbn_resnet50`` with timm, adds the ``head_norm`` argument
+``ride_resnet10``, ``ride_resnet50``, ``ride_resnext50_32x4d``, ``bbn_resnet32_cifar`` and ``bbn_resnet50`` with timm,
+adds the ``head_norm`` argument
 (cosine-normalised classifier) to timm's ``ResNet`` (``timm.create_model('resnet50', head_norm=True)``) and the
 ``causal_norm`` argument (Causal Norm's multi-head cosine classifier with TDE inference) to timm's ``ResNet`` and
 the CIFAR ResNets (``timm.create_model('resnet32_cifar', causal_norm=True, causal_alpha=1.5)``).
