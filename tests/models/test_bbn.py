@@ -211,6 +211,31 @@ def test_features_and_intermediates():
         assert [m.shape[1:] for m in pruned(torch.randn(1, 3, 64, 64))] == [(64, 32, 32), (512, 8, 8)]
 
 
+@pytest.mark.parametrize('name,ref,pairs', [
+    ('bbn_resnet32_cifar', 'resnet32_cifar', [('conv1.weight', 'conv1.weight'),
+                                              ('layer2.4.bn1.bias', 'layer2.4.bn1.bias'),
+                                              ('layer3.3.conv2.weight', 'layer3.3.conv2.weight'),
+                                              ('cb_block.conv1.weight', 'layer3.4.conv1.weight'),
+                                              ('rb_block.bn2.bias', 'layer3.4.bn2.bias'), ('fc.weight', 'fc.weight')]),
+    ('bbn_resnet50', 'resnet50', [('layer4.1.conv1.weight', 'layer4.1.conv1.weight'),
+                                  ('cb_block.conv3.weight', 'layer4.2.conv3.weight'),
+                                  ('rb_block.bn1.weight', 'layer4.2.bn1.weight'), ('fc.weight', 'fc.weight')]),
+])
+def test_layer_decay_groups_are_the_one_branch_resnets(name, ref, pairs):
+    """group_matcher puts both branch blocks where the duplicated block sits in the one-branch ResNet: timm's
+    layer-wise lr decay (--layer-decay) gives every parameter the scale of its counterpart there."""
+    from timm.optim import create_optimizer_v2
+    scales = []
+    for n in (name, ref):
+        model = timm.create_model(n)
+        opt = create_optimizer_v2(model, 'sgd', lr=0.1, layer_decay=0.5)
+        by_id = {id(p): g['lr_scale'] for g in opt.param_groups for p in g['params']}
+        scales.append({k: by_id[id(p)] for k, p in model.named_parameters()})
+    for ours, theirs in pairs:
+        assert scales[0][ours] == scales[1][theirs], ours
+    assert scales[0]['cb_block.conv1.weight'] == 0.5 and scales[0]['fc.weight'] == 1.0
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match='layers_per_stage must be >= 2'):
         BBNResNetCifar(layers_per_stage=1)

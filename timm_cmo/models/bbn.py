@@ -89,11 +89,14 @@ class _BBNBase(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Stem, the shared stages' blocks, then the two branch blocks (one group, the deepest before ``fc``)."""
+        """Stem, the shared stages' blocks, then the two branch blocks as one group: the last stage's last block, where
+        the one-branch ResNet has it (its stage's group when ``coarse``)."""
+        stage = int(self.last_stage[len('layer'):])
+        branches = (stage,) if coarse else (stage, len(getattr(self, self.last_stage)))
         return dict(
             stem=r'^conv1|bn1',
-            blocks=[(r'^layer(\d+)', None), (r'^(?:cb|rb)_block', (99999,))] if coarse else
-            [(r'^layer(\d+)\.(\d+)', None), (r'^(?:cb|rb)_block', (99999,))],
+            blocks=[(r'^layer(\d+)', None), (r'^(?:cb|rb)_block', branches)] if coarse else
+            [(r'^layer(\d+)\.(\d+)', None), (r'^(?:cb|rb)_block', branches)],
         )
 
     @torch.jit.ignore
