@@ -7,8 +7,10 @@ from timm_cmo.data import MixInfo, soft_target
 from timm_cmo.losses import class_balanced_weights, create_loss, list_losses
 from timm_cmo.losses.registry import _loss_entrypoints
 
-# single-head losses (the multi-expert RIDE losses have their own tests)
-SINGLE_HEAD = [n for n in list_losses() if not getattr(_loss_entrypoints[n], 'needs_experts', False)]
+# single-head, single-batch losses (the multi-expert RIDE losses and BBN's, which also takes the dual batch, have their
+# own tests: tests/losses/test_loss_ride.py, tests/losses/test_loss_bbn.py)
+SINGLE_HEAD = [n for n in list_losses() if not getattr(_loss_entrypoints[n], 'needs_experts', False)
+               and not getattr(_loss_entrypoints[n], 'needs_dual', False)]
 
 COUNTS = [500, 200, 80, 30, 12, 5]
 C = len(COUNTS)
