@@ -69,7 +69,8 @@ from timm_cmo.losses import create_loss, list_losses
 from timm_cmo.losses.reweight import resolve_drw_epoch
 from timm_cmo.metrics import ClassAccuracy
 from timm_cmo.models import (
-    CAUSAL_ARGS, CausalNormClassifier, is_causal_norm, set_causal_norm_lr)
+    CAUSAL_ARGS, CausalNormClassifier, LogitsAndFeatures, WithFeatures, check_feature_split, is_causal_norm,
+    set_causal_norm_lr)
 from timm_cmo.models.stage2 import fold_weight_scaling_state_dict, get_stage2, list_stage2, match_weight_scaling
 from timm_cmo.posthoc import DEFAULT_TAU_GRID, POST_HOC, PRIOR_CORRECTIONS
 from timm_cmo.pretrained import adapt_pretrained_state_dict, fetch_error_message, is_fetch_error, load_weights_file
@@ -88,7 +89,11 @@ LOSS_KWARGS = {
     'ride_ea': {'ride_router_pos_weight': 'pos_weight'},
     'las': {'las_smooth_head': 'smooth_head', 'las_smooth_tail': 'smooth_tail', 'las_shape': 'shape'},
     'bbn': {'bbn_alpha_epochs': 'alpha_epochs'},
+    'lade': {'lade_alpha': 'alpha', 'lade_remine_lambda': 'remine_lambda'},
+    'ib': {'ib_alpha': 'alpha', 'ib_epsilon': 'epsilon', 'ib_start_epoch': 'start_epoch', 'ib_weighting': 'weighting'},
 }
+LOSS_KWARGS['ib_focal'] = dict(LOSS_KWARGS['ib'], focal_gamma='gamma')
+IB_LOSSES = ('ib', 'ib_focal')
 HEADS = ('linear', 'causal')
 REWEIGHTS = ('none', 'cb', 'drw')
 MODEL_PREFIXES = ('hf-hub:', 'local-dir:', 'hf_hub:', 'timm/')
@@ -210,6 +215,17 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="RIDE's diversity-temperature reweight_factor (0.02 ImageNet-LT, 0.015 iNat)")
     group.add_argument('--ride-router-pos-weight', type=float, default=100.,
                        help='--stage2 router: pos_weight of the router loss (ride_ea)')
+    group.add_argument('--lade-alpha', type=float, default=0.1,
+                       help="--loss lade: weight of LADE's regulariser (0.05 ImageNet-LT, iNaturalist)")
+    group.add_argument('--lade-remine-lambda', type=float, default=0.1,
+                       help="--loss lade: ReMINE penalty of the regulariser (0.01 CIFAR-100-LT, 0.5 ImageNet-LT, iNat)")
+    group.add_argument('--ib-alpha', type=float, default=1000., help='--loss ib / ib_focal: influence factor numerator')
+    group.add_argument('--ib-epsilon', type=float, default=1e-3, help='--loss ib / ib_focal: added to the influence')
+    group.add_argument('--ib-start-epoch', type=int, default=None,
+                       help='--loss ib / ib_focal: 0-based epoch from which IB replaces CE (default --epochs // 2)')
+    group.add_argument('--ib-weighting', type=str, default='inverse',
+                       help='--loss ib / ib_focal class weights: inverse (n_k^-1, the authors\') | none '
+                            '(then --reweight cb / drw may set them)')
     group.add_argument('--las-smooth-head', type=float, default=0.3, help='LAS smoothing of the largest class')
     group.add_argument('--las-smooth-tail', type=float, default=0.0, help='LAS smoothing of the smallest class')
     group.add_argument('--las-shape', type=str, default='concave', help='LAS head-to-tail curve: concave | linear | convex | exp')
@@ -543,6 +559,23 @@ def validate_args(args: argparse.Namespace) -> None:
                   f'--cutmix')
     elif args.loss in ('ride_ea',):
         bad('loss', args.loss, 'the router loss is for --stage2 router')
+    if args.loss == 'lade':
+        for flag in ('lade_alpha', 'lade_remine_lambda'):
+            if not getattr(args, flag) >= 0:
+                bad(flag, getattr(args, flag), 'must be >= 0')
+    if args.loss in IB_LOSSES:
+        from timm_cmo.losses.ib import IB_WEIGHTINGS
+        if not args.ib_alpha > 0:
+            bad('ib_alpha', args.ib_alpha, 'must be > 0')
+        if not args.ib_epsilon >= 0:
+            bad('ib_epsilon', args.ib_epsilon, 'must be >= 0')
+        if args.ib_start_epoch is not None and args.ib_start_epoch < 0:
+            bad('ib_start_epoch', args.ib_start_epoch, 'must be >= 0')
+        if args.ib_weighting not in IB_WEIGHTINGS:
+            bad('ib_weighting', args.ib_weighting, f'choose from {", ".join(IB_WEIGHTINGS)}')
+        if args.ib_weighting == 'inverse' and args.reweight != 'none':
+            error(f'--reweight {args.reweight} with --loss {args.loss}: the IB loss has its own inverse-frequency '
+                  f'class weights (--ib-weighting inverse); add --ib-weighting none to use the {args.reweight} weights')
     validate_causal_args(args, bad)
     validate_bbn_args(args, bad)
     validate_evaluation_args(args)
@@ -775,7 +808,14 @@ def method_epochs(args) -> Dict[str, Optional[int]]:
                        for e in range(args.epochs)) if args.cmo else None,
         drw_epochs=max(0, args.epochs - drw_epoch) if drw_epoch is not None else None,
         **({'mixup_epochs': min(args.epochs, args.mixup_off_epoch or args.epochs)} if mixup_active(args) else {}),
+        **({'ib_epochs': max(0, args.epochs - ib_start_epoch(args))} if args.loss in IB_LOSSES else {}),
     )
+
+
+def ib_start_epoch(args) -> int:
+    """The 0-based epoch from which ``--loss ib`` / ``ib_focal`` applies (``--ib-start-epoch``, else epochs // 2)."""
+    from timm_cmo.losses.ib import resolve_ib_start_epoch
+    return resolve_ib_start_epoch(args.ib_start_epoch, args.epochs)
 
 
 def warn_inactive_methods(args) -> None:
@@ -789,6 +829,10 @@ def warn_inactive_methods(args) -> None:
         _logger.warning(
             f'--reweight drw switches at epoch {resolve_drw_epoch(args.drw_epoch, args.epochs)}, after the last '
             f'epoch ({args.epochs - 1}): the class weights never apply.')
+    if used.get('ib_epochs') == 0:
+        _logger.warning(
+            f'--loss {args.loss} starts at epoch {ib_start_epoch(args)} (--ib-start-epoch), after the last epoch '
+            f'({args.epochs - 1}): the run trains with plain cross-entropy.')
 
 
 def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Optional[MixInfo],
@@ -797,17 +841,23 @@ def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Opt
 
     A batch the loader mixed (CMO) or smoothed gets the loss of its mix, the paper's per-term form
     ``lam * L(y_b) + (1 - lam) * L(y_f)`` (see :mod:`timm_cmo.losses.long_tail`), exactly what the
-    README's library loop computes. Multi-expert outputs ``(logits, expert logits)`` go whole to
-    losses that use them (``ride``), else their ensemble logits do. A batch with a dual batch (BBN's
-    re-balancing batch, ``loader.dual``) gives it to the loss, which weighs its labels in
-    (:mod:`timm_cmo.losses.bbn`). ``norm``: a micro-batch's share of an accumulated batch, from
-    :func:`accumulation_norm`.
+    README's library loop computes. ``output`` is the model's: (B, C) logits, or the multi-expert
+    training output for a loss that ``needs_experts`` (``_main`` switches it on for those). ``norm``: a
+    micro-batch's share of an accumulated batch, from :func:`accumulation_norm`. A
+    :class:`~timm_cmo.models.LogitsAndFeatures` output (the model trained through ``WithFeatures``) hands its
+    features to losses with ``needs_features`` as ``features=``. A batch with a dual batch (BBN's re-balancing
+    batch, ``loader.dual``) gives it to the loss, which weighs its labels in (:mod:`timm_cmo.losses.bbn`).
     """
-    if isinstance(output, tuple) and not getattr(loss_fn, 'needs_experts', False):
-        output = output[0]
     kwargs = {} if mix_info is None else dict(mix=mix_info)
     if dual is not None:
         kwargs['dual'] = dual
+    if isinstance(output, LogitsAndFeatures):
+        if getattr(loss_fn, 'needs_features', False):
+            kwargs['features'] = output.features
+        output = output.logits
+    elif getattr(loss_fn, 'needs_features', False):
+        raise ValueError(f'{type(loss_fn).__name__} needs the penultimate features: train the model through '
+                         f'timm_cmo.models.WithFeatures (a LogitsAndFeatures output)')
     if norm is None:
         return loss_fn(output, target, **kwargs)
     denominators, share = norm
@@ -826,7 +876,7 @@ def accumulation_norm(
     weights, the two terms of a mix, the dual batch's term, see :mod:`timm_cmo.losses.long_tail`); another loss,
     taken to be a batch mean, is scaled by the micro-batch's share of the samples, ``B_j / sum_j B_j``.
     """
-    if hasattr(loss_fn, 'normalizer'):
+    if getattr(loss_fn, 'normalizer', None) is not None:
         denominators = sum(loss_fn.normalizer(target, mix, **({} if dual is None else dict(dual=dual)))
                            for _, target, mix, dual in batches)
         return [(denominators, 1.)] * len(batches)
@@ -1570,7 +1620,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
               f'has none, ignores the causal_norm argument, or has no classifier)')
     num_classes = model.num_classes
     args.num_classes = num_classes
-    multi_expert = hasattr(model, 'num_experts')
+    multi_expert = callable(getattr(model, 'set_expert_training', None))
     if getattr(_loss_class(args.loss), 'needs_experts', False) and not multi_expert:
         bad_loss = f'--loss {args.loss} needs a multi-expert model (e.g. ride_resnet32_cifar)'
         error(f'{bad_loss}; --model {args.model} has a single classifier')
@@ -1578,6 +1628,12 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.stage2 and get_stage2(args.stage2).multi_expert and not multi_expert:
         error(f'--stage2 {args.stage2} trains {get_stage2(args.stage2).trains} of a RIDE model; --model {args.model} '
               f'has none')
+    needs_features = getattr(_loss_class(args.loss), 'needs_features', False)
+    if needs_features:
+        try:
+            check_feature_split(model)
+        except ValueError as e:
+            error(f'--loss {args.loss} weighs each sample by its penultimate feature; --model {args.model}: {e}')
     if args.loss == 'ldam' and is_causal_norm(model) and args.rank == 0:
         _logger.warning('LDAM scales cosine logits by --ldam-s; the Causal Norm head\'s logits are already scaled by '
                         'its tau: --loss ce is the paper\'s.')
@@ -1620,6 +1676,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             cb_beta=args.cb_beta, **loss_kwargs).to(device)
     except ValueError as e:  # e.g. a class without training images under a loss that needs every count
         error(f'--loss {args.loss}: {e}')
+    if getattr(loss_fn, 'needs_experts', False):  # ride, ride_ea (--stage2 router): every expert's logits in training
+        model.set_expert_training(True)
     output_dir = None
     resuming_here = False
     if args.rank == 0:
@@ -1660,12 +1718,16 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             error('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
         model = convert_sync_batchnorm(model)
 
+    feature_model = WithFeatures(model) if needs_features else None  # forward -> (logits, features) for the loss
     if args.torchcompile:
         model = compile_model(model, args.torchcompile, data_config['input_size'], device, args.torchcompile_mode)
-    train_model = model
+        if feature_model is not None:
+            feature_model = compile_model(feature_model, args.torchcompile, data_config['input_size'], device,
+                                          args.torchcompile_mode)
+    train_model = model if feature_model is None else feature_model
     if args.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
+            train_model, device_ids=[device.index] if device.type == 'cuda' else None)
 
     if args.data_on_device:
         train_loader, eval_loader = build_device_loaders(args, train_ds, eval_ds, data_config, device, num_classes)

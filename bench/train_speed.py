@@ -82,6 +82,8 @@ def main(argv=None):
             torch.manual_seed(0)
             model = timm.create_model(model_name, num_classes=10).to(device)
             ride = hasattr(model, 'num_experts')
+            if ride:  # the ride loss takes every expert's logits, as train_cmo.py trains it
+                model.set_expert_training(True)
             if args.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             if compiled == 'on':

@@ -47,14 +47,16 @@ def random_model(seed: int = 0, in_chans: int = 3) -> torch.nn.Module:
     return model.eval()
 
 
-def make_run(run_dir: Path, ema: bool = False, **arg_overrides) -> torch.nn.Module:
-    """A run folder as train_cmo.py writes it: args.yaml, last.pth.tar (timm CheckpointSaver layout), results.json."""
+def make_run(run_dir: Path, ema: bool = False, run_model: torch.nn.Module = None, **arg_overrides) -> torch.nn.Module:
+    """A run folder as train_cmo.py writes it: args.yaml, last.pth.tar (timm CheckpointSaver layout), results.json
+    (of ``run_model``, a random resnet20_cifar by default)."""
     run_dir.mkdir(parents=True)
     args = dict(RUN_ARGS, **arg_overrides)
-    model = random_model(in_chans=args['in_chans'] or 3)
+    build = {} if run_model is None else dict(model_build=hub.model_build(run_model))  # as train_cmo.py records it
+    model = run_model if run_model is not None else random_model(in_chans=args['in_chans'] or 3)
     (run_dir / 'args.yaml').write_text(yaml.safe_dump(args))
     ckpt = {
-        'epoch': 199, 'arch': 'resnet20_cifar',
+        'epoch': 199, 'arch': args['model'],
         'state_dict': {'module.' + k: v for k, v in model.state_dict().items()},  # DDP prefix
         'optimizer': torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict(),
         'version': 2, 'metric': 77.5, 'args': argparse.Namespace(**args),
@@ -71,7 +73,7 @@ def make_run(run_dir: Path, ema: bool = False, **arg_overrides) -> torch.nn.Modu
     metric = ClassAccuracy(10)
     metric.update(logits, target)
     extra = dict(
-        model='resnet20_cifar',
+        model=args['model'], **build,
         dataset=dict(name='torch/cifar10', data_dir='/data/cifar10', imb_ratio=100.0, imb_max=None, imb_seed=0,
                      num_classes=10, train_images=sum(COUNTS), class_counts=COUNTS),
         method=dict(loss='ldam', reweight='drw', drw_epoch=160, cmo=True, cmo_r=1.0, cmo_prob=0.5, cmo_beta=1.0,
@@ -123,6 +125,44 @@ def test_export_files_config_and_card(run, tmp_path):
                  "import timm_cmo", "hf-hub:<org>/<name>", 'is an architecture of the timm-cmo plugin',
                  'Best top1 during training: 78.00 (epoch 150)', '`last.pth.tar`, epoch 199'):
         assert text in card, text
+
+
+def test_ride_export_loads_with_another_class_count(tmp_path):
+    """An exported RIDE run (4 experts, a router) loads as timm loads any classifier with another class count
+    (``num_classes=`` at creation): the exported pretrained_cfg names all 4 heads, they and the router (which reads
+    their logits) are new, everything else is the run's; with the run's class count everything is."""
+    torch.manual_seed(0)
+    model = timm.create_model('ride_resnet20_cifar', num_classes=10, num_experts=4, router=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    make_run(tmp_path / 'run', run_model=model, model='ride_resnet20_cifar', model_kwargs={'num_experts': 4},
+             head_norm=False, loss='ride', stage2='router')
+    out = export(tmp_path / 'run', tmp_path / 'export')
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['pretrained_cfg']['classifier'] == ['heads.0', 'heads.1', 'heads.2', 'heads.3']
+    assert cfg['model_args']['num_experts'] == 4 and cfg['model_args']['router'] is True
+    x = torch.randn(3, 3, 32, 32)
+    same = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(same(x), model(x))
+    with pytest.warns(UserWarning, match='keeping the model.s new heads and router'):
+        other = timm.create_model(f'local-dir:{out}', pretrained=True, num_classes=7).eval()
+    assert other.num_classes == 7 and other.router is not None and other.router.top_k == 7
+    own, loaded = model.state_dict(), other.state_dict()
+    fresh = timm.create_model('ride_resnet20_cifar', num_classes=7, num_experts=4, router=True).state_dict()
+    for k, v in loaded.items():
+        if k.startswith(('heads.', 'router.')):
+            assert v.shape == fresh[k].shape, k
+        else:
+            assert torch.equal(v, own[k]), k
+    assert all(loaded[f'heads.{i}.weight'].shape == (48, 7) for i in range(4))
+    with torch.no_grad():
+        assert other(x).shape == (3, 7)
+        torch.testing.assert_close(other.forward_features(x), model.forward_features(x), rtol=0, atol=0)
 
 
 def test_hf_hub_cache_offline_round_trip(run, tmp_path, monkeypatch):
@@ -330,6 +370,9 @@ def test_card_for_timm_resnet_baseline():
     assert 'without CMO' in card and '| 50.0 | 60.0 | – | – |' in card and 'Recipe file' not in card
     card = hub.model_card(dict(args, head_norm=True), results)
     assert "the plugin's `head_norm` classifier" in card
+    for loss, words in (('lade', 'LADE (PC softmax with the LADE regulariser'), ('ib', 'influence-balanced loss (IB')):
+        card = hub.model_card(dict(args, loss=loss), dict(results, method=dict(results['method'], loss=loss)))
+        assert words in card, loss
     np.testing.assert_equal(hub.run_data_config(dict(interpolation='', crop_pct=None, mean=[0.5])), {'mean': (0.5,)})
 
 

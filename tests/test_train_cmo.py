@@ -27,7 +27,7 @@ def test_recipes_cover_the_paper_settings():
     names = {Path(r).stem for r in RECIPES}
     for ds in ('cifar10', 'cifar100'):
         for rho in (100, 50, 10):
-            for method in ('ce', 'ce_drw', 'ldam_drw', 'bs'):
+            for method in ('ce', 'ce_drw', 'ldam_drw', 'bs', 'lade', 'ib'):
                 assert f'{ds}_lt_r{rho}_{method}' in names
                 assert f'{ds}_lt_r{rho}_{method}_cmo' in names
         for method in ('ce', 'ce_drw', 'ldam_drw', 'ride'):  # the paper's oversampling comparison (rho 100)
@@ -44,7 +44,9 @@ def test_recipes_cover_the_paper_settings():
         assert name in names
     for name in ('imagenet_lt_resnet50_ce_cmo', 'imagenet_lt_resnet50_ce_drw_cmo', 'imagenet_lt_resnet50_bs_cmo',
                  'imagenet_lt_resnet50_bs_cmo_400ep', 'inat2018_resnet50_ce_drw_cmo', 'inat2018_resnet50_bs_cmo',
-                 'imagenet_lt_resnet101_bs_cmo', 'imagenet_lt_resnet152_bs_cmo', 'imagenet_lt_wrn50_bs_cmo'):
+                 'imagenet_lt_resnet101_bs_cmo', 'imagenet_lt_resnet152_bs_cmo', 'imagenet_lt_wrn50_bs_cmo',
+                 'inat2018_resnet50_lade', 'inat2018_resnet50_lade_cmo', 'imagenet_lt_resnext50_lade',
+                 'imagenet_lt_resnext50_lade_cmo'):
         assert name in names
 
 
@@ -56,9 +58,9 @@ def test_recipe_parses_and_states_its_target(recipe):
     args, args_text = train_cmo.parse_args(['-c', recipe, '--data-dir', '/data'] + stage2)
     assert 'paper_top1' in yaml.safe_load(text)
     assert args.cmo == Path(recipe).stem.endswith(('_cmo', '_cmo_400ep', '_cmo_mixup', '_cmo_blur', '_cmo_jitter'))
-    # the paper's loaders keep the last incomplete batch; Causal Norm's and Kang et al.'s loops run int(N / batch)
-    # steps an epoch
-    assert args.drop_last is ('causal_norm' in Path(recipe).stem or 'int(N / batch)' in text)
+    # the paper's loaders keep the last incomplete batch; Causal Norm's, LADE's and Kang et al.'s loops run
+    # int(N / batch) steps an epoch
+    assert args.drop_last is ('causal_norm' in Path(recipe).stem or args.loss == 'lade' or 'int(N / batch)' in text)
     if args.stage2 in ('crt', 'lws'):
         assert args.loss == 'ce' and args.ros and args.ros_r == 1.0 and args.sched == 'cosine'
         assert args.warmup_epochs == 0 and args.min_lr == 0 and args.epochs == (5 if args.stage2 == 'lws' else
@@ -116,6 +118,9 @@ def paper_lr(epoch, base=0.1, milestones=(160, 180), rates=(0.01, 0.0001)):
 @pytest.mark.parametrize('recipe,milestones,rates,epochs', [
     ('cifar100_lt_r100_ce_cmo.yaml', (160, 180), (0.01, 0.0001), 200),
     ('imagenet_lt_resnet50_bs_cmo.yaml', (60, 80), (0.1, 0.01), 100),
+    # IB's cifar_train.py: lr x0.01 once IB starts (e > 100), x1e-4 for e > 160, x1e-6 for e > 180
+    ('cifar100_lt_r100_ib.yaml', (100, 160, 180), (0.01, 1e-4, 1e-6), 200),
+    ('cifar10_lt_r10_ib_cmo.yaml', (100, 160, 180), (0.01, 1e-4, 1e-6), 200),
 ])
 def test_schedule_is_the_papers(recipe, milestones, rates, epochs):
     from timm.optim import create_optimizer_v2
@@ -205,13 +210,63 @@ def test_bbn_recipes_are_the_authors(ds, rho, paper):
             assert opt.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-12), epoch
 
 
+def lade_lr(epoch, base=0.2, milestones=(120, 160), gamma=0.01, warmup=5):
+    """LADE's WarmupMultiStepLR (warm-up factor 1/3, linear), stepped before each 1-based epoch (last_epoch = e + 1)."""
+    import bisect
+    last = epoch + 1
+    factor = 1.
+    if last < warmup:
+        a = last / warmup
+        factor = 1. / 3 * (1 - a) + a
+    return base * factor * gamma ** bisect.bisect_right(milestones, last)
+
+
+def lade_cosine_lr(epoch, base, epochs):
+    """LADE's CosineAnnealingLR (eta_min 0) as its loop steps it: epoch e uses the cosine at e + 1."""
+    import math
+    return base * (1 + math.cos(math.pi * (epoch + 1) / epochs)) / 2
+
+
+def recipe_lrs(recipe):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    args, _ = train_cmo.parse_args(['-c', str(REPO / 'hparams' / recipe), '--data-dir', 'x'])
+    if args.warmup_lr is None:
+        args.warmup_lr = args.lr / 5
+    opt = create_optimizer_v2(torch.nn.Linear(2, 2), opt=args.opt, lr=args.lr, momentum=args.momentum)
+    sched, num_epochs = create_scheduler_v2(opt, **scheduler_kwargs(args))
+    lrs = []
+    for epoch in range(num_epochs):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]['lr'])
+    return args, lrs
+
+
+@pytest.mark.parametrize('recipe', ['cifar100_lt_r100_lade.yaml', 'cifar10_lt_r50_lade_cmo.yaml'])
+def test_lade_cifar_schedule_is_the_authors(recipe):
+    args, lrs = recipe_lrs(recipe)
+    assert len(lrs) == 200 and (args.lr, args.weight_decay, args.batch_size) == (0.2, 5e-4, 256)
+    for epoch, lr in enumerate(lrs):
+        assert lr == pytest.approx(lade_lr(epoch), rel=1e-9), epoch
+
+
+@pytest.mark.parametrize('recipe,base,epochs', [('inat2018_resnet50_lade.yaml', 0.1, 200),
+                                                ('imagenet_lt_resnext50_lade_cmo.yaml', 0.05, 180)])
+def test_lade_cosine_schedule_is_within_one_epoch_of_the_authors(recipe, base, epochs):
+    """timm's cosine at epoch e, LADE's at e + 1 (its scheduler steps before the epoch): under 1% of the lr apart."""
+    args, lrs = recipe_lrs(recipe)
+    assert len(lrs) == epochs and args.lr == base
+    for epoch, lr in enumerate(lrs):
+        assert lr == pytest.approx(lade_cosine_lr(epoch - 1, base, epochs), rel=1e-9, abs=1e-12), epoch
+        assert abs(lr - lade_cosine_lr(epoch, base, epochs)) < 0.01 * base
+
+
 # --- end to end on real data ----------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def small_cifar(tmp_path_factory, cifar10_dir):
-    """A folder of real CIFAR-10 JPEGs: train/<class>/ 60 images each, test/<class>/ 20 each."""
-    root = tmp_path_factory.mktemp('small_cifar')
-    for split, per_class in (('train', 60), ('test', 20)):
+def cifar_subset(root: Path, cifar10_dir: Path, train_per_class: int, test_per_class: int) -> Path:
+    """A folder of real CIFAR-10 JPEGs: train/<class>/ the first ``train_per_class`` images each, test/<class>/ the
+    first ``test_per_class``."""
+    for split, per_class in (('train', train_per_class), ('test', test_per_class)):
         with tarfile.open(cifar10_dir / f'{split}.tar') as tf:
             members = [m for m in tf.getmembers() if m.isfile() and int(Path(m.name).stem) < per_class]
             for m in members:
@@ -219,6 +274,12 @@ def small_cifar(tmp_path_factory, cifar10_dir):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(tf.extractfile(m).read())
     return root
+
+
+@pytest.fixture(scope='module')
+def small_cifar(tmp_path_factory, cifar10_dir):
+    """A folder of real CIFAR-10 JPEGs: train/<class>/ 60 images each, test/<class>/ 20 each."""
+    return cifar_subset(tmp_path_factory.mktemp('small_cifar'), cifar10_dir, 60, 20)
 
 
 def base_argv(data_dir, out, exp, epochs=2, *extra):
@@ -450,8 +511,10 @@ def test_hub_export_loads_from_offline_cache(ldam_cmo_run, tmp_path):
     assert 'OK 10' in proc.stdout and 'airplane' in proc.stdout
 
 
-def test_torchrun_two_processes(small_cifar, tmp_path):
-    argv = base_argv(small_cifar, tmp_path, 'ddp', 2, '--cmo', '--cmo-start-epoch', '-1', '--loss', 'bs')
+@pytest.mark.parametrize('loss', [['--loss', 'bs'], ['--loss', 'ib', '--ib-start-epoch', '1']], ids=['bs', 'ib'])
+def test_torchrun_two_processes(small_cifar, tmp_path, loss):
+    # IB: the model trains through WithFeatures inside DDP (its (logits, features) output through DDP's forward)
+    argv = base_argv(small_cifar, tmp_path, 'ddp', 2, '--cmo', '--cmo-start-epoch', '-1', *loss)
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                            str(REPO / 'train_cmo.py')] + argv + ['--device', 'cpu'],
                           capture_output=True, text=True, timeout=600, env=ENV)
@@ -532,6 +595,11 @@ PATH_CASES = {
         '--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--bbn-r', '1', '--bbn-alpha-epochs', '3', '--cmo',
         '--cmo-mode', 'elem', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0', '--smoothing', '0.1',
         '--no-drop-last', '--model-ema', '--model-ema-decay', '0.9'],
+    'cmo-lade-drw': ['--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0', '--loss', 'lade', '--reweight',
+                     'drw', '--drw-epoch', '1', '--lade-remine-lambda', '0.01'],
+    # IB from epoch 1: epoch 0 trains with CE, epoch 1 with IB and the features of the model's split
+    'cmo-elem-smoothing-ib': ['--cmo', '--cmo-mode', 'elem', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0',
+                              '--loss', 'ib', '--ib-start-epoch', '1', '--smoothing', '0.1'],
 }
 
 
@@ -699,6 +767,13 @@ LOOP_CASES = {
     'cmo-jitter-la-drw': (dict(cmo=True, cmo_variant='jitter'), ('la', 'drw')),
     'causal-norm-cmo-ce': (dict(cmo=True), ('ce', 'none')),
     'causal-norm-ros-bs-drw': (dict(ros_r=1.0), ('bs', 'drw')),
+    'cmo-lade': (dict(cmo=True), ('lade', 'none')),
+    'cmo-elem-smoothing-lade-drw': (dict(cmo=True, cmo_mode='elem', label_smoothing=0.1), ('lade', 'drw')),
+    # IB from epoch 1: epoch 0 is its CE phase, epoch 2 its IB phase (features through the model's split)
+    'cmo-ib': (dict(cmo=True), ('ib', 'none'), dict(start_epoch=1)),
+    'cmo-elem-smoothing-ib-cb': (dict(cmo=True, cmo_mode='elem', label_smoothing=0.1), ('ib', 'cb'),
+                                 dict(start_epoch=1, weighting='none')),
+    'remix-ros-ib-focal-drw': (dict(remix=True, ros_r=1.0), ('ib_focal', 'drw'), dict(start_epoch=1, weighting='none')),
 }
 LOOP_MODEL_KWARGS = {  # cases whose model is not the loss's default one
     'causal-norm-cmo-ce': dict(causal_norm=True, causal_alpha=1.0),
@@ -721,7 +796,9 @@ def test_library_loop_equals_train_one_epoch(tiny_lt, case, epoch):
     import timm
     from timm_cmo.data import create_cmo_loader
     from timm_cmo.losses import create_loss
-    loader_opts, (loss_name, reweight) = LOOP_CASES[case]
+    from timm_cmo.models import WithFeatures, logits_and_features
+    loader_opts, (loss_name, reweight), *loss_kwargs = LOOP_CASES[case]
+    loss_kwargs = loss_kwargs[0] if loss_kwargs else {}
     states = []
     for path in ('library', 'script'):
         torch.manual_seed(0)
@@ -735,20 +812,28 @@ def test_library_loop_equals_train_one_epoch(tiny_lt, case, epoch):
                                    num_classes=10, train_crop_mode='pad', color_jitter=None, seed=1, epochs=4,
                                    cmo_start_epoch=-1, **loader_opts)
         loss_fn = create_loss(loss_name, tiny_lt.class_counts, reweight=reweight,
-                              drw_epoch=1 if reweight == 'drw' else None)
+                              drw_epoch=1 if reweight == 'drw' else None, **loss_kwargs)
+        if loss_fn.needs_experts:  # as the README's loop and train_cmo.py's _main
+            model.set_expert_training(True)
         loader.set_epoch(epoch)
         loss_fn.set_epoch(epoch)
+        features = getattr(loss_fn, 'needs_features', False)
         if path == 'library':
             model.train()
             for x, target in loader:
-                loss = loss_fn(model(x), target, mix=loader.mix_info)
+                if features:  # the README's IB loop: the logits and the penultimate features
+                    logits, h = logits_and_features(model, x)
+                    loss = loss_fn(logits, target, mix=loader.mix_info, features=h)
+                else:
+                    loss = loss_fn(model(x), target, mix=loader.mix_info)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
         else:
             args = argparse.Namespace(channels_last=False, clip_grad=None, clip_mode='norm', log_interval=50, rank=0,
                                       world_size=1, distributed=False)
-            train_cmo.train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, torch.device('cpu'))
+            train_cmo.train_one_epoch(epoch, WithFeatures(model) if features else model, loader, optimizer, loss_fn,
+                                      args, torch.device('cpu'))
         states.append(model.state_dict())
     for k, v in states[0].items():
         torch.testing.assert_close(states[1][k], v, rtol=0, atol=0, msg=k)
@@ -784,7 +869,15 @@ class _TwoExperts(torch.nn.Module):
         return experts.mean(1), experts
 
 
-@pytest.mark.parametrize('loss_name', ['ce-cb', 'ldam-drw', 'ride-drw', 'torch-ce', 'ce-cb-scaler'])
+class _LinearWithFeatures(torch.nn.Linear):
+    """A BatchNorm-free model whose training output carries its input as the penultimate feature (the IB loss's)."""
+
+    def forward(self, x):
+        from timm_cmo.models import LogitsAndFeatures
+        return LogitsAndFeatures(super().forward(x), x)
+
+
+@pytest.mark.parametrize('loss_name', ['ce-cb', 'ldam-drw', 'ride-drw', 'torch-ce', 'ce-cb-scaler', 'ib-none'])
 def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
     """--grad-accum-steps 3 over 5 batches (mixed with different lams, per-sample lams, unmixed; sizes 8, 8, 8, 8, 5):
     2 optimizer steps, each the step of the loss of its batches' concatenation (the last step of 2 batches), also
@@ -797,7 +890,8 @@ def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
     from timm.utils import NativeScaler
     scaler = NativeScaler(device='cpu') if loss_name.endswith('scaler') else None  # AMP's path: step on the last
     loss_fn = torch.nn.CrossEntropyLoss() if name == 'torch' else create_loss(
-        name, counts, reweight=reweight, drw_epoch=0 if reweight == 'drw' else None)
+        name, counts, reweight=reweight, drw_epoch=0 if reweight == 'drw' else None,
+        **(dict(start_epoch=0) if name == 'ib' else {}))  # IB: a batch mean over B, scaled by each batch's share
     g = torch.Generator().manual_seed(0)
     batches = []
     for j, b in enumerate((8, 8, 8, 8, 5)):
@@ -809,7 +903,8 @@ def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
 
     def build():
         torch.manual_seed(1)
-        model = _TwoExperts(dim, 4) if name == 'ride' else torch.nn.Linear(dim, 4)
+        model = _TwoExperts(dim, 4) if name == 'ride' else _LinearWithFeatures(dim, 4) if name == 'ib' else \
+            torch.nn.Linear(dim, 4)
         return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
 
     model, optimizer = build()
@@ -841,8 +936,10 @@ def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
         ref_opt.zero_grad()
         train_cmo.compute_loss(loss_fn, ref(x), target, mix).backward()
         ref_opt.step()
+    # IB's influence weights (alpha 1000) make losses ~100x CE's: float32 rounding of its sums grows with them
+    tol = dict(rtol=1e-4, atol=1e-5) if name == 'ib' else dict(rtol=1e-5, atol=1e-6)
     for k, v in ref.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(model.state_dict()[k], v, msg=k, **tol)
 
 
 class _TwoBranch(torch.nn.Module):
@@ -902,8 +999,7 @@ def test_grad_accumulation_with_dual_batches():
 
 
 def test_compute_loss_is_the_papers_cmo_form():
-    """Batch-mode CMO with DRW weights: lam * L(y_b) + (1 - lam) * L(y_f), each term normalised by its own weights;
-    multi-expert outputs give their ensemble logits to single-head losses."""
+    """Batch-mode CMO with DRW weights: lam * L(y_b) + (1 - lam) * L(y_f), each term normalised by its own weights."""
     import torch.nn.functional as F
     from timm_cmo.data import MixInfo
     from timm_cmo.losses import class_balanced_weights, create_loss
@@ -916,10 +1012,25 @@ def test_compute_loss_is_the_papers_cmo_form():
     expected = 0.3 * F.cross_entropy(logits, y_b, weight=w) + 0.7 * F.cross_entropy(logits, y_f, weight=w)
     soft = 0.3 * F.one_hot(y_b, 4).float() + 0.7 * F.one_hot(y_f, 4).float()
     torch.testing.assert_close(train_cmo.compute_loss(loss_fn, logits, soft, MixInfo(y_b, y_f, 0.3)), expected)
-    experts = torch.randn(16, 3, 4, generator=g)
-    torch.testing.assert_close(train_cmo.compute_loss(loss_fn, (logits, experts), soft, MixInfo(y_b, y_f, 0.3)),
-                               expected)
     torch.testing.assert_close(train_cmo.compute_loss(loss_fn, logits, y_b, None), F.cross_entropy(logits, y_b, weight=w))
+
+
+def test_compute_loss_hands_the_features_to_losses_that_need_them():
+    from timm_cmo.data import MixInfo
+    from timm_cmo.losses import create_loss
+    from timm_cmo.models import LogitsAndFeatures
+    g = torch.Generator().manual_seed(1)
+    logits, h = torch.randn(8, 4, generator=g), torch.rand(8, 5, generator=g)
+    y_b, y_f = torch.randint(0, 4, (8,), generator=g), torch.randint(0, 4, (8,), generator=g)
+    mix = MixInfo(y_b, y_f, 0.4)
+    ib = create_loss('ib', [50, 20, 8, 3], start_epoch=0)
+    out = LogitsAndFeatures(logits, h)
+    torch.testing.assert_close(train_cmo.compute_loss(ib, out, None, mix), ib(logits, y_b, mix=mix, features=h))
+    torch.testing.assert_close(train_cmo.compute_loss(ib, out, y_b, None), ib(logits, y_b, features=h))
+    ce = create_loss('ce', [50, 20, 8, 3])  # a loss on logits alone gets the logits of the pair
+    torch.testing.assert_close(train_cmo.compute_loss(ce, out, y_b, None), ce(logits, y_b))
+    with pytest.raises(ValueError, match='needs the penultimate features: train the model through'):
+        train_cmo.compute_loss(ib, logits, y_b, None)
 
 
 # --- faults lose nothing: resume, bad input, full disk, non-finite state, corrupt images -------------------------
@@ -1195,6 +1306,43 @@ def test_ride_with_cmo_and_the_router_stage(ride_run, small_cifar, tmp_path):
     assert evaluated['metrics']['experts_used'] == pytest.approx(results['metrics']['experts_used'])
 
 
+def test_ride_run_checkpoints_of_the_earlier_code(cifar10_dir, tmp_path):
+    """Run checkpoints written before RIDE models returned one logits tensor (tests/models/fixtures/ride_run_a09f651,
+    see tests/models/test_ride.py) still work in train_cmo.py: the stage-1 run resumes from its epoch 0 and
+    finishes, its router stage is evaluated with the experts used, and a router stage starts from the stage-1
+    checkpoint (the data: the same 6 training and 2 test images a class)."""
+    import shutil
+    fixtures = REPO / 'tests' / 'models' / 'fixtures' / 'ride_run_a09f651'
+    data = cifar_subset(tmp_path / 'data', cifar10_dir, 6, 2)
+    common = ['--data-dir', str(data), '--model', 'ride_resnet20_cifar', '--model-kwargs', 'num_experts=2',
+              'expert_widths=(4,8)', '-b', '16', '--workers', '0', '--color-jitter', '0', '--train-crop-mode', 'pad',
+              '--log-interval', '100', '--seed', '5', '--device', 'cpu']
+    (tmp_path / 'stage1').mkdir()
+    shutil.copyfile(fixtures / 'stage1_epoch0.pth', tmp_path / 'stage1' / 'last.pth.tar')  # resume writes beside it
+    before = torch.load(tmp_path / 'stage1' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    train_cmo.main(common + ['--epochs', '2', '--loss', 'ride', '--reweight', 'drw', '--drw-epoch', '1', '--resume',
+                             str(tmp_path / 'stage1' / 'last.pth.tar')])
+    after = torch.load(tmp_path / 'stage1' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert before['epoch'] == 0 and after['epoch'] == 1
+    assert after['state_dict'].keys() == before['state_dict'].keys()
+    assert not torch.equal(after['state_dict']['heads.1.weight'], before['state_dict']['heads.1.weight'])
+    assert json.loads((tmp_path / 'stage1' / 'results.json').read_text())['epoch'] == 1
+
+    train_cmo.main(['--evaluate', '--resume', str(fixtures / 'router.pth'), '--data-dir', str(data), '--model',
+                    'ride_resnet20_cifar', '--workers', '0', '-b', '16', '--output', str(tmp_path),
+                    '--experiment', 'router-eval'])
+    evaluated = json.loads((tmp_path / 'router-eval' / 'results.json').read_text())
+    assert evaluated['metrics']['experts_used'] == 1.0 and evaluated['metrics']['samples'] == 20  # as that code's run
+
+    train_cmo.main(common + ['--epochs', '1', '--stage2', 'router', '--loss', 'ride_ea', '--reweight', 'none', '--lr',
+                             '0.01', '--initial-checkpoint', str(fixtures / 'stage1_epoch0.pth'), '--output',
+                             str(tmp_path), '--experiment', 'router'])
+    routed = torch.load(tmp_path / 'router' / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
+    for k, v in before['state_dict'].items():
+        assert torch.equal(routed[k], v), k  # only the router trains
+    assert 1.0 <= json.loads((tmp_path / 'router' / 'results.json').read_text())['metrics']['experts_used'] <= 2.0
+
+
 def test_run_eta_leaves_out_the_start_up_epoch():
     """The first epoch of a process (compilation, start-up) does not inflate the run's ETA once others are timed:
     a 190 s first epoch then 45 s epochs give 45 s per epoch left, not a mean of 93 s."""
@@ -1213,6 +1361,38 @@ def test_ride_errors(small_cifar, tmp_path, capsys):
     code, err = main_exit(base_argv(small_cifar, tmp_path, 'r3', 1, '--stage2', 'router', '--loss', 'ride_ea'), capsys)
     assert code == 2 and '--stage2 router starts from a stage-1 model' in err
     assert not any(tmp_path.iterdir())
+
+
+def test_lade_and_ib_errors(small_cifar, tmp_path, capsys):
+    """Bad LADE / IB flags and an IB loss on a model without one feature for its classifier: refused before
+    anything is written, naming the flag or the model."""
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'i1', 1, '--loss', 'ib', '--model', 'ride_resnet20_cifar'),
+                          capsys)
+    assert code == 2 and '--loss ib weighs each sample by its penultimate feature' in err
+    assert '--model ride_resnet20_cifar: RIDEResNetCifar is a multi-expert model' in err
+    for flags, message in [
+        (['--loss', 'ib', '--reweight', 'cb'], '--reweight cb with --loss ib: the IB loss has its own'),
+        (['--loss', 'ib_focal', '--ib-alpha', '0'], '--ib-alpha 0.0: must be > 0'),
+        (['--loss', 'ib', '--ib-weighting', 'sqrt'], "--ib-weighting 'sqrt': choose from inverse, none"),
+        (['--loss', 'ib', '--ib-start-epoch', '-2'], '--ib-start-epoch -2: must be >= 0'),
+        (['--loss', 'lade', '--lade-alpha', '-1'], '--lade-alpha -1.0: must be >= 0'),
+    ]:
+        code, err = main_exit(base_argv(small_cifar, tmp_path, 'i2', 1, *flags), capsys)
+        assert code == 2 and message in err, (flags, err)
+    assert not any(tmp_path.iterdir())
+
+
+def test_ib_epochs_recorded_and_a_late_start_warned(caplog):
+    import logging
+    caplog.set_level(logging.WARNING)
+    args, _ = train_cmo.parse_args(['--data-dir', 'x', '--loss', 'ib', '--epochs', '200'])
+    assert train_cmo.method_epochs(args)['ib_epochs'] == 100  # from epochs // 2
+    args, _ = train_cmo.parse_args(['--data-dir', 'x', '--loss', 'ib_focal', '--epochs', '3', '--ib-start-epoch', '3'])
+    assert train_cmo.method_epochs(args)['ib_epochs'] == 0
+    train_cmo.warn_inactive_methods(args)
+    assert '--loss ib_focal starts at epoch 3 (--ib-start-epoch), after the last epoch (2)' in caplog.text
+    args, _ = train_cmo.parse_args(['--data-dir', 'x', '--loss', 'ce'])
+    assert 'ib_epochs' not in train_cmo.method_epochs(args)
 
 
 def test_las_stage_trains_the_classifier_only(ldam_cmo_run, small_cifar, tmp_path, capsys):

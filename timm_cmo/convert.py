@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import get_pretrained_cfg_value, is_model, save_for_hf
+from timm.models import get_pretrained_cfg_value, is_model, model_entrypoint, save_for_hf
 
 from .checkpoint import load_checkpoint_file, state_dict_from_checkpoint
 from .models import is_head_norm
@@ -44,9 +44,20 @@ def load_checkpoint_state_dict(checkpoint_path: Union[str, Path]) -> Tuple[Dict[
     return state_dict_from_checkpoint(load_checkpoint_file(checkpoint_path), checkpoint_path)
 
 
-def _classifier_name(model_name: str) -> str:
+def _check_model_name(model_name: str) -> None:
     if not is_model(model_name.split('.')[0]):
         raise ValueError(f'Unknown timm model {model_name!r} (did you import timm_cmo?).')
+
+
+def _is_ride(model_name: str) -> bool:
+    """Whether ``model_name`` is one of the RIDE architectures (:mod:`timm_cmo.models.ride`)."""
+    from .models import ride
+    _check_model_name(model_name)
+    return model_entrypoint(model_name.split('.')[0]).__module__ == ride.__name__
+
+
+def _classifier_name(model_name: str) -> str:
+    _check_model_name(model_name)
     classifier = get_pretrained_cfg_value(model_name, 'classifier') or 'fc'
     if not isinstance(classifier, str):
         raise ValueError(f'Model {model_name!r} has several classifiers {classifier}; not supported.')
@@ -149,7 +160,7 @@ def convert_checkpoint(
     Raises:
         ValueError: pickled objects in the file, classes disagreeing, missing/unexpected keys or shape mismatches.
     """
-    ride = _classifier_name(model_name) == 'heads'
+    ride = _is_ride(model_name)
     # RIDE's released files pickle their whole configuration: it is loaded inert (never executed) and ignored
     checkpoint = load_checkpoint_file(checkpoint_path, ignore_objects=ride)
     state_dict, meta = state_dict_from_checkpoint(checkpoint, checkpoint_path)

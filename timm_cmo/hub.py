@@ -65,6 +65,9 @@ _LOSSES = {
     'bs': 'Balanced Softmax (Ren et al., NeurIPS 2020)',
     'focal': 'the focal loss (Lin et al., ICCV 2017)',
     'la': 'the logit-adjusted loss (Menon et al., ICLR 2021)',
+    'lade': 'LADE (PC softmax with the LADE regulariser, Hong et al., CVPR 2021)',
+    'ib': 'the influence-balanced loss (IB, Park et al., ICCV 2021)',
+    'ib_focal': 'the influence-balanced focal loss (IB + focal, Park et al., ICCV 2021)',
     'bbn': "BBN's cumulative-learning loss (Zhou et al., CVPR 2020)",
 }
 _STAGE2_TEXT = {

@@ -96,3 +96,12 @@ def test_decoupling_and_post_hoc_names(tmp_path):
     assert '| top-1 (ECE), mean over seeds | as is | + cRT |' in proc.stdout
     assert '| CE | 40.0 (20.0) | 44.0 (10.0) |' in proc.stdout
     assert '| ce_crt-s0 | 50.0 (evaluation) |' in proc.stdout
+
+
+def test_lade_and_ib_rows_are_named():
+    sys.path.insert(0, str(REPO / 'bench'))
+    import summarize_runs
+    assert summarize_runs.label('lade') == 'LADE' and summarize_runs.label('ib_cmo') == 'IB + CMO'
+    # the comparison methods follow the paper's own losses in the table
+    order = sorted(['ib_cmo', 'lade', 'ce', 'ib', 'ride_cmo'], key=summarize_runs.order_key)
+    assert order == ['ce', 'ride_cmo', 'lade', 'ib', 'ib_cmo']

@@ -1,6 +1,7 @@
 """RIDE losses: each term against plain-torch references, DRW / temperature switch, mixed labels, router loss."""
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -72,9 +73,17 @@ def test_registered_and_defaults():
 
 
 def test_plain_logits_rejected():
+    """A (B, C) tensor (a model's ordinary output) is refused, saying how to get the experts' output."""
     loss = create_loss('ride', COUNTS, reweight='drw', epochs=10)
+    assert loss.needs_experts and create_loss('ride_ea', COUNTS).needs_experts
+    assert not create_loss('ldam', COUNTS).needs_experts  # the base class's default
     with pytest.raises(ValueError, match=r'--loss ride needs a multi-expert model \(e.g. ride_resnet32_cifar\)'):
         loss(torch.randn(B, C), labels())
+    model = timm.create_model('ride_resnet20_cifar', num_classes=C).train()
+    with pytest.raises(ValueError, match=r'model.set_expert_training\(True\)'):
+        loss(model(torch.randn(2, 3, 32, 32)), labels()[:2])
+    model.set_expert_training(True)
+    assert torch.isfinite(loss(model(torch.randn(2, 3, 32, 32)), labels()[:2]))
 
 
 @pytest.mark.parametrize('epoch', [0, 4])

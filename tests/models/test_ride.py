@@ -1,9 +1,11 @@
-"""RIDE models: RIDE's architecture (parameter count, shapes), outputs, checkpoint layout, router, DDP."""
+"""RIDE models: RIDE's architecture (parameter count, shapes), outputs, features, checkpoint layout, router, DDP."""
+import copy
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import timm
@@ -17,6 +19,14 @@ from timm_cmo.losses import create_loss
 from timm_cmo.models import NormedLinear
 from timm_cmo.models.ride import (
     RIDEResNet, RIDEResNetCifar, freeze_for_router_training, ride_checkpoint_filter_fn, router_parameters)
+
+# last.pth.tar files train_cmo.py wrote before RIDE models returned one logits tensor (commit a09f651), and that
+# code's outputs on a fixed input: a stage-1 RIDE run (`--model ride_resnet20_cifar --model-kwargs num_experts=2
+# expert_widths=(4,8) --loss ride --reweight drw --drw-epoch 1 --epochs 2 -b 16 --seed 5 --color-jitter 0
+# --train-crop-mode pad`, on 6 training images a class: its epoch-0 checkpoint) and its router stage from that
+# checkpoint (`--stage2 router --loss ride_ea --reweight none --lr 0.01 --epochs 1`); see tests/test_train_cmo.py
+RUN_FIXTURES = Path(__file__).parent / 'fixtures' / 'ride_run_a09f651'
+FIXTURE_MODEL = dict(num_classes=10, num_experts=2, expert_widths=(4, 8))
 
 CIFAR_NAMES = ['ride_resnet20_cifar', 'ride_resnet32_cifar', 'ride_resnet44_cifar', 'ride_resnet56_cifar',
                'ride_resnet110_cifar']
@@ -162,7 +172,12 @@ def test_registered():
     assert names <= set(timm.list_models('ride_*'))
     model = timm.create_model('ride_resnet32_cifar', num_classes=100)
     assert isinstance(model, RIDEResNetCifar) and model.num_classes == 100 and model.num_experts == 3
-    assert model.pretrained_cfg['classifier'] == 'heads' and model.pretrained_cfg['input_size'] == (3, 32, 32)
+    assert model.pretrained_cfg['classifier'] == ('heads.0', 'heads.1', 'heads.2')
+    assert model.pretrained_cfg['input_size'] == (3, 32, 32)
+    # the registered cfg names 3 heads; a model with other experts names its own (and exports them)
+    four = timm.create_model('ride_resnet20_cifar', num_experts=4)
+    assert four.pretrained_cfg['classifier'] == ('heads.0', 'heads.1', 'heads.2', 'heads.3')
+    assert timm.get_pretrained_cfg_value('ride_resnet20_cifar', 'classifier') == ('heads.0', 'heads.1', 'heads.2')
 
 
 def test_resnet32_param_count_matches_ride():
@@ -181,7 +196,11 @@ def test_resnet32_param_count_matches_ride():
 def test_shapes_train_and_eval():
     model = timm.create_model('ride_resnet32_cifar', num_classes=100)
     x = torch.randn(2, 3, 32, 32)
+    plain = model(x)  # timm's contract: one logits tensor in train mode too
+    assert isinstance(plain, torch.Tensor) and plain.shape == (2, 100)
+    model.set_expert_training(True)
     logits, expert_logits = model(x)
+    torch.testing.assert_close(logits, plain, rtol=0, atol=0)  # the same ensemble (same batch statistics)
     assert logits.shape == (2, 100) and expert_logits.shape == (2, 3, 100)
     torch.testing.assert_close(logits, expert_logits.mean(1))
     assert expert_logits.abs().max() <= 30 + 1e-4  # cosine logits times s = 30
@@ -206,6 +225,8 @@ def test_eval_is_mean_of_experts():
         torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
         model.train()
         model.experts.eval(), model.layer1.eval(), model.bn1.eval()  # train-mode tuple with eval BN
+        torch.testing.assert_close(model(x), torch.stack(manual, 1).mean(1))  # expert training off: the mean
+        model.set_expert_training(True)
         logits, expert_logits = model(x)
         torch.testing.assert_close(expert_logits, torch.stack(manual, 1))
 
@@ -226,6 +247,7 @@ def test_reset_classifier_and_linear_heads():
 
 def test_num_experts():
     one = timm.create_model('ride_resnet20_cifar', num_experts=1, num_classes=10)
+    one.set_expert_training(True)
     logits, expert_logits = one(torch.randn(2, 3, 32, 32))
     assert expert_logits.shape == (2, 1, 10)
     torch.testing.assert_close(logits, expert_logits[:, 0])
@@ -248,6 +270,89 @@ def test_imagenet_models():
     assert rx.experts[0].layer3[0].conv2.groups == 32 and rx.experts[0].layer3[0].conv2.out_channels == 384
     r10 = timm.create_model('ride_resnet10', num_classes=10, router=True)
     assert r10.expert_features == 384 and r10.router.top_k == 10  # top_k 30 capped at num_classes
+
+
+@pytest.mark.parametrize('router', [False, True])
+def test_expert_training_output_is_switched_on(router):
+    """Off (the default), train mode gives the (B, C) logits as eval mode does: the mean of the experts, routed with a
+    router. On, train mode gives (logits, expert_logits[, router_logits]) with the unrouted mean; eval mode still the
+    tensor. The switch survives copies (timm's EMA deep-copies the model)."""
+    model = timm.create_model('ride_resnet20_cifar', num_classes=10, router=router).eval()
+    assert model.expert_training is False
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        shared = model.forward_shared(x)
+        per_expert = model._expert_logits(torch.stack([e(shared).mean((2, 3)) for e in model.experts], 1))
+        model.train()
+        for m in model.modules():  # BatchNorm with its running statistics: outputs comparable with per_expert
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        if router:
+            _force_router(model, go=False)  # every sample stops after expert 0
+            torch.testing.assert_close(model(x), per_expert[:, 0], rtol=0, atol=0)
+            _force_router(model, go=True)
+        out = model(x)
+        assert isinstance(out, torch.Tensor)
+        torch.testing.assert_close(out, per_expert.mean(1))
+        model.set_expert_training(True)
+        assert copy.deepcopy(model).expert_training is True
+        out = model(x)
+        assert isinstance(out, tuple) and len(out) == (3 if router else 2)
+        torch.testing.assert_close(out[0], per_expert.mean(1))
+        torch.testing.assert_close(out[1], per_expert)
+        if router:
+            assert out[2].shape == (4, 2)
+            _force_router(model, go=False)
+            torch.testing.assert_close(model(x)[0], per_expert.mean(1))  # the training ensemble is not routed
+        model.eval()
+        assert isinstance(model(x), torch.Tensor)
+        model.set_expert_training(False)
+        assert isinstance(model.train()(x), torch.Tensor)
+
+
+def test_router_needs_a_classifier():
+    """Built without classes (a feature backbone, timm's num_classes=0) a routed RIDE model has no router, as after
+    reset_classifier(0)."""
+    model = timm.create_model('ride_resnet20_cifar', num_classes=0, router=True)
+    assert model.router is None and model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 144)
+
+
+@pytest.mark.parametrize('name,size', [('ride_resnet20_cifar', 32), ('ride_resnet10', 64)])
+def test_intermediates_are_the_experts_maps_concatenated(name, size):
+    """forward_intermediates / features_only: the stem, the shared stages, then per expert stage the experts' maps of
+    that stage concatenated on channels (expert 0 first), the last of them forward_features' output."""
+    model = timm.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        t = model.act1(model.bn1(model.conv1(x)))
+        expected = [t]
+        if hasattr(model, 'maxpool'):
+            t = model.maxpool(t)
+        for name_ in model._shared_stages:
+            t = getattr(model, name_)(t)
+            expected.append(t)
+        per_expert = [t] * model.num_experts
+        for name_ in model._expert_stages:
+            per_expert = [getattr(e, name_)(m) for e, m in zip(model.experts, per_expert)]
+            expected.append(torch.cat(per_expert, 1))
+        assert len(maps) == len(expected) == len(model.feature_info)
+        for m, e, info in zip(maps, expected, model.feature_info):
+            assert torch.equal(m, e) and m.shape[1] == info['num_chs'] and size // m.shape[-1] == info['reduction']
+        assert torch.equal(final, model.forward_features(x)) and torch.equal(final, expected[-1])
+
+        # the feature wrapper (timm's 'getter') with the model's weights; a subset of maps prunes the rest
+        sd = model.state_dict()
+        for out_indices in (None, (1, 3), (0, 1)):
+            kw = {} if out_indices is None else dict(out_indices=out_indices)
+            features = timm.create_model(name, num_classes=10, features_only=True, pretrained=True,
+                                         pretrained_cfg_overlay=dict(state_dict=sd), **kw).eval()
+            wanted = list(range(len(expected))) if out_indices is None else list(out_indices)
+            got = features(x)
+            assert features.feature_info.channels() == [model.feature_info[i]['num_chs'] for i in wanted]
+            assert len(got) == len(wanted) and all(torch.equal(g, expected[i]) for g, i in zip(got, wanted))
+    with pytest.raises(ValueError, match="features_only needs feature_cls='getter'"):
+        timm.create_model(name, features_only=True, feature_cls='hook')
 
 
 def test_grad_checkpointing_same_output():
@@ -286,12 +391,44 @@ def test_hf_round_trip(tmp_path):
 
 # --- RIDE checkpoints ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize('run,path,router', [('stage1', 'stage1_epoch0.pth', False), ('router', 'router.pth', True)])
+def test_run_checkpoints_of_the_earlier_code_load_with_its_outputs(run, path, router):
+    """Run checkpoints written before the model contract (RUN_FIXTURES) load strictly into today's model, which gives
+    that code's outputs: eval, routed (with the experts used) and, expert training on, the training tuple."""
+    ref = torch.load(RUN_FIXTURES / 'outputs.pt', weights_only=True)
+    ckpt = torch.load(RUN_FIXTURES / path, map_location='cpu', weights_only=True)
+    assert ckpt['arch'] == 'ride_resnet20_cifar'
+    model = timm.create_model('ride_resnet20_cifar', router=router, **FIXTURE_MODEL)
+    model.load_state_dict(ckpt['state_dict'], strict=True)
+    x = ref['input']
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(x), ref[f'{run}.eval'])
+        logits, used = model.forward_with_experts_used(x)
+        torch.testing.assert_close(logits, ref[f'{run}.routed'])
+        assert torch.equal(used, ref[f'{run}.used'])
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        model.set_expert_training(True)
+        out = model(x)
+        assert len(out) == (3 if router else 2)
+        for i, t in enumerate(out):
+            torch.testing.assert_close(t, ref[f'{run}.train.{i}'])
+
+
 def test_filter_loads_ride_cifar_checkpoint_with_same_logits():
     ride_sd = ride_cifar_state_dict(seed=1)
     ckpt = {'arch': 'Model', 'epoch': 200, 'state_dict': ride_sd}  # RIDE's saved checkpoint layout
+    # the overlay describes the weights (100 classes, the cfg says 10): timm then keeps the heads
     model = timm.create_model('ride_resnet32_cifar', num_classes=100, pretrained=True,
-                              pretrained_cfg_overlay=dict(state_dict=ckpt)).eval()
+                              pretrained_cfg_overlay=dict(state_dict=ckpt, num_classes=100)).eval()
     own = model.state_dict()
+    # without it the class count differs from the cfg's: timm drops every head the cfg names, as for any classifier
+    headless = timm.create_model('ride_resnet32_cifar', num_classes=100, pretrained=True,
+                                 pretrained_cfg_overlay=dict(state_dict=ckpt)).state_dict()
+    assert all(torch.equal(headless[k], own[k]) != k.startswith('heads.') for k in own)
     mapped = ride_checkpoint_filter_fn(ride_sd, model)
     assert set(mapped) == set(own)
     assert 'experts.2.layer3.4.bn2.running_var' in mapped and 'heads.1.weight' in mapped
@@ -318,7 +455,7 @@ def test_filter_router_checkpoint_and_routing_matches_ride():
     x = torch.randn(12, 3, 32, 32)
     with torch.no_grad():
         feats = model.forward_head(model.forward_features(x), pre_logits=True).unflatten(1, (3, 48))
-        expert_logits = torch.stack([model._head(feats[:, i], i) for i in range(3)], 1)
+        expert_logits = model._expert_logits(feats)
         a = model._router_logits(feats, expert_logits)  # (B, 2) decision logits
         a0 = a[:, 0].sort().values
         bias = -(a0[3] + a0[4]) / 2  # 4 samples stop after expert 0 (midway: no ties at sigmoid = 0.5)
@@ -334,6 +471,9 @@ def test_filter_router_checkpoint_and_routing_matches_ride():
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(model(x), logits)
         torch.testing.assert_close(model.forward_head(model.forward_features(x)), logits, rtol=1e-4, atol=1e-4)
+        # TorchScript keeps the per-sample routing; a torch.fx graph routes densely, to the same logits
+        torch.testing.assert_close(torch.jit.script(model)(x), logits, rtol=0, atol=0)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), logits, rtol=1e-5, atol=1e-5)
 
     plain = timm.create_model('ride_resnet20_cifar', num_classes=100)
     with pytest.warns(UserWarning, match='no router'):
@@ -389,7 +529,8 @@ def test_router_always_or_never(experts):
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         shared = model.forward_shared(x)
-        per_expert = torch.stack([model._head(model.experts[i](shared).mean((2, 3)), i) for i in range(experts)], 1)
+        pooled = torch.stack([model.experts[i](shared).mean((2, 3)) for i in range(experts)], 1)
+        per_expert = model._expert_logits(pooled)
         _force_router(model, go=True)
         logits, used = model.forward_with_experts_used(x)
         assert used.tolist() == [experts] * 5
@@ -415,6 +556,7 @@ def test_freeze_for_router_training():
     bn_before = model.experts[1].layer3[0].bn1.running_mean.clone()
     opt = torch.optim.SGD(router_parameters(model), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     loss_fn = create_loss('ride_ea', [100, 60, 30, 20, 10, 8, 6, 4, 2, 1])
+    model.set_expert_training(True)
     out = model(torch.randn(8, 3, 32, 32))
     assert len(out) == 3 and out[2].shape == (8, 2)
     loss = loss_fn(out, torch.randint(0, 10, (8,)))
@@ -435,6 +577,7 @@ def test_freeze_for_router_training():
 def test_router_loss_never_trains_experts():
     """Router inputs are detached: without freezing, the ride_ea loss still leaves the experts without gradient."""
     model = timm.create_model('ride_resnet20_cifar', num_classes=10, router=True)
+    model.set_expert_training(True)
     loss = create_loss('ride_ea', [10] * 10)(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,)))
     loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith('router.'))
@@ -453,6 +596,7 @@ def test_torchrun_ddp_every_expert_gets_gradients(tmp_path):
         rank = dist.get_rank()
         torch.manual_seed(0)
         model = timm.create_model('ride_resnet20_cifar', num_classes=10)
+        model.set_expert_training(True)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         loss_fn = create_loss('ride', [100, 60, 30, 20, 10, 8, 6, 4, 2, 1], reweight='drw', drw_epoch=1,
                               additional_diversity_factor=-0.45)

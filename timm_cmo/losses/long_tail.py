@@ -44,7 +44,7 @@ micro-batches' normalizers, the micro-batch losses add up to the loss of their c
 (logits, labels and a per-sample ``lam`` concatenated; an unmixed micro-batch as ``lam = 1``), and
 so do their gradients.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -136,7 +136,11 @@ class LongTailLoss(nn.Module):
         validate: check target values (range, non-negativity); shape checks always run. On
             CUDA the value checks are asynchronous asserts (no host sync). Turn off for a
             compiled fast path.
+
+    ``needs_experts`` (class attribute, False here): True for losses that take a multi-expert model's
+    training output instead of (B, C) logits (RIDE's); switch it on with ``model.set_expert_training(True)``.
     """
+    needs_experts = False
 
     def __init__(
             self,
@@ -240,14 +244,16 @@ class LongTailLoss(nn.Module):
             d = self._denominator(target.long(), 0.0, weight)
         return torch.stack([d, d])
 
-    def mixed_loss(self, logits: torch.Tensor, mix, weight: Optional[torch.Tensor],
-                   norm: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The per-term loss of a mix (module docstring); ``logits`` already checked and promoted; ``norm``: the
-        ``(2,)`` denominators to divide the two terms by instead of their own (``'mean'`` only)."""
+    def mix_terms(
+            self, logits: torch.Tensor, mix,
+    ) -> Tuple[List[Tuple[torch.Tensor, Union[float, torch.Tensor]]], float]:
+        """``([(y, share), ...], smoothing)`` of a mix: ``(y_b, lam)`` and, unless ``lam == 1``, ``(y_f, 1 - lam)``.
+
+        ``y`` are checked ``(B,)`` int64 labels; ``share`` a float or a ``(B,)`` tensor in the logits' dtype.
+        """
         y_b = self._check_target(mix.y_b, logits)
         lam = mix.lam
         smoothing = float(getattr(mix, 'smoothing', 0.0))
-        class_losses = self.class_losses(logits) if smoothing else None
         terms = [(y_b, lam)]
         if isinstance(lam, torch.Tensor):
             lam = lam.to(logits.device, logits.dtype).reshape(-1)
@@ -256,6 +262,14 @@ class LongTailLoss(nn.Module):
             terms = [(y_b, lam), (self._check_target(mix.y_f, logits), 1. - lam)]
         elif lam != 1.:
             terms.append((self._check_target(mix.y_f, logits), 1. - float(lam)))
+        return terms, smoothing
+
+    def mixed_loss(self, logits: torch.Tensor, mix, weight: Optional[torch.Tensor],
+                   norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The per-term loss of a mix (module docstring); ``logits`` already checked and promoted; ``norm``: the
+        ``(2,)`` denominators to divide the two terms by instead of their own (``'mean'`` only)."""
+        terms, smoothing = self.mix_terms(logits, mix)
+        class_losses = self.class_losses(logits) if smoothing else None
         per_sample, total = 0., 0.
         for i, (y, share) in enumerate(terms):
             num, den = self._term(logits, y, smoothing, weight, class_losses)

@@ -47,6 +47,8 @@ RIDE_LOSS_DEFAULTS: Dict[str, Dict[str, Any]] = {
 -0.2 / 0.05). RIDE has no CIFAR-10-LT setting. All use max_m 0.5, s 30, reweight on (DRW)."""
 
 _NEEDS_EXPERTS = '--loss ride needs a multi-expert model (e.g. ride_resnet32_cifar)'
+_EXPERT_TRAINING = ("turn on the model's multi-expert training output with model.set_expert_training(True) (RIDE "
+                    "models; train_cmo.py does so for this loss)")
 
 RIDEModelOutput = Union[torch.Tensor, Sequence[torch.Tensor], Dict[str, torch.Tensor]]
 
@@ -68,9 +70,10 @@ def ride_diversity_temperature(class_counts: ClassCounts, reweight_factor: float
 def split_ride_output(output: RIDEModelOutput) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(logits (B, C), expert_logits (B, E, C), router_logits (B, E - 1) or None)`` from a RIDE model's output.
 
-    Accepts the train-mode tuple ``(logits, expert_logits[, router_logits])``, RIDE's dict (``output`` / ``logits``
-    (B, E, C), or ``expert_logits``) or a bare (B, E, C) tensor (the logits are then its mean over experts).
-    A (B, C) tensor raises ``ValueError``.
+    Accepts the multi-expert training output ``(logits, expert_logits[, router_logits])`` (a RIDE model in train mode
+    after ``model.set_expert_training(True)``), RIDE's dict (``output`` / ``logits`` (B, E, C), or ``expert_logits``)
+    or a bare (B, E, C) tensor (the logits are then its mean over experts). A (B, C) tensor (the model's ordinary
+    output) raises ``ValueError`` saying to switch the expert training output on.
     """
     router = None
     if isinstance(output, dict):
@@ -85,7 +88,8 @@ def split_ride_output(output: RIDEModelOutput) -> Tuple[torch.Tensor, torch.Tens
     elif isinstance(output, torch.Tensor):
         if output.ndim != 3:
             raise ValueError(f'{_NEEDS_EXPERTS}: got a single tensor of shape {tuple(output.shape)}, expected the '
-                             f'train-mode output (logits (B, C), expert_logits (B, E, C))')
+                             f'multi-expert training output (logits (B, C), expert_logits (B, E, C)): '
+                             f'{_EXPERT_TRAINING}')
         logits, experts = None, output
     else:
         raise ValueError(f'{_NEEDS_EXPERTS}: got {type(output).__name__}')
@@ -103,10 +107,11 @@ def split_ride_output(output: RIDEModelOutput) -> Tuple[torch.Tensor, torch.Tens
 class RIDELoss(LongTailLoss):
     """RIDE's loss: per-expert LDAM-DRW + distribution-aware diversity (module docstring).
 
-    Call as ``loss(output, target, mix=None)``: ``output`` the model's train-mode output (see
-    :func:`split_ride_output`), ``target`` (B,) class indices or (B, C) soft targets, ``mix`` a
-    :class:`~timm_cmo.data.cmo.MixInfo` for the per-term CMO form ``lam * L(y_b) + (1 - lam) * L(y_f)`` of each
-    expert's LDAM term (the diversity term has no labels). Returns the scalar loss (``reduction='mean'`` only).
+    Call as ``loss(output, target, mix=None)``: ``output`` the model's multi-expert training output (train mode,
+    ``model.set_expert_training(True)``; see :func:`split_ride_output`), ``target`` (B,) class indices or (B, C) soft
+    targets, ``mix`` a :class:`~timm_cmo.data.cmo.MixInfo` for the per-term CMO form ``lam * L(y_b) + (1 - lam) *
+    L(y_f)`` of each expert's LDAM term (the diversity term has no labels). Returns the scalar loss
+    (``reduction='mean'`` only).
 
     Args:
         class_counts: (C,) training images per class.
@@ -126,7 +131,7 @@ class RIDELoss(LongTailLoss):
         reduction: ``'mean'`` only.
         validate: Check target values (as :class:`LongTailLoss`).
     """
-    needs_experts = True  # takes a multi-expert model's train-mode output, never plain (B, C) logits
+    needs_experts = True  # takes a multi-expert model's expert training output, never plain (B, C) logits
 
     def __init__(
             self,
@@ -239,8 +244,9 @@ class RIDERouterLoss(LongTailLoss):
     ``i + 1``?) has the label ``h_i = not c_i and any(c_{i+1}, ..., c_{E-1})`` (a later expert fixes the prediction)
     and the loss is ``mean_i BCEWithLogits(router_logits[:, i], h_i, pos_weight)`` (each a batch mean).
 
-    Call as ``loss(output, target)`` with the train-mode output ``(logits, expert_logits, router_logits)`` of a
-    RIDE model with its router enabled and frozen experts (see ``timm_cmo.models.ride.freeze_for_router_training``),
+    Call as ``loss(output, target)`` with the multi-expert training output ``(logits, expert_logits, router_logits)``
+    of a RIDE model with its router enabled, ``set_expert_training(True)`` and frozen experts (see
+    ``timm_cmo.models.ride.freeze_for_router_training``),
     ``target`` (B,) class indices (a (B, C) soft target uses its argmax; mixed batches are refused).
 
     Args:
@@ -289,7 +295,7 @@ class RIDERouterLoss(LongTailLoss):
         logits, experts, router = split_ride_output(output)
         if router is None:
             raise ValueError('the ride_ea loss needs router logits: enable the model\'s router (router=True or '
-                             'model.enable_router()) and train it in train mode')
+                             'model.enable_router()) and train it in train mode with model.set_expert_training(True)')
         if router.shape != (experts.shape[0], experts.shape[1] - 1):
             raise ValueError(f'router logits must have shape (B, E - 1) = {(experts.shape[0], experts.shape[1] - 1)}, '
                              f'got {tuple(router.shape)}')

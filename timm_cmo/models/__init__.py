@@ -7,8 +7,11 @@ adds the ``head_norm`` argument
 (cosine-normalised classifier) to timm's ``ResNet`` (``timm.create_model('resnet50', head_norm=True)``) and the
 ``causal_norm`` argument (Causal Norm's multi-head cosine classifier with TDE inference) to timm's ``ResNet`` and
 the CIFAR ResNets (``timm.create_model('resnet32_cifar', causal_norm=True, causal_alpha=1.5)``).
+:func:`logits_and_features` gives a model's logits with its penultimate features (for losses with
+``needs_features``, e.g. IB).
 """
 from .bbn import BBNResNet, BBNResNetCifar, bbn_checkpoint_filter_fn
+from .features import LogitsAndFeatures, WithFeatures, check_feature_split, logits_and_features
 from .causal_norm import (
     CAUSAL_ARGS, CausalNormClassifier, add_causal_norm_arg, is_causal_norm, patch_causal_norm, set_causal_norm_lr)
 from .head_norm import NormedLinear, add_head_norm_arg, is_head_norm, patch_timm_resnet
@@ -21,4 +24,5 @@ patch_causal_norm()
 __all__ = ['NormedLinear', 'ResNetCifar', 'is_head_norm', 'add_head_norm_arg', 'CIFAR_MEAN', 'CIFAR_STD',
            'RIDEResNet', 'RIDEResNetCifar', 'freeze_for_router_training', 'ride_checkpoint_filter_fn',
            'BBNResNetCifar', 'BBNResNet', 'bbn_checkpoint_filter_fn',
-           'CausalNormClassifier', 'is_causal_norm', 'add_causal_norm_arg', 'set_causal_norm_lr', 'CAUSAL_ARGS']
+           'CausalNormClassifier', 'is_causal_norm', 'add_causal_norm_arg', 'set_causal_norm_lr', 'CAUSAL_ARGS',
+           'LogitsAndFeatures', 'WithFeatures', 'check_feature_split', 'logits_and_features']

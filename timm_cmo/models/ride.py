@@ -19,16 +19,27 @@ Heads: with ``head_norm=True`` (RIDE's ``use_norm``, on in all RIDE configs) eac
 ``NormedLinear`` and the model multiplies its logits by ``head_scale`` (RIDE's ``s=30``, applied in the
 model as RIDE does, so RIDE checkpoints give the same logits); plain ``nn.Linear`` heads are not scaled.
 
-Outputs (``B`` batch, ``E`` experts, ``C`` classes):
+Outputs (``B`` batch, ``E`` experts, ``C`` classes), timm's contract of one logits tensor:
 
-* eval: ``(B, C)``, the mean of the experts' logits (with a router: of the experts each sample used);
-* train: ``(logits (B, C), expert_logits (B, E, C))``, plus ``router_logits (B, E - 1)`` when the router
-  is enabled (for the ``ride_ea`` loss). ``--loss ride`` (:class:`timm_cmo.losses.ride.RIDELoss`) takes it.
+* ``forward``, train and eval mode: ``(B, C)``, the mean of the experts' logits (with a router: of the experts
+  each sample uses; in eval mode only those are computed, :meth:`~_RIDEBase.forward_with_experts_used` also
+  returns their number);
+* the multi-expert training output, switched on with ``model.set_expert_training(True)`` (as timm's
+  ``set_distilled_training``) and given in train mode only: ``(logits (B, C), expert_logits (B, E, C))``, plus
+  ``router_logits (B, E - 1)`` when the router is enabled. The ``ride`` and ``ride_ea`` losses
+  (:mod:`timm_cmo.losses.ride`, ``needs_experts``) take it; train_cmo.py switches it on for them.
+
+timm's interfaces: ``pretrained_cfg['classifier']`` names every head (``('heads.0', 'heads.1', 'heads.2')``, the
+model's own ``num_experts``), so ``num_classes`` changes at creation and head-dropping loads work;
+``reset_classifier``; ``forward_intermediates`` / ``features_only=True`` (timm's ``'getter'`` feature class) give
+the stem, the shared stages and the expert stages, an expert stage as the experts' maps concatenated on channels
+(the layout of ``forward_features``); TorchScript and torch.fx (a traced graph routes densely, same logits).
 
 Checkpoints: :func:`ride_checkpoint_filter_fn` maps RIDE's released state dicts (``backbone.layer2s.0.*``,
 ``backbone.linears.0.weight``, ``backbone.expert_help_pred_*``; ``module.`` prefixes) to this layout
 (``experts.0.layer2.*``, ``heads.0.weight``, ``router.*``); it is the models' ``pretrained_filter_fn``.
 """
+import inspect
 import re
 import warnings
 from collections import OrderedDict
@@ -37,10 +48,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+except ImportError:  # older torch
+    from torch.fx._symbolic_trace import is_fx_tracing as is_fx_symbolic_tracing
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._input import update_model_args
 from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
@@ -48,12 +64,9 @@ from .head_norm import NormedLinear
 from .resnet_cifar import CIFAR_MEAN, CIFAR_STD, BasicBlockCifar
 
 __all__ = [
-    'RIDEResNetCifar', 'RIDEResNet', 'RIDERouter', 'ride_checkpoint_filter_fn', 'freeze_for_router_training',
-    'router_parameters',
+    'RIDEResNetCifar', 'RIDEResNet', 'RIDERouter', 'ride_checkpoint_filter_fn', 'ride_head_names',
+    'freeze_for_router_training', 'router_parameters',
 ]
-
-RIDEOutput = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
-
 
 class RIDERouter(nn.Module):
     """RIDE's expert-assignment module: after expert ``i`` (0-based, ``i < E - 1``), predict whether expert ``i + 1``
@@ -103,7 +116,13 @@ class RIDERouter(nn.Module):
     def forward(self, features: torch.Tensor, mean_logits: torch.Tensor, index: int) -> torch.Tensor:
         """Decision ``index``: features (B, in_features) of expert ``index``, mean_logits (B, C) of experts
         ``0..index`` -> (B,) logits of 'consult expert index + 1'."""
-        h = F.relu(self.hidden[index](F.normalize(features, dim=1)))
+        if index < 0 or index >= self.num_experts - 1:
+            raise ValueError(f'router decision index must be in [0, {self.num_experts - 1}), got {index}')
+        h = features
+        for i, hidden in enumerate(self.hidden):  # iterated, not indexed: TorchScript indexes ModuleLists by constants
+            if i == index:
+                h = hidden(F.normalize(features, dim=1))
+        h = F.relu(h)
         top = mean_logits.topk(self.top_k, dim=1).values
         return self.fc(torch.cat((top, h), dim=1)).squeeze(1)
 
@@ -114,15 +133,16 @@ class RIDERouter(nn.Module):
 class _RIDEBase(nn.Module):
     """Shared layers + per-expert stages/heads + optional router; subclasses build the layers.
 
-    Subclasses set ``experts`` (ModuleList of per-expert ``nn.Sequential`` stages), ``expert_features`` (channels
-    of an expert's last stage) and implement :meth:`forward_shared`, then call :meth:`_init_head`.
+    Subclasses set ``experts`` (ModuleList of per-expert ``nn.Sequential`` stages named ``_expert_stages``),
+    ``expert_features`` (channels of an expert's last stage), the shared stages named ``_shared_stages`` after a
+    ``conv1`` / ``bn1`` / ``act1`` stem (and ``maxpool``, if any), implement :meth:`forward_shared`, then call
+    :meth:`_init_head` and :meth:`_init_feature_info`.
     """
     _kaiming_linear = False  # RIDE's CIFAR models kaiming-init every Linear, its ImageNet models keep the default
     _default_top_k = 50
+    _shared_stages = ()  # names of the shared stages after the stem
+    _expert_stages = ()  # names of an expert's stages
     frozen_for_router = False
-
-    experts: nn.ModuleList
-    router: Optional[RIDERouter]
 
     def _init_head(
             self,
@@ -142,13 +162,25 @@ class _RIDEBase(nn.Module):
         self.head_norm = bool(head_norm)
         self.head_scale = float(head_scale)
         self.router_threshold = float(router_threshold)
+        self.expert_training = False
         self.num_features = self.head_hidden_size = self.num_experts * self.expert_features
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.heads = self._make_heads(num_classes, dd)
         self.router = None
         self.frozen_for_router = False
-        if router:
+        if router and num_classes > 0:  # without a classifier there is nothing to route (as reset_classifier(0))
             self.enable_router(router_top_k, router_hidden_dim)
+
+    def _init_feature_info(
+            self, stem: Tuple[int, int], shared: Sequence[Tuple[int, int]], expert: Sequence[Tuple[int, int]],
+    ) -> None:
+        """``feature_info`` from ``(channels, reduction)`` of the stem, each shared stage and each expert stage (of one
+        expert: the feature map of an expert stage is the E experts' maps concatenated, E times the channels)."""
+        info = [dict(num_chs=stem[0], reduction=stem[1], module='act1')]
+        info += [dict(num_chs=c, reduction=r, module=n) for n, (c, r) in zip(self._shared_stages, shared)]
+        info += [dict(num_chs=self.num_experts * c, reduction=r, module=f'experts.*.{n}')
+                 for n, (c, r) in zip(self._expert_stages, expert)]
+        self.feature_info = info
 
     @property
     def logit_scale(self) -> float:
@@ -213,12 +245,21 @@ class _RIDEBase(nn.Module):
     # --- timm interface --------------------------------------------------------------------------------------
 
     @torch.jit.ignore
+    def set_expert_training(self, enable: bool = True) -> None:
+        """Switch the multi-expert training output on or off (off by default), as timm's ``set_distilled_training``.
+
+        On, ``forward`` in train mode returns ``(logits (B, C), expert_logits (B, E, C))``, plus ``router_logits
+        (B, E - 1)`` when the router is enabled: what the ``ride`` and ``ride_ea`` losses take (their
+        ``needs_experts``). Off, and always in eval mode, it returns the (B, C) logits alone."""
+        self.expert_training = bool(enable)
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        """The experts' heads (a ``ModuleList``, ``'heads'``)."""
+        """The experts' heads (a ``ModuleList``, ``'heads'``; ``pretrained_cfg['classifier']`` names each head)."""
         return 'heads' if name_only else self.heads
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
@@ -239,23 +280,98 @@ class _RIDEBase(nn.Module):
                 if frozen:
                     freeze_for_router_training(self)
 
+    # --- feature extraction ----------------------------------------------------------------------------------
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Feature maps of the stem, the shared stages and the expert stages (``feature_info`` order), as timm's.
+
+        The map of an expert stage is the experts' maps of that stage concatenated on channels, expert 0 first
+        (E times one expert's channels): the layout of :meth:`forward_features`, whose output is the last one.
+        Channels of different experts do not correspond (each expert learns its own), so they are not averaged.
+        Returns ``(final map, intermediates)``, or the intermediates alone with ``intermediates_only`` (which, like
+        ``stop_early``, stops after the last map asked for).
+        """
+        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        last = max_index if stop_early or intermediates_only else len(self.feature_info) - 1
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        index = 0
+        for name in self._shared_stages:
+            if index >= last:
+                break
+            if index == 0 and hasattr(self, 'maxpool'):
+                x = self.maxpool(x)
+            index += 1
+            x = self._run_stage(getattr(self, name), x)
+            if index in take_indices:
+                intermediates.append(x)
+        maps = [x] * self.num_experts
+        for name in self._expert_stages:
+            if index >= last:
+                break
+            index += 1
+            maps = [self._run_stage(getattr(expert, name), m) for expert, m in zip(self.experts, maps)]
+            x = torch.cat(maps, dim=1)
+            if index in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Replace the stages after the last wanted intermediate by ``Identity`` (in every expert) and, if
+        ``prune_head`` or stages went, the heads (``reset_classifier(0, '')``). Returns the intermediates' indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        stages = [(n, False) for n in self._shared_stages] + [(n, True) for n in self._expert_stages]
+        pruned = stages[max_index:]  # stage j gives feature j + 1
+        for name, per_expert in pruned:
+            for owner in (self.experts if per_expert else [self]):
+                setattr(owner, name, nn.Identity())
+        if pruned:  # forward_features now ends at feature max_index (a shared map: each expert passes it on)
+            chs = self.feature_info[max_index]['num_chs']
+            self.expert_features = chs // self.num_experts if max_index > len(self._shared_stages) else chs
+            self.num_features = self.head_hidden_size = self.num_experts * self.expert_features
+        if prune_head or pruned:
+            self.reset_classifier(0, '')
+        return take_indices
+
     # --- forward ---------------------------------------------------------------------------------------------
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and shared stages: (B, in_chans, H, W) -> shared feature map."""
         raise NotImplementedError
 
-    def forward_expert(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Private stages of expert ``index`` on the shared map -> (B, expert_features, h, w)."""
-        expert = self.experts[index]
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(expert, x)
-        return expert(x)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> the experts' final maps concatenated on channels, (B, E * expert_features, h, w)."""
         x = self.forward_shared(x)
-        return torch.cat([self.forward_expert(x, i) for i in range(self.num_experts)], dim=1)
+        maps = []
+        for expert in self.experts:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                maps.append(checkpoint_seq(expert, x))
+            else:
+                maps.append(expert(x))
+        return torch.cat(maps, dim=1)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         x = self.global_pool(x)
@@ -263,11 +379,14 @@ class _RIDEBase(nn.Module):
             x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x
 
-    def _head(self, features: torch.Tensor, index: int) -> torch.Tensor:
-        """(B, expert_features) pooled features of expert ``index`` -> its (B, C) logits (scaled)."""
-        logits = self.heads[index](features)
+    def _scale(self, logits: torch.Tensor) -> torch.Tensor:
+        """A head's output times :attr:`logit_scale` (RIDE's ``s`` for cosine heads)."""
         scale = self.logit_scale
         return logits * scale if scale != 1. else logits
+
+    def _expert_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, E, expert_features) pooled features -> (B, E, C) scaled logits of every expert."""
+        return torch.stack([self._scale(head(features[:, i])) for i, head in enumerate(self.heads)], dim=1)
 
     def _router_logits(self, features: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
         """(B, E, F), (B, E, C) -> (B, E - 1) router logits. Inputs are detached: routing never trains the experts."""
@@ -283,7 +402,7 @@ class _RIDEBase(nn.Module):
 
         Same result as the sequential routing of :meth:`forward_with_experts_used` (which skips the work)."""
         total = expert_logits[:, 0]
-        used = torch.ones(total.shape[0], dtype=torch.long, device=total.device)
+        used = torch.ones_like(total[:, 0], dtype=torch.long)
         active = torch.ones_like(used, dtype=torch.bool)
         for i in range(1, self.num_experts):
             go = torch.sigmoid(self.router(features[:, i - 1], total / used.unsqueeze(1).to(total), i - 1))
@@ -292,8 +411,17 @@ class _RIDEBase(nn.Module):
             used = used + active.long()
         return total / used.unsqueeze(1).to(total), used
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> RIDEOutput:
-        """(B, E * expert_features, h, w) from :meth:`forward_features` -> the model output (see the module docstring).
+    @torch.jit.ignore
+    def _expert_training_output(self, features: torch.Tensor, expert_logits: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        logits = expert_logits.mean(dim=1)
+        if self.router is not None:
+            return logits, expert_logits, self._router_logits(features, expert_logits)
+        return logits, expert_logits
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, E * expert_features, h, w) from :meth:`forward_features` -> (B, C) logits: the experts' mean, routed
+        (densely: every expert computed) with the router. In train mode with :meth:`set_expert_training` on, the
+        tuple ``(logits, expert_logits (B, E, C)[, router_logits (B, E - 1)])`` instead.
 
         ``pre_logits``: the pooled features (B, E * expert_features), the experts' in order. With ``num_classes=0``
         that is also the output."""
@@ -301,21 +429,23 @@ class _RIDEBase(nn.Module):
         if pre_logits or self.num_classes <= 0:
             return x
         features = x.unflatten(1, (self.num_experts, self.expert_features))
-        expert_logits = torch.stack([self._head(features[:, i], i) for i in range(self.num_experts)], dim=1)
-        logits = expert_logits.mean(dim=1)
-        if self.training:
-            if self.router is not None:
-                return logits, expert_logits, self._router_logits(features, expert_logits)
-            return logits, expert_logits
+        expert_logits = self._expert_logits(features)
+        if self.expert_training and self.training and not torch.jit.is_scripting():
+            return self._expert_training_output(features, expert_logits)
         if self.router is not None:
             return self._route_dense(features, expert_logits)[0]
-        return logits
+        return expert_logits.mean(dim=1)
 
-    def forward(self, x: torch.Tensor) -> RIDEOutput:
-        """Eval: (B, C) logits (routed if the router is enabled, computing only the experts used). Train:
-        ``(logits (B, C), expert_logits (B, E, C)[, router_logits (B, E - 1)])``."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, C) logits, in train and eval mode (:meth:`forward_head`); in eval mode with the
+        router, computing only the experts each sample uses (:meth:`forward_with_experts_used`; dense under torch.fx
+        tracing, same logits). The multi-expert training output: :meth:`set_expert_training`."""
         if not self.training and self.router is not None and self.num_classes > 0:
-            return self.forward_with_experts_used(x)[0]
+            sparse = True
+            if not torch.jit.is_scripting():
+                sparse = not is_fx_symbolic_tracing()  # a traced graph cannot hold the data-dependent routing
+            if sparse:
+                return self.forward_with_experts_used(x)[0]
         return self.forward_head(self.forward_features(x))
 
     def forward_with_experts_used(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -330,20 +460,27 @@ class _RIDEBase(nn.Module):
             raise ValueError('forward_with_experts_used needs a classifier (num_classes > 0)')
         shared = self.forward_shared(x)
         batch = shared.shape[0]
-        features = self._pool(self.forward_expert(shared, 0))
-        total = self._head(features, 0)
-        used = torch.ones(batch, dtype=torch.long, device=total.device)
-        index = torch.arange(batch, device=total.device)
-        for i in range(1, self.num_experts):
-            if self.router is not None:
+        index = torch.arange(batch, device=shared.device)
+        used = torch.ones(batch, dtype=torch.long, device=shared.device)
+        features = shared.new_empty(0)
+        total = shared.new_empty(0)
+        for i, (expert, head) in enumerate(zip(self.experts, self.heads)):
+            if i > 0 and self.router is not None and index.numel() > 0:
                 mean = total.index_select(0, index) / i
                 go = torch.sigmoid(self.router(features, mean, i - 1)) > self.router_threshold
                 index = index[go]
-            if index.numel() == 0:
-                break
-            features = self._pool(self.forward_expert(shared.index_select(0, index), i))
-            total = total.index_add(0, index, self._head(features, i))
-            used = used.index_add(0, index, torch.ones_like(index))
+            if i == 0 or index.numel() > 0:
+                sub = shared if i == 0 else shared.index_select(0, index)
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    features = self._pool(checkpoint_seq(expert, sub))
+                else:
+                    features = self._pool(expert(sub))
+                logits = self._scale(head(features))
+                if i == 0:
+                    total = logits
+                else:
+                    total = total.index_add(0, index, logits)
+                    used = used.index_add(0, index, torch.ones_like(index))
         return total / used.unsqueeze(1).to(total), used
 
 
@@ -361,18 +498,22 @@ class RIDEResNetCifar(_RIDEBase):
         drop_rate: Dropout on the pooled features. Default 0.
         head_norm: Cosine-normalised heads (RIDE's ``use_norm``). Default True.
         head_scale: Logit scale of cosine heads (RIDE's ``s``). Default 30.
-        router: Build the expert-assignment router. Default False.
+        router: Build the expert-assignment router (none with ``num_classes=0``). Default False.
         router_top_k: Router's top logits (RIDE's ``top_choices_num``). Default 30 (capped at num_classes).
         router_hidden_dim: Router's hidden size. Default 16.
         router_threshold: Consult the next expert when ``sigmoid(router) >`` this. Default 0.5.
 
     Shapes: input (B, in_chans, H, W); ``forward_features`` -> (B, E * w3, H/4, W/4) (``w3`` = 48 reduced, else 64);
-    ``forward`` -> (B, num_classes) in eval mode, a tuple in train mode (module docstring).
+    ``forward`` -> (B, num_classes) (the multi-expert tuple with :meth:`set_expert_training`, module docstring).
+    Features (``feature_info``, ``features_only=True``): the stem (act1, 16 channels, stride 1), layer1 (16, 1), then
+    the experts' layer2 (E * w2, 2) and layer3 (E * w3, 4) maps concatenated.
     State-dict keys: ``conv1``, ``bn1``, ``layer1.*``, ``experts.{i}.layer2.*``, ``experts.{i}.layer3.*``,
     ``heads.{i}.*``, ``router.hidden.{i}.*``, ``router.fc.*``.
     """
     _kaiming_linear = True
     _default_top_k = 30
+    _shared_stages = ('layer1',)
+    _expert_stages = ('layer2', 'layer3')
 
     def __init__(
             self,
@@ -418,6 +559,7 @@ class RIDEResNetCifar(_RIDEBase):
         self._init_head(
             num_classes, global_pool, drop_rate, head_norm, head_scale, router, router_top_k, router_hidden_dim,
             router_threshold, dd)
+        self._init_feature_info((16, 1), [(16, 1)], [(widths[0], 2), (widths[1], 4)])
         self.init_weights()
 
     @torch.jit.ignore
@@ -458,10 +600,14 @@ class RIDEResNet(_RIDEBase):
             :class:`RIDEResNetCifar` (``router_top_k`` default 50, RIDE's ResNet-50 / ResNeXt-50 / iNat setting).
 
     Shapes: input (B, in_chans, H, W); ``forward_features`` -> (B, E * 4 * 384, H/32, W/32) for a reduced ResNet-50;
-    ``forward`` -> (B, num_classes) in eval mode, a tuple in train mode.
+    ``forward`` -> (B, num_classes) (the multi-expert tuple with :meth:`set_expert_training`). Features
+    (``feature_info``, ``features_only=True``): the stem (act1, stride 2), layer1 (4), layer2 (8), then the experts'
+    layer3 (16) and layer4 (32) maps concatenated.
     State-dict keys: ``conv1``, ``bn1``, ``layer1.*``, ``layer2.*``, ``experts.{i}.layer3.*``, ``experts.{i}.layer4.*``,
     ``heads.{i}.*``, ``router.*``; blocks as timm's (``conv1..3``, ``bn1..3``, ``downsample.0/1``).
     """
+    _shared_stages = ('layer1', 'layer2')
+    _expert_stages = ('layer3', 'layer4')
 
     def __init__(
             self,
@@ -501,8 +647,8 @@ class RIDEResNet(_RIDEBase):
         self.bn1 = nn.BatchNorm2d(64, **dd)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1, chs = _resnet_stage(64, 64, layers[0], 1, **stage)
-        self.layer2, chs = _resnet_stage(chs, 128, layers[1], 2, **stage)
+        self.layer1, chs1 = _resnet_stage(64, 64, layers[0], 1, **stage)
+        self.layer2, chs = _resnet_stage(chs1, 128, layers[1], 2, **stage)
         experts = []
         for _ in range(num_experts):
             layer3, chs3 = _resnet_stage(chs, widths[0], layers[2], 2, **stage)
@@ -514,6 +660,7 @@ class RIDEResNet(_RIDEBase):
         self._init_head(
             num_classes, global_pool, drop_rate, head_norm, head_scale, router, router_top_k, router_hidden_dim,
             router_threshold, dd)
+        self._init_feature_info((64, 2), [(chs1, 4), (chs, 8)], [(chs3, 16), (chs4, 32)])
 
     @torch.jit.ignore
     def init_weights(self) -> None:
@@ -630,8 +777,8 @@ def ride_checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, leni
 
     * router weights and a model without a router: dropped with a warning (build with ``router=True`` to keep them);
       a model with a router and a checkpoint without (stage 1): the model's fresh router is kept;
-    * heads whose shape differs from the model's (another class count): the model's fresh heads are kept, with a
-      warning.
+    * heads whose shape differs from the model's (another class count): the model's fresh heads (and router, whose
+      input is their logits) are kept, with a warning.
 
     Raises ``ValueError`` for RIDE layouts this model cannot hold (``share_layer3``, unshared router fcs, a router with
     another ``top_k``).
@@ -659,21 +806,23 @@ def ride_checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, leni
         return out
     has_router = getattr(model, 'router', None) is not None
     ckpt_router = [k for k in out if k.startswith('router.')]
+    mismatched = [k for k in out if k.startswith('heads.') and k in model_sd and out[k].shape != model_sd[k].shape]
     if ckpt_router and not has_router:
         warnings.warn('The checkpoint has expert-assignment (router) weights but the model has no router; dropping '
                       'them. Build the model with router=True to keep them.', stacklevel=2)
         out = {k: v for k, v in out.items() if not k.startswith('router.')}
-    elif has_router and not ckpt_router:
+    elif has_router and (not ckpt_router or mismatched):  # stage 1, or new heads (the router reads their logits)
+        out = {k: v for k, v in out.items() if not k.startswith('router.')}
         out.update({k: v for k, v in model_sd.items() if k.startswith('router.')})
     elif has_router and out['router.fc.weight'].shape != model_sd['router.fc.weight'].shape:
         k = out['router.fc.weight'].shape[1] - model.router.hidden_dim
         raise ValueError(f'the checkpoint router takes the top {k} logits, the model {model.router.top_k}: '
                          f'build it with router_top_k={k}')
 
-    mismatched = [k for k in out if k.startswith('heads.') and k in model_sd and out[k].shape != model_sd[k].shape]
     if mismatched:
         warnings.warn(f'Checkpoint heads do not match the model ({tuple(out[mismatched[0]].shape)} vs '
-                      f'{tuple(model_sd[mismatched[0]].shape)}); keeping the model\'s new heads.', stacklevel=2)
+                      f'{tuple(model_sd[mismatched[0]].shape)}); keeping the model\'s new heads'
+                      f'{" and router" if has_router else ""}.', stacklevel=2)
         for k in [k for k in out if k.startswith('heads.')]:
             del out[k]
         out.update({k: v for k, v in model_sd.items() if k.startswith('heads.')})
@@ -682,10 +831,30 @@ def ride_checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, leni
 
 # --- registration -----------------------------------------------------------------------------------------------
 
-def _create_ride(variant: str, cls: Type[nn.Module], pretrained: bool = False, **kwargs) -> nn.Module:
-    if kwargs.pop('features_only', False):
-        raise ValueError(f'{variant} does not support features_only; use forward_features / forward_head')
-    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=ride_checkpoint_filter_fn, **kwargs)
+def ride_head_names(num_experts: int) -> Tuple[str, ...]:
+    """The experts' classifier names, ``('heads.0', ..., 'heads.{E-1}')``: a RIDE model's
+    ``pretrained_cfg['classifier']`` (timm's multi-head form), so that timm's loaders drop every head when the class
+    count changes."""
+    return tuple(f'heads.{i}' for i in range(num_experts))
+
+
+def _create_ride(variant: str, cls: Type[_RIDEBase], pretrained: bool = False, **kwargs) -> _RIDEBase:
+    feature_cls = kwargs.get('feature_cls', 'getter')
+    if kwargs.get('features_only') and feature_cls != 'getter' and not (
+            isinstance(feature_cls, type) and issubclass(feature_cls, FeatureGetterNet)):
+        raise ValueError(
+            f"{variant}: features_only needs feature_cls='getter' (forward_intermediates), got {feature_cls!r}: the "
+            f"experts' stages run side by side, which module hooks and traced graphs cannot concatenate")
+    num_maps = 1 + len(cls._shared_stages) + len(cls._expert_stages)  # features_only: every map by default
+    # the registered cfgs name the default 3 experts' heads; a model with others names its own, in the cfg that
+    # loads its weights (a class count change then drops every head) and in the one it records (and exports)
+    num_experts = kwargs.get('num_experts', inspect.signature(cls).parameters['num_experts'].default)
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if isinstance(num_experts, int):  # else the model refuses it
+        overlay.setdefault('classifier', ride_head_names(num_experts))
+    return build_model_with_cfg(
+        cls, variant, pretrained, pretrained_filter_fn=ride_checkpoint_filter_fn, pretrained_cfg_overlay=overlay,
+        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_maps))), **kwargs)
 
 
 def _cifar_cfg(**kwargs) -> Dict[str, Any]:
@@ -699,7 +868,7 @@ def _cifar_cfg(**kwargs) -> Dict[str, Any]:
         'mean': CIFAR_MEAN,
         'std': CIFAR_STD,
         'first_conv': 'conv1',
-        'classifier': 'heads',
+        'classifier': ride_head_names(3),
         **kwargs,
     }
 
@@ -715,7 +884,7 @@ def _imagenet_cfg(**kwargs) -> Dict[str, Any]:
         'mean': IMAGENET_DEFAULT_MEAN,
         'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'conv1',
-        'classifier': 'heads',
+        'classifier': ride_head_names(3),
         **kwargs,
     }
 
