@@ -2071,6 +2071,10 @@ def post_hoc_adjust(args, model, tune_ds, counts, data_config, device, amp_autoc
             _logger.info(f'--post-hoc {args.post_hoc}: tau {tau:g} chosen on {len(tune_ds)} validation images '
                          f'({tune_source(args)}): mean per-class top-1 {chosen["score"]:.2f} (grid '
                          f'{", ".join(f"{t:g}: {v:.2f}" for t, v in zip(grid, chosen["scores"]))})')
+            if len(grid) > 1 and tau in (min(grid), max(grid)) and chosen['score'] > min(chosen['scores']):
+                _logger.warning(f'--post-hoc {args.post_hoc}: tau {tau:g} is at the edge of the grid '
+                                f'({min(grid):g} to {max(grid):g}); the best tau may lie beyond it: widen '
+                                f'--post-hoc-tau')
         else:
             tau = grid[0]
         apply_post_hoc(model, args.post_hoc, tau, counts or [1] * model.num_classes, logit_scale)

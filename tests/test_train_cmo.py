@@ -1918,6 +1918,26 @@ def test_tau_is_chosen_on_held_out_training_images_never_on_the_test_split(ce_cm
     assert not (tmp_path / 'twice').exists()
 
 
+@pytest.mark.parametrize('best', [0, 1, 2])
+def test_tau_chosen_at_the_edge_of_the_grid_is_warned(ce_cmo_stage1, small_cifar, tmp_path, monkeypatch, caplog, best):
+    """A tau at either end of the grid, better than the worst value, may be short of the best one: a warning names
+    --post-hoc-tau; one inside the grid gives none (the validation scores are set, the search is tested above)."""
+    import logging
+    from timm_cmo import posthoc
+
+    def select(kind, classifier, features, targets, counts, grid, logit_scale=1.):
+        scores = [50. - abs(i - best) for i in range(len(grid))]
+        return dict(tau=grid[best], score=scores[best], grid=grid, scores=scores, criterion='mean per-class top-1 (%)')
+    monkeypatch.setattr(posthoc, 'select_tau', select)
+    caplog.set_level(logging.WARNING)
+    train_cmo.main(_eval_argv(ce_cmo_stage1, small_cifar, tmp_path, 'edge', '--post-hoc', 'logit_adjust',
+                              '--post-hoc-tau', '0.5', '1', '1.5', '--tune-holdout-per-class', '2'))
+    warned = [r.getMessage() for r in caplog.records if 'edge of the grid' in r.getMessage()]
+    tau = json.loads((tmp_path / 'edge' / 'results.json').read_text())['post_hoc']['tau']
+    assert tau == [0.5, 1., 1.5][best]
+    assert len(warned) == (best != 1) and all('0.5 to 1.5' in w and '--post-hoc-tau' in w for w in warned)
+
+
 def test_post_hoc_and_test_prior_bad_input_writes_nothing(ce_cmo_stage1, small_cifar, tmp_path, capsys):
     prior = tmp_path / 'prior.txt'
     cases = [
