@@ -56,6 +56,7 @@ from timm_cmo.data import (
 from timm_cmo.data.config import input_channels, input_img_mode, resolve_run_data_config
 from timm_cmo.data.decode import fast_decode_available
 from timm_cmo.data.cmo import cmo_active
+from timm_cmo.data.dual import DualBatch
 from timm_cmo.data.mixup import MixupCutmix
 from timm_cmo.data.remix import RemixMixup
 from timm_cmo.data.sampler import derive_seed
@@ -87,6 +88,7 @@ LOSS_KWARGS = {
              'ride_reweight_factor': 'reweight_factor'},
     'ride_ea': {'ride_router_pos_weight': 'pos_weight'},
     'las': {'las_smooth_head': 'smooth_head', 'las_smooth_tail': 'smooth_tail', 'las_shape': 'shape'},
+    'bbn': {'bbn_alpha_epochs': 'alpha_epochs'},
     'lade': {'lade_alpha': 'alpha', 'lade_remine_lambda': 'remine_lambda'},
     'ib': {'ib_alpha': 'alpha', 'ib_epsilon': 'epsilon', 'ib_start_epoch': 'start_epoch', 'ib_weighting': 'weighting'},
 }
@@ -242,6 +244,15 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                             're-trained from scratch, all else frozen) | lws (a per-class scale of the frozen '
                             'logits) | las (MiSLAS label-aware smoothing, classifier only, BN shift) | router (RIDE '
                             'expert assignment, router only); class-balanced sampling with --ros --ros-r 1')
+
+    group = parser.add_argument_group('BBN (Zhou et al., CVPR 2020; --loss bbn with a bbn_* model)')
+    group.add_argument('--bbn-r', type=float, default=None, metavar='R',
+                       help="--loss bbn: the re-balancing branch's sampler, per-sample weight n_k^-R (2, default: "
+                            "BBN's reversed sampler, class k drawn with probability proportional to n_max / n_k; 1: "
+                            "class-balanced; 0: the data distribution)")
+    group.add_argument('--bbn-alpha-epochs', type=int, default=None, metavar='T',
+                       help='--loss bbn: the T of the cumulative-learning weight alpha = 1 - (t / T)^2 in 0-based '
+                            'epoch t (default --epochs; BBN divides by 200 in its 180-epoch iNaturalist schedule)')
 
     group = parser.add_argument_group('Post-hoc adjustment, validation data and test prior (--evaluate)')
     group.add_argument('--post-hoc', type=str, default=None, metavar='KIND',
@@ -450,6 +461,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
     args.config = config
     validate_args(args)
     resolve_causal_args(args)
+    if trains_on_dual(args) and args.bbn_r is None:
+        args.bbn_r = 2.0  # BBN's reversed sampler, recorded in args.yaml
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
 
@@ -570,6 +583,7 @@ def validate_args(args: argparse.Namespace) -> None:
             error(f'--reweight {args.reweight} with --loss {args.loss}: the IB loss has its own inverse-frequency '
                   f'class weights (--ib-weighting inverse); add --ib-weighting none to use the {args.reweight} weights')
     validate_causal_args(args, bad)
+    validate_bbn_args(args, bad)
     validate_evaluation_args(args)
     if args.resume and args.initial_checkpoint:
         error('--resume and --initial-checkpoint: pass one (--resume continues a run, --initial-checkpoint '
@@ -650,6 +664,54 @@ def validate_causal_args(args: argparse.Namespace, bad) -> None:
     except ValueError as e:
         field = str(e).split()[0]
         bad(f'causal_{field}', getattr(args, f'causal_{field}', None), str(e))
+
+
+def trains_on_dual(args: argparse.Namespace) -> bool:
+    """Whether ``--loss`` trains on a dual batch beside each batch (BBN's re-balancing batch)."""
+    return bool(getattr(_loss_class(args.loss), 'needs_dual', False))
+
+
+def validate_bbn_args(args: argparse.Namespace, bad) -> None:
+    """``--loss bbn`` and the ``--bbn-*`` flags, and what BBN's two branches cannot take: the conventional branch
+    samples the data distribution (CMO pastes onto it, with its backgrounds ~ P), the re-balancing branch the
+    reversed sampler, and the cumulative learning weighs the two."""
+    if not trains_on_dual(args):
+        for flag in ('bbn_r', 'bbn_alpha_epochs'):
+            if getattr(args, flag) is not None:
+                bad(flag, getattr(args, flag), "sets BBN's re-balancing branch: add --loss bbn (and a bbn_* model)")
+        return
+    if args.bbn_r is not None and not args.bbn_r >= 0:
+        bad('bbn_r', args.bbn_r, 'must be >= 0 (the per-sample weight n_k^-R of the re-balancing sampler)')
+    if args.bbn_alpha_epochs is not None and args.bbn_alpha_epochs < args.epochs:
+        bad('bbn_alpha_epochs', args.bbn_alpha_epochs, f'must be >= --epochs {args.epochs}: alpha = 1 - (t / T)^2 '
+            f'would turn negative')
+    if args.reweight != 'none':
+        bad('reweight', args.reweight, 'BBN re-balances with its re-balancing branch and cumulative learning, not with '
+            'class weights: use --reweight none with --loss bbn')
+    if args.cmo and CMOConfig.from_flags(**vars(args)).background_from_q:
+        bad('cmo_variant', args.cmo_variant, "draws the ordinary batch's backgrounds from Q, but with --loss bbn that "
+            "batch is the conventional branch's, drawn from the data distribution (the re-balancing branch draws "
+            "the minority already): use --cmo-variant cmo, mixup, blur or jitter")
+    for on, what in ((args.remix, '--remix'), (mixup_active(args), '--mixup / --cutmix'), (args.ros, '--ros')):
+        if on:
+            error(f'{what} with --loss bbn: BBN\'s conventional branch trains on the ordinary batch as drawn (CMO is '
+                  f'the mixing it takes, pasting minority foregrounds onto that batch) and its re-balancing branch '
+                  f'on the reversed sampler\'s (--bbn-r): drop {what}')
+
+
+def check_dual_training(args: argparse.Namespace, model: nn.Module) -> None:
+    """A two-branch model (BBN) trains with a loss that takes the dual batch (``--loss bbn``), and such a loss
+    with such a model only; evaluation takes either alone."""
+    if args.evaluate:
+        return
+    model_dual = bool(getattr(model, 'needs_dual', False))
+    if trains_on_dual(args) and not model_dual:
+        error(f'--loss {args.loss} trains the two branches of a BBN model (bbn_resnet32_cifar, bbn_resnet50) on the '
+              f'ordinary and the re-balancing batch; --model {args.model} has one branch')
+    if model_dual and not trains_on_dual(args):
+        error(f'--model {args.model} is a BBN model: its branches train on the ordinary and the re-balancing batch '
+              f'with --loss bbn (alpha * L(y_c) + (1 - alpha) * L(y_r)); --loss {args.loss} would train both on the '
+              f'same images')
 
 
 def resolve_causal_args(args: argparse.Namespace) -> None:
@@ -814,8 +876,8 @@ def warn_inactive_methods(args) -> None:
 
 
 def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Optional[MixInfo],
-                 norm: Optional[Tuple[torch.Tensor, float]] = None) -> torch.Tensor:
-    """The training loss of a batch: ``loss_fn(output, target, mix=mix_info)``.
+                 norm: Optional[Tuple[torch.Tensor, float]] = None, dual: Optional[DualBatch] = None) -> torch.Tensor:
+    """The training loss of a batch: ``loss_fn(output, target, mix=mix_info)`` (``dual=dual`` with a dual batch).
 
     A batch the loader mixed (CMO) or smoothed gets the loss of its mix, the paper's per-term form
     ``lam * L(y_b) + (1 - lam) * L(y_f)`` (see :mod:`timm_cmo.losses.long_tail`), exactly what the
@@ -823,9 +885,12 @@ def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Opt
     training output for a loss that ``needs_experts`` (``_main`` switches it on for those). ``norm``: a
     micro-batch's share of an accumulated batch, from :func:`accumulation_norm`. A
     :class:`~timm_cmo.models.LogitsAndFeatures` output (the model trained through ``WithFeatures``) hands its
-    features to losses with ``needs_features`` as ``features=``.
+    features to losses with ``needs_features`` as ``features=``. A batch with a dual batch (BBN's re-balancing
+    batch, ``loader.dual``) gives it to the loss, which weighs its labels in (:mod:`timm_cmo.losses.bbn`).
     """
     kwargs = {} if mix_info is None else dict(mix=mix_info)
+    if dual is not None:
+        kwargs['dual'] = dual
     if isinstance(output, LogitsAndFeatures):
         if getattr(loss_fn, 'needs_features', False):
             kwargs['features'] = output.features
@@ -841,28 +906,31 @@ def compute_loss(loss_fn: nn.Module, output, target: torch.Tensor, mix_info: Opt
     return loss_fn(output, target, **kwargs) * share
 
 
-def accumulation_norm(loss_fn: nn.Module, batches: List[Tuple[Any, torch.Tensor, Optional[MixInfo]]]
-                      ) -> List[Tuple[Optional[torch.Tensor], float]]:
+def accumulation_norm(
+        loss_fn: nn.Module, batches: List[Tuple[Any, torch.Tensor, Optional[MixInfo], Optional[DualBatch]]],
+) -> List[Tuple[Optional[torch.Tensor], float]]:
     """Per micro-batch, the ``norm`` of :func:`compute_loss` that makes the micro-batch losses of one accumulated
     batch add up to the loss of their concatenation (and so their gradients to its gradient).
 
     The plugin's losses divide by the summed denominators of all the micro-batches (``loss_fn.normalizer``: class
-    weights, the two terms of a mix, see :mod:`timm_cmo.losses.long_tail`); another loss, taken to be a batch
-    mean, is scaled by the micro-batch's share of the samples, ``B_j / sum_j B_j``.
+    weights, the two terms of a mix, the dual batch's term, see :mod:`timm_cmo.losses.long_tail`); another loss,
+    taken to be a batch mean, is scaled by the micro-batch's share of the samples, ``B_j / sum_j B_j``.
     """
     if getattr(loss_fn, 'normalizer', None) is not None:
-        denominators = sum(loss_fn.normalizer(target, mix) for _, target, mix in batches)
+        denominators = sum(loss_fn.normalizer(target, mix, **({} if dual is None else dict(dual=dual)))
+                           for _, target, mix, dual in batches)
         return [(denominators, 1.)] * len(batches)
-    sizes = [target.shape[0] for _, target, _ in batches]
+    sizes = [target.shape[0] for _, target, _, _ in batches]
     return [(None, b / sum(sizes)) for b in sizes]
 
 
-def accumulated_batches(loader, accum_steps: int) -> Iterator[List[Tuple[Any, torch.Tensor, Optional[MixInfo]]]]:
+def accumulated_batches(loader, accum_steps: int
+                        ) -> Iterator[List[Tuple[Any, torch.Tensor, Optional[MixInfo], Optional[DualBatch]]]]:
     """The loader's batches, ``accum_steps`` at a time (the epoch's last group may be shorter), each as
-    ``(input, target, mix_info)`` with the loader's ``mix_info`` read as the batch arrives."""
+    ``(input, target, mix_info, dual)`` with the loader's ``mix_info`` and ``dual`` read as the batch arrives."""
     group = []
     for input, target in loader:
-        group.append((input, target, getattr(loader, 'mix_info', None)))
+        group.append((input, target, getattr(loader, 'mix_info', None), getattr(loader, 'dual', None)))
         if len(group) == accum_steps:
             yield group
             group = []
@@ -893,6 +961,10 @@ def train_one_epoch(
     epoch's last step those left over), their losses normalised together (:func:`accumulation_norm`): the step
     is the one of the loss of their concatenation. The scheduler, the EMA and the log count optimizer steps.
     BatchNorm layers still see each loader batch on its own (their statistics are per forward pass).
+
+    A batch with a dual batch (``loader.dual``, BBN's re-balancing batch) trains the model's two-branch forward,
+    ``model(input, dual.x, loss_fn.alpha)``, its branches mixed with the weight the loss gives the dual labels;
+    it goes through the model's ``__call__``, so DistributedDataParallel and ``torch.compile`` see it.
     """
     if train_mode is not None:
         train_mode(model)
@@ -914,14 +986,16 @@ def train_one_epoch(
         norms = accumulation_norm(loss_fn, batches) if len(batches) > 1 else [None]
         optimizer.zero_grad(set_to_none=True)
         step_loss, samples = 0., 0
-        for j, ((input, target, mix_info), norm) in enumerate(zip(batches, norms)):
+        for j, ((input, target, mix_info, dual), norm) in enumerate(zip(batches, norms)):
             need_update = j == len(batches) - 1
             if args.channels_last:
                 input = input.contiguous(memory_format=torch.channels_last)
+                if dual is not None:
+                    dual = dual._replace(x=dual.x.contiguous(memory_format=torch.channels_last))
             with (suppress() if need_update or no_sync is None else no_sync()):
                 with amp_autocast():
-                    output = model(input)
-                    loss = compute_loss(loss_fn, output, target, mix_info, norm)
+                    output = model(input) if dual is None else model(input, dual.x, loss_fn.alpha)
+                    loss = compute_loss(loss_fn, output, target, mix_info, norm, dual)
                 if loss_scaler is not None:
                     loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                                 parameters=model_parameters(model, exclude_head='agc' in args.clip_mode),
@@ -1184,6 +1258,7 @@ def build_device_loaders(args, train_ds, eval_ds, data_config, device, num_class
         num_classes=num_classes, label_smoothing=args.smoothing,
         cmo=CMOConfig.from_flags(**vars(args)) if args.cmo else None,
         epochs=args.epochs, seed=args.seed, drop_last=args.drop_last, ros_r=args.ros_r if args.ros else None,
+        dual_r=args.bbn_r if trains_on_dual(args) else None,
         channels_last=args.channels_last, img_dtype=img_dtype, re_prob=args.reprob, re_mode=args.remode,
         re_count=args.recount,
         remix=RemixMixup(num_classes, train_ds.class_counts, label_smoothing=args.smoothing, **remix_kwargs(args))
@@ -1214,6 +1289,7 @@ def build_train_loader(args, train_ds, data_config, device, num_classes):
         crop_padding=args.crop_padding,
         drop_last=args.drop_last,
         ros_r=args.ros_r if args.ros else None,
+        dual_r=args.bbn_r if trains_on_dual(args) else None,
         remix=args.remix,
         **{f'remix_{k}': v for k, v in remix_kwargs(args).items()},
         **({flag: getattr(args, flag) for flag in MIXUP_FLAGS.values()} if mixup_active(args) else {}),
@@ -1492,6 +1568,7 @@ def describe_run(args, train_ds, epoch: int, best: Dict[str, Any], model: nn.Mod
             head='causal' if is_causal_norm(model) else 'linear', causal=causal_settings(model),
             ros=args.ros, ros_r=args.ros_r if args.ros else None,
             remix=args.remix, **({f'remix_{k}': v for k, v in remix_kwargs(args).items()} if args.remix else {}),
+            bbn=dict(r=args.bbn_r, alpha_epochs=args.bbn_alpha_epochs or args.epochs) if trains_on_dual(args) else None,
             **({flag: getattr(args, flag) for flag in MIXUP_FLAGS.values()} if mixup_active(args) else {}),
             **method_epochs(args)),
         epoch=epoch,
@@ -1641,6 +1718,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if getattr(_loss_class(args.loss), 'needs_experts', False) and not multi_expert:
         bad_loss = f'--loss {args.loss} needs a multi-expert model (e.g. ride_resnet32_cifar)'
         error(f'{bad_loss}; --model {args.model} has a single classifier')
+    check_dual_training(args, model)
     if args.stage2 and get_stage2(args.stage2).multi_expert and not multi_expert:
         error(f'--stage2 {args.stage2} trains {get_stage2(args.stage2).trains} of a RIDE model; --model {args.model} '
               f'has none')
@@ -1783,6 +1861,7 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             f'min {int(train_ds.class_counts.min())}; loss {args.loss}/{args.reweight}, CMO '
             f'{("on" + (f" ({args.cmo_variant})" if args.cmo_variant != "cmo" else "")) if args.cmo else "off"}'
             f'{", ROS r=%g" % args.ros_r if args.ros else ""}'
+            f'{", dual batch r=%g" % args.bbn_r if trains_on_dual(args) else ""}'
             f'{", Remix" if args.remix else ""}'
             f'{mixup_text(args)}; '
             f'epochs {start_epoch}..{num_epochs - 1}, {updates_per_epoch} steps each'
@@ -2093,6 +2172,10 @@ def post_hoc_adjust(args, model, tune_ds, counts, data_config, device, amp_autoc
             _logger.info(f'--post-hoc {args.post_hoc}: tau {tau:g} chosen on {len(tune_ds)} validation images '
                          f'({tune_source(args)}): mean per-class top-1 {chosen["score"]:.2f} (grid '
                          f'{", ".join(f"{t:g}: {v:.2f}" for t, v in zip(grid, chosen["scores"]))})')
+            if len(grid) > 1 and tau in (min(grid), max(grid)) and chosen['score'] > min(chosen['scores']):
+                _logger.warning(f'--post-hoc {args.post_hoc}: tau {tau:g} is at the edge of the grid '
+                                f'({min(grid):g} to {max(grid):g}); the best tau may lie beyond it: widen '
+                                f'--post-hoc-tau')
         else:
             tau = grid[0]
         apply_post_hoc(model, args.post_hoc, tau, counts or [1] * model.num_classes, logit_scale)

@@ -33,7 +33,7 @@ from timm_cmo.results import SummaryWriter  # noqa: E402
 KEEP = ('results.json', 'summary.csv', 'per_class_accuracy.csv', 'args.yaml', 'reliability.png', 'reliability.svg',
         'reliability.pdf')
 NAMES = {'ce': 'CE', 'ce_drw': 'CE-DRW', 'ldam_drw': 'LDAM-DRW', 'bs': 'BS', 'ride': 'RIDE',
-         'causal_norm': 'Causal Norm', 'lade': 'LADE', 'ib': 'IB'}
+         'causal_norm': 'Causal Norm', 'lade': 'LADE', 'ib': 'IB', 'bbn': 'BBN'}
 VARIANTS = {'': 'as is', '_ros': '+ ROS', '_remix': '+ Remix', '_mixup': '+ Mixup', '_cutmix': '+ CutMix',
             '_cmo': '+ CMO', '_cmo_mixup': '+ CMO (mixup)', '_cmo_blur': '+ CMO (blur)', '_cmo_jitter': '+ CMO (jitter)',
             '_cmo_las': '+ CMO + LAS', '_router': '+ EA', '_cmo_router': '+ CMO + EA',

@@ -10,10 +10,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def readme_snippet() -> str:
+def readme_snippet(index: int = 0) -> str:
+    """The ``index``-th Python block of the README's "Use the pieces" section."""
     text = (REPO / 'README.md').read_text()
-    section = text[text.index('## Use the pieces'):]
-    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+    section = text[text.index('## Use the pieces'):text.index('## Checkpoints and the Hub')]
+    return re.findall(r'```python\n(.*?)```', section, re.S)[index]
 
 
 # the snippet as written, and with a RIDE model and loss (its expert training output switched on by the snippet)
@@ -37,3 +38,22 @@ def test_use_the_pieces_snippet_runs_on_cpu(cifar10_dir, tmp_path, variant):
     *_, experts, line = (row.split() for row in proc.stdout.strip().splitlines())
     assert line[:2] == ['device', 'cpu'] and float(line[3]) == float(line[3]) and line[-1] == 'True'
     assert experts == ['experts', 'True' if variant == 'ride' else 'None']
+
+
+def test_bbn_snippet_runs_on_cpu(cifar10_dir, tmp_path):
+    """The README's BBN loop, after the first snippet's dataset (one epoch each, a small subset): the loader's dual
+    batch has the batch's size, and alpha is 1 in epoch 0."""
+    code = readme_snippet() + readme_snippet(1)
+    for old, new in (("'../shared/data/cifar10/train.tar'", repr(str(cifar10_dir / 'train.tar'))),
+                     ('imb_ratio=100)', 'imb_ratio=100, imb_max=100)'), ('epochs = 200', 'epochs = 1')):
+        assert old in code, old
+        code = code.replace(old, new)
+    code += ("\nprint('dual', len(dual.y) == len(x), tuple(dual.x.shape[1:]), 'alpha', loss_fn.alpha, 'loss', "
+             "float(loss))\n")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=900, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith('dual True (3, 32, 32) alpha 1.0 loss '), line
+    assert float(line.split()[-1]) == float(line.split()[-1])  # finite, not NaN

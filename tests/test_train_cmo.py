@@ -34,9 +34,11 @@ def test_recipes_cover_the_paper_settings():
             assert {f'{ds}_lt_r100_{method}_{variant}' for variant in ('ros', 'remix', 'cmo')} <= names
         for rho in (100, 50, 10):  # the paper's Table 2 comparison methods, with and without CMO
             assert {f'{ds}_lt_r{rho}_causal_norm', f'{ds}_lt_r{rho}_causal_norm_cmo'} <= names
+            assert {f'{ds}_lt_r{rho}_bbn', f'{ds}_lt_r{rho}_bbn_cmo'} <= names
         for stage1 in ('ce', 'ce_cmo'):  # Kang et al.'s second stages after CE and after CE + CMO
             assert {f'{ds}_lt_r100_{stage1}_{stage}' for stage in ('crt', 'lws')} <= names
     assert {'imagenet_lt_resnext50_causal_norm', 'imagenet_lt_resnext50_causal_norm_cmo'} <= names
+    assert {'inat2018_bbn_resnet50', 'inat2018_bbn_resnet50_cmo'} <= names  # the paper's Table 7
     for name in ('imagenet_lt_resnet50_ce', 'imagenet_lt_resnet50_ce_crt', 'imagenet_lt_resnet50_ce_lws',
                  'inat2018_resnet50_ce', 'inat2018_resnet50_ce_crt', 'inat2018_resnet50_ce_lws'):
         assert name in names
@@ -166,6 +168,46 @@ def test_causal_norm_recipe_is_the_authors(ds, alpha, paper):
     for epoch in range(1, 90):
         sched.step(epoch)
         assert opt.param_groups[0]['lr'] == pytest.approx(0.1 * (1 + math.cos(math.pi * epoch / 90)), abs=1e-12)
+
+
+@pytest.mark.parametrize('ds,rho,paper', [('cifar100', 100, 42.6), ('cifar100', 50, 47.1), ('cifar100', 10, 59.2),
+                                         ('cifar10', 100, None)])
+def test_bbn_recipes_are_the_authors(ds, rho, paper):
+    """BBN's CIFAR config: bbn_res32_cifar, CE, the reversed sampler, alpha over the 200 epochs, Nesterov SGD lr 0.1,
+    wd 2e-4, batch 128 dropping the last, WarmupMultiStepLR (5 epochs from 1/3, x0.01 at 120 and 160) stepped before
+    each epoch; iNaturalist 2018: bbn_res50, lr 0.05, wd 1e-4, MultiStepLR x0.1 at 120 and 160 over 180 epochs, alpha
+    divided by 200. paper_top1 from the CMO paper's Tables 2 and 7; none for the CMO rows."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    for cmo in (False, True):
+        args, _ = train_cmo.parse_args(['-c', f'{ds}_lt_r{rho}_bbn{"_cmo" if cmo else ""}', '--data-dir', 'x'])
+        assert (args.model, args.loss, args.reweight, args.bbn_r, args.bbn_alpha_epochs) == \
+               ('bbn_resnet32_cifar', 'bbn', 'none', 2.0, None)
+        assert (args.batch_size, args.drop_last, args.weight_decay, args.epochs, args.imb_ratio) == \
+               (128, True, 2e-4, 200, rho)
+        assert args.cmo is cmo and args.paper_top1 == (None if cmo else paper)
+        assert args.train_crop_mode == 'pad' and args.color_jitter == 0 and args.hflip == 0.5
+        opt = create_optimizer_v2(torch.nn.Linear(2, 2), opt=args.opt, lr=args.lr, momentum=args.momentum)
+        assert opt.defaults.get('nesterov') is True  # BBN's SGD(nesterov=True)
+        sched, num_epochs = create_scheduler_v2(opt, **scheduler_kwargs(args))
+        assert num_epochs == 200
+        for epoch in range(200):
+            sched.step(epoch)
+            assert opt.param_groups[0]['lr'] == pytest.approx(causal_norm_lr(epoch, base=0.1), rel=1e-12), epoch
+    for cmo in (False, True):
+        args, _ = train_cmo.parse_args(['-c', f'inat2018_bbn_resnet50{"_cmo" if cmo else ""}', '--data-dir', 'x'])
+        assert (args.model, args.loss, args.bbn_r, args.bbn_alpha_epochs, args.epochs) == \
+               ('bbn_resnet50', 'bbn', 2.0, 200, 180)
+        assert (args.lr, args.weight_decay, args.batch_size, args.num_classes) == (0.05, 1e-4, 32, 8142)
+        assert args.cmo is cmo and args.paper_top1 == (None if cmo else 69.6)
+        opt = create_optimizer_v2(torch.nn.Linear(2, 2), opt=args.opt, lr=args.lr, momentum=args.momentum)
+        assert opt.defaults.get('nesterov') is True
+        sched, num_epochs = create_scheduler_v2(opt, **scheduler_kwargs(args))
+        assert num_epochs == 180
+        for epoch in range(180):  # MultiStepLR stepped before each epoch: 0-based epoch e trains at last_epoch e + 1
+            sched.step(epoch)
+            expected = 0.05 * 0.1 ** sum(epoch + 1 >= m for m in (120, 160))
+            assert opt.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-12), epoch
 
 
 def lade_lr(epoch, base=0.2, milestones=(120, 160), gamma=0.01, warmup=5):
@@ -548,6 +590,11 @@ PATH_CASES = {
                                '--cmo-end-epochs', '0', '--loss', 'ce', '--model-ema', '--model-ema-decay', '0.9'],
     'grad-accum-cmo-ce-drw-keep-last': ['--grad-accum-steps', '3', '--cmo', '--cmo-start-epoch', '-1', '--loss', 'ce',
                                         '--reweight', 'drw', '--drw-epoch', '1', '--no-drop-last', '--sched-on-updates'],
+    'bbn': ['--model', 'bbn_resnet32_cifar', '--loss', 'bbn'],
+    'bbn-cmo-elem-smoothing-keep-last-ema-balanced': [
+        '--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--bbn-r', '1', '--bbn-alpha-epochs', '3', '--cmo',
+        '--cmo-mode', 'elem', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0', '--smoothing', '0.1',
+        '--no-drop-last', '--model-ema', '--model-ema-decay', '0.9'],
     'cmo-lade-drw': ['--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0', '--loss', 'lade', '--reweight',
                      'drw', '--drw-epoch', '1', '--lade-remine-lambda', '0.01'],
     # IB from epoch 1: epoch 0 trains with CE, epoch 1 with IB and the features of the model's split
@@ -802,8 +849,9 @@ class _ListLoader:
         return len(self.batches)
 
     def __iter__(self):
-        for x, target, mix in self.batches:
+        for x, target, mix, *dual in self.batches:
             self.mix_info = mix
+            self.dual = dual[0] if dual else None
             yield x, target
 
 
@@ -892,6 +940,62 @@ def test_grad_accumulation_steps_are_the_concatenated_batch_steps(loss_name):
     tol = dict(rtol=1e-4, atol=1e-5) if name == 'ib' else dict(rtol=1e-5, atol=1e-6)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, msg=k, **tol)
+
+
+class _TwoBranch(torch.nn.Module):
+    """A BatchNorm-free stand-in for a BBN model: ``forward(x, x_r, alpha) = fc(2 cat(alpha f(x), (1 - alpha) g(x_r)))``
+    (the one-batch forward, both on ``x`` at alpha 0.5)."""
+
+    needs_dual = True
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.f, self.g, self.fc = torch.nn.Linear(dim, 5), torch.nn.Linear(dim, 5), torch.nn.Linear(10, num_classes)
+
+    def forward(self, x, x_rebalancing=None, alpha=0.5):
+        x_r = x if x_rebalancing is None else x_rebalancing
+        return self.fc(2 * torch.cat([alpha * self.f(x), (1 - alpha) * self.g(x_r)], dim=1))
+
+
+def test_grad_accumulation_with_dual_batches():
+    """--grad-accum-steps 2 with BBN's loss over 3 batches (mixed, unmixed, per-sample lams; sizes 6, 6, 4, smoothing):
+    the steps are those of the concatenated batches, the dual batches' term normalised over the group too, and the
+    model gets the dual images with the loss's alpha."""
+    import argparse
+    from timm_cmo.data import DualBatch, MixInfo
+    from timm_cmo.losses import create_loss
+    counts, dim = [40, 20, 8, 3], 7
+    loss_fn = create_loss('bbn', counts, epochs=5)
+    loss_fn.set_epoch(3)  # alpha 1 - 9/25
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for j, b in enumerate((6, 6, 4)):
+        x, x_r = torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g)
+        y_b, y_f, y_r = (torch.randint(0, 4, (b,), generator=g) for _ in range(3))
+        lam = [0.3, 1.0, torch.rand(b, generator=g)][j]
+        mix = MixInfo(y_b, y_b if j == 1 else y_f, lam, 0.1)
+        batches.append((x, mix.target(4), mix, DualBatch(x_r, y_r, 0.1)))
+
+    def build():
+        torch.manual_seed(1)
+        model = _TwoBranch(dim, 4)
+        return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+    model, optimizer = build()
+    args = argparse.Namespace(channels_last=False, clip_grad=None, clip_mode='norm', log_interval=1, rank=0,
+                              world_size=1, distributed=False, grad_accum_steps=2)
+    train_cmo.train_one_epoch(3, model, _ListLoader(batches), optimizer, loss_fn, args, torch.device('cpu'))
+    ref, ref_opt = build()
+    for group in (batches[:2], batches[2:]):
+        x, x_r = torch.cat([b[0] for b in group]), torch.cat([b[3].x for b in group])
+        lam = torch.cat([torch.as_tensor(m.lam, dtype=torch.float32).expand(len(m.y_b)) for _, _, m, _ in group])
+        mix = MixInfo(torch.cat([m.y_b for _, _, m, _ in group]), torch.cat([m.y_f for _, _, m, _ in group]), lam, 0.1)
+        dual = DualBatch(x_r, torch.cat([b[3].y for b in group]), 0.1)
+        ref_opt.zero_grad()
+        loss_fn(ref(x, x_r, 1 - 9 / 25), mix.target(4), mix=mix, dual=dual).backward()
+        ref_opt.step()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_compute_loss_is_the_papers_cmo_form():
@@ -1434,6 +1538,139 @@ def test_torchrun_causal_norm(small_cifar, tmp_path):
     assert torch.isfinite(mean).all() and mean.abs().sum() > 0
 
 
+# --- BBN ---------------------------------------------------------------------------------------------------------
+
+BBN = ['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0',
+       '--model-ema', '--model-ema-decay', '0.9']
+
+
+def test_bbn_run_killed_and_resumed_equals_the_uninterrupted_run(small_cifar, tmp_path):
+    """SIGKILL a BBN + CMO run (2 loader workers, EMA) after its first checkpoint and resume it: bit for bit the
+    uninterrupted run read without workers (the dual batch is in the epoch plan); results.json and the model card
+    record BBN; the export rebuilds the model and evaluates, as the checkpoint does, to the run's figures."""
+    from timm_cmo import hub
+    whole = run_script(base_argv(small_cifar, tmp_path, 'whole', 3, *BBN))
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    assert 'dual batch r=2' in whole.stderr
+    argv = base_argv(small_cifar, tmp_path, 'killed', 3, *BBN) + ['--workers', '2']
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train_cmo.py')] + argv, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=ENV)
+    last = tmp_path / 'killed' / 'last.pth.tar'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not last.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(last, map_location='cpu', weights_only=True)['epoch'] < 2
+    done = run_script(argv + ['--resume', str(last)])
+    assert done.returncode == 0, done.stderr[-4000:]
+    reference = torch.load(tmp_path / 'whole' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    resumed = torch.load(last, map_location='cpu', weights_only=True)
+    assert resumed['epoch'] == reference['epoch'] == 2
+    for key in ('state_dict', 'state_dict_ema'):
+        assert reference[key].keys() == resumed[key].keys()
+        for k, v in reference[key].items():
+            assert torch.equal(resumed[key][k], v), f'{key} {k}'
+    mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
+    mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
+    assert len(mom_ref) == len(mom_res) and all(torch.equal(a, b) for a, b in zip(mom_ref, mom_res))
+    results = json.loads((tmp_path / 'whole' / 'results.json').read_text())
+    assert results['method']['loss'] == 'bbn' and results['method']['bbn'] == dict(r=2.0, alpha_epochs=3)
+    assert results['method']['cmo_epochs'] == 3
+    assert results['model'] == 'bbn_resnet32_cifar'
+
+    export = hub.export(tmp_path / 'whole', tmp_path / 'export')
+    card = (export / 'README.md').read_text()
+    assert 'Bilateral-Branch Network (BBN, Zhou et al., CVPR 2020)' in card and 'alpha = 1 - (t / 3)^2' in card
+    common = ['--evaluate', '--data-dir', str(small_cifar), '--imb-ratio', '10', '--workers', '0', '-b', '32',
+              '--output', str(tmp_path)]
+    for name, model_args in (('export', ['--model', f'local-dir:{export}', '--pretrained']),
+                             ('ckpt', ['--model', 'bbn_resnet32_cifar', '--resume',
+                                       str(tmp_path / 'whole' / 'last.pth.tar')])):
+        proc = run_script(common + model_args + ['--experiment', f'eval_{name}'])
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        got = json.loads((tmp_path / f'eval_{name}' / 'results.json').read_text())['metrics']
+        assert got['top1'] == pytest.approx(results['metrics']['top1']), name
+        assert got['nll'] == pytest.approx(results['metrics']['nll'], rel=1e-6), name
+
+
+@pytest.mark.parametrize('cmo', [False, True])
+@pytest.mark.parametrize('epoch', [0, 2])
+def test_bbn_library_loop_equals_train_one_epoch(tiny_lt, cmo, epoch):
+    """The README's BBN loop (``model(x, loader.dual.x, loss_fn.alpha)``, ``loss_fn(logits, target,
+    mix=loader.mix_info, dual=loader.dual)``) and train_cmo.py's epoch give the same weights, at alpha 1 (epoch 0)
+    and below it (epoch 2), with and without CMO."""
+    import argparse
+    import timm
+    from timm_cmo.data import create_cmo_loader
+    from timm_cmo.losses import create_loss
+    states = []
+    for path in ('library', 'script'):
+        torch.manual_seed(0)
+        model = timm.create_model('bbn_resnet32_cifar', num_classes=10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        loader = create_cmo_loader(tiny_lt, (3, 32, 32), 16, is_training=True, device='cpu', num_workers=0,
+                                   num_classes=10, train_crop_mode='pad', color_jitter=None, seed=1, epochs=4,
+                                   cmo=cmo, cmo_start_epoch=-1, cmo_prob=1.0, dual_r=2.0)
+        loss_fn = create_loss('bbn', tiny_lt.class_counts, epochs=4)
+        loader.set_epoch(epoch)
+        loss_fn.set_epoch(epoch)
+        if path == 'library':
+            model.train()
+            for x, target in loader:
+                dual = loader.dual  # the re-balancing batch: dual.x, dual.y
+                loss = loss_fn(model(x, dual.x, loss_fn.alpha), target, mix=loader.mix_info, dual=dual)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        else:
+            args = argparse.Namespace(channels_last=False, clip_grad=None, clip_mode='norm', log_interval=50, rank=0,
+                                      world_size=1, distributed=False)
+            train_cmo.train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, torch.device('cpu'))
+        states.append(model.state_dict())
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--loss', 'bbn'], '--loss bbn trains the two branches of a BBN model'),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'ce'], '--model bbn_resnet32_cifar is a BBN model'),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--cmo', '--cmo-variant', 'back'],
+     "--cmo-variant 'back': draws the ordinary batch's backgrounds from Q"),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--cmo', '--cmo-variant', 'minor'],
+     "--cmo-variant 'minor': draws the ordinary batch's backgrounds from Q"),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--remix'], '--remix with --loss bbn'),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--cutmix', '1'], '--mixup / --cutmix with --loss bbn'),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--ros'], '--ros with --loss bbn'),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--reweight', 'drw'], "--reweight 'drw': BBN re-balances"),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--bbn-r', '-1'], '--bbn-r -1.0: must be >= 0'),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--bbn-alpha-epochs', '1'],
+     '--bbn-alpha-epochs 1: must be >= --epochs 2'),
+    (['--loss', 'ce', '--bbn-r', '2'], "--bbn-r 2.0: sets BBN's re-balancing branch: add --loss bbn"),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--head-norm'], "unexpected keyword argument 'head_norm'"),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--head', 'causal'],
+     '--head causal: --model bbn_resnet32_cifar has no Causal Norm option'),
+    (['--model', 'bbn_resnet32_cifar', '--loss', 'bbn', '--stage2', 'crt', '--initial-checkpoint', 'x'],
+     '--stage2 crt trains with --loss ce'),
+])
+def test_bbn_errors(small_cifar, tmp_path, capsys, extra, message):
+    code, err = main_exit(base_argv(small_cifar, tmp_path, 'bad', 2, *extra), capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_torchrun_bbn(small_cifar, tmp_path):
+    """Two processes: BBN's two-batch forward goes through DistributedDataParallel (each rank its share of the
+    ordinary and the re-balancing batches)."""
+    argv = base_argv(small_cifar, tmp_path, 'ddp_bbn', 1, *BBN[:9])  # without EMA
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(REPO / 'train_cmo.py')] + argv + ['--device', 'cpu'],
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 'Process 1 of 2' in proc.stderr and 'dual batch r=2' in proc.stderr
+    assert json.loads((tmp_path / 'ddp_bbn' / 'results.json').read_text())['method']['bbn']['r'] == 2.0
+
+
 # --- run records that tell the truth ------------------------------------------------------------------------------
 
 def test_short_run_records_and_evaluation_counts(small_cifar, tmp_path, caplog):
@@ -1679,6 +1916,26 @@ def test_tau_is_chosen_on_held_out_training_images_never_on_the_test_split(ce_cm
                         '--workers', '0', '--output', str(tmp_path), '--experiment', 'twice', '--post-hoc', 'tau_norm',
                         '--post-hoc-tau', '1'])
     assert not (tmp_path / 'twice').exists()
+
+
+@pytest.mark.parametrize('best', [0, 1, 2])
+def test_tau_chosen_at_the_edge_of_the_grid_is_warned(ce_cmo_stage1, small_cifar, tmp_path, monkeypatch, caplog, best):
+    """A tau at either end of the grid, better than the worst value, may be short of the best one: a warning names
+    --post-hoc-tau; one inside the grid gives none (the validation scores are set, the search is tested above)."""
+    import logging
+    from timm_cmo import posthoc
+
+    def select(kind, classifier, features, targets, counts, grid, logit_scale=1.):
+        scores = [50. - abs(i - best) for i in range(len(grid))]
+        return dict(tau=grid[best], score=scores[best], grid=grid, scores=scores, criterion='mean per-class top-1 (%)')
+    monkeypatch.setattr(posthoc, 'select_tau', select)
+    caplog.set_level(logging.WARNING)
+    train_cmo.main(_eval_argv(ce_cmo_stage1, small_cifar, tmp_path, 'edge', '--post-hoc', 'logit_adjust',
+                              '--post-hoc-tau', '0.5', '1', '1.5', '--tune-holdout-per-class', '2'))
+    warned = [r.getMessage() for r in caplog.records if 'edge of the grid' in r.getMessage()]
+    tau = json.loads((tmp_path / 'edge' / 'results.json').read_text())['post_hoc']['tau']
+    assert tau == [0.5, 1., 1.5][best]
+    assert len(warned) == (best != 1) and all('0.5 to 1.5' in w and '--post-hoc-tau' in w for w in warned)
 
 
 def test_post_hoc_and_test_prior_bad_input_writes_nothing(ce_cmo_stage1, small_cifar, tmp_path, capsys):

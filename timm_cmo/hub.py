@@ -68,6 +68,7 @@ _LOSSES = {
     'lade': 'LADE (PC softmax with the LADE regulariser, Hong et al., CVPR 2021)',
     'ib': 'the influence-balanced loss (IB, Park et al., ICCV 2021)',
     'ib_focal': 'the influence-balanced focal loss (IB + focal, Park et al., ICCV 2021)',
+    'bbn': "BBN's cumulative-learning loss (Zhou et al., CVPR 2020)",
 }
 _STAGE2_TEXT = {
     'crt': ('A second stage re-trained the classifier from scratch with class-balanced sampling on the frozen '
@@ -324,6 +325,14 @@ def model_card(
             f'{_fmt(causal.get("momentum"))}); in eval mode the model returns the TDE logits, the counterfactual '
             f'logits along that average removed with alpha = {_fmt(causal.get("alpha"))} '
             f'(`model.get_classifier().alpha` changes it).')
+    bbn = method.get('bbn') if isinstance(method.get('bbn'), dict) else None
+    if bbn:
+        method_text += (
+            f' The model is a Bilateral-Branch Network (BBN, Zhou et al., CVPR 2020): a conventional branch trained '
+            f'on the ordinary batch and a re-balancing branch trained on a batch drawn with per-sample weight n_k^-r '
+            f'(r = {_fmt(bbn.get("r"))}; 2 is its reversed sampler), their features mixed by alpha = 1 - (t / '
+            f'{_fmt(bbn.get("alpha_epochs"))})^2 in epoch t and the loss alpha * CE(y_c) + (1 - alpha) * CE(y_r); '
+            f'at test time both branches see the image with equal weight.')
     stage2 = opt.get('stage2')
     if stage2 in _STAGE2_TEXT:
         method_text += ' ' + _STAGE2_TEXT[stage2]

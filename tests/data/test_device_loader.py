@@ -115,6 +115,13 @@ PARITY_CASES = {
     'blur-window': dict(cmo=True, cmo_prob=0.7, cmo_variant='blur', cmo_start_epoch=0, cmo_end_epochs=1, epochs=4),
     'jitter-elem-odd-batches': dict(cmo=True, cmo_variant='jitter', cmo_mode='elem', cmo_start_epoch=-1, batch_size=25,
                                     drop_last=False),
+    # BBN's re-balancing batch (the reversed sampler), alone and beside CMO's batch, odd batches, smoothing
+    'dual': dict(cmo=False, dual_r=2.0),
+    'dual-cmo-window-keep-last-odd-smoothing': dict(cmo=True, cmo_prob=0.7, cmo_start_epoch=0, cmo_end_epochs=1,
+                                                    epochs=4, dual_r=2.0, batch_size=25, drop_last=False,
+                                                    label_smoothing=0.1),
+    'dual-balanced-cmo-elem-mixup': dict(cmo=True, cmo_mode='elem', cmo_variant='mixup', cmo_start_epoch=-1,
+                                         dual_r=1.0),
 }
 MIXUP_OPTS = {'mixup': 'mixup_alpha', 'cutmix': 'cutmix_alpha', 'cutmix_minmax': 'cutmix_minmax', 'mixup_prob': 'prob',
               'mixup_switch_prob': 'switch_prob', 'mixup_mode': 'mode', 'mixup_off_epoch': 'off_epoch'}
@@ -169,6 +176,12 @@ def test_device_path_equals_ordinary_loader(lt_parity, case):
                 torch.testing.assert_close(torch.as_tensor(a.lam), torch.as_tensor(b.lam))
                 if bool((torch.as_tensor(a.lam) < 1).any()):
                     mixed.append(epoch)
+            if 'dual_r' in common:  # the dual batch: same images, labels and smoothing, as many as the batch
+                a, b = fast.dual, ordinary.dual
+                assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.smoothing == b.smoothing
+                assert a.x.shape == xf.shape and len(a.y) == len(xf)
+            else:
+                assert fast.dual is None and ordinary.dual is None
         assert n == len(fast)
     if cmo or remix or mixup:
         assert mixed

@@ -85,23 +85,27 @@ def test_cmo_off_reads_the_plan_with_timms_transform(lt_small):
     assert len(ours) == len(lt_small) // 32  # timm's drop_last for training
 
 
-@pytest.mark.parametrize('cmo', [False, True])
-def test_workers_and_resume_do_not_change_batches(lt_small, cmo):
-    """The same epoch gives the same augmented batches with 0 or 2 (persistent) workers, and when a
-    loader starts at that epoch (a resumed run) instead of reaching it."""
-    kw = dict(cmo=cmo, cmo_prob=0.5, cmo_mode='elem', batch_size=32, color_jitter=0.4, seed=2, epochs=None)
+@pytest.mark.parametrize('cmo,dual_r', [(False, None), (True, None), (True, 2.0)])
+def test_workers_and_resume_do_not_change_batches(lt_small, cmo, dual_r):
+    """The same epoch gives the same augmented batches (and dual batches) with 0 or 2 (persistent) workers, and
+    when a loader starts at that epoch (a resumed run) instead of reaching it."""
+    kw = dict(cmo=cmo, cmo_prob=0.5, cmo_mode='elem', batch_size=32, color_jitter=0.4, seed=2, epochs=None,
+              dual_r=dual_r)
     runs = []
     for workers, epochs in ((0, (0, 1)), (2, (0, 1)), (2, (1,))):
         loader = cmo_loader(fresh(lt_small), num_workers=workers, **kw)
         out = {}
         for epoch in epochs:
             loader.set_epoch(epoch)
-            out[epoch] = [b for _, b in zip(range(4), loader)]
+            out[epoch] = [(x, t, loader.dual) for _, (x, t) in zip(range(4), loader)]
         runs.append(out)
     for other in runs[1:]:
         for epoch, batches in other.items():
-            for (xa, ta), (xb, tb) in zip(runs[0][epoch], batches):
+            for (xa, ta, da), (xb, tb, db) in zip(runs[0][epoch], batches):
                 assert torch.equal(xa, xb) and torch.equal(ta, tb)
+                assert (da is None) == (db is None) == (dual_r is None)
+                if da is not None:
+                    assert torch.equal(da.x, db.x) and torch.equal(da.y, db.y)
     assert not torch.equal(runs[0][0][0][0], runs[0][1][0][0])  # epochs differ
 
 
@@ -269,6 +273,31 @@ def test_loader_output_is_exact(mode, variant, use_prefetcher):
         expected[torch.arange(8), info.y_b] += lam
         expected[torch.arange(8), info.y_f] += 1 - lam
         torch.testing.assert_close(target, expected)
+
+
+@pytest.mark.parametrize('cmo', [False, True])
+@pytest.mark.parametrize('use_prefetcher', [True, False])
+def test_dual_batch_is_the_plans_images(cmo, use_prefetcher):
+    """The dual batch carries the plan's dual images and their labels, normalised like the batch, through timm's
+    prefetcher and without it; it is never mixed, and the ordinary batch is what it would be without it."""
+    ds = _const_image_dataset()
+    kw = dict(input_size=(3, 32, 32), batch_size=8, is_training=True, no_aug=True, device=CPU, num_workers=0,
+              mean=(0, 0, 0), std=(1, 1, 1), cmo=cmo, cmo_prob=1.0, cmo_start_epoch=-1, use_prefetcher=use_prefetcher,
+              seed=3)
+    loader = create_cmo_loader(ds, dual_r=2.0, **kw)
+    plain = create_cmo_loader(_const_image_dataset(), **kw)
+    loader.set_epoch(1)
+    plain.set_epoch(1)
+    plan = loader.planner.plan(1)
+    assert len(loader) == len(plan) == 5
+    for (x, target), (xp, tp), b in zip(loader, plain, plan):
+        dual = loader.dual
+        assert dual.y.tolist() == [ds.targets[i] for i in b.dual_index] and dual.smoothing == 0.
+        assert dual.x.shape == (8, 3, 32, 32) and dual.x.dtype == x.dtype
+        torch.testing.assert_close(dual.x * 255., (dual.y + 1).float().view(8, 1, 1, 1).expand(8, 3, 32, 32),
+                                   atol=1e-3, rtol=0)
+        assert torch.equal(x, xp) and torch.equal(target, tp)
+        assert plain.dual is None
 
 
 def test_bad_loader_options(lt_small):

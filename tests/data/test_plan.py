@@ -78,6 +78,56 @@ def test_bad_options():
         EpochPlanner(TARGETS, 0)
     with pytest.raises(ValueError, match='ros_r must be >= 0'):
         EpochPlanner(TARGETS, 8, ros_r=-1.)
+    with pytest.raises(ValueError, match='dual_r must be >= 0'):
+        EpochPlanner(TARGETS, 8, dual_r=-2.)
+
+
+def bbn_reversed_sampler_law(counts):
+    """BBN's dual sampler ('reverse', lib/dataset/imbalance_cifar.py): class k drawn with weight n_max / n_k, then an
+    image of it uniformly."""
+    weight = counts.max() / counts
+    return weight / weight.sum()
+
+
+def test_dual_batch_is_bbns_reversed_sampler():
+    """The dual batch (dual_r=2): as many draws as each batch has images (the last, partial batch too), classes with
+    BBN's reversed-sampler law (chi-square), each image of a class equally often; the law rejects instance-balanced
+    and class-balanced draws alike."""
+    planner = EpochPlanner(TARGETS, 128, drop_last=False, dual_r=2.0, seed=5)
+    plans = [planner.plan(e) for e in range(3)]
+    assert all(len(b.dual_index) == len(b.index) for plan in plans for b in plan)
+    assert len(plans[0][-1].dual_index) == 12406 - 96 * 128
+    drawn = np.concatenate([b.dual_index for plan in plans for b in plan])
+    assert len(drawn) == 3 * 12406
+    law = bbn_reversed_sampler_law(COUNTS)
+    np.testing.assert_allclose(law, class_sampling_probs(COUNTS, r=2.0), rtol=1e-12)  # n_k^-2 per image
+    obs = np.bincount(TARGETS[drawn], minlength=10)
+    assert stats.chisquare(obs, law * len(drawn)).pvalue > 1e-3
+    for other in (COUNTS / COUNTS.sum(), np.full(10, 0.1)):
+        assert stats.chisquare(obs, other * len(drawn)).pvalue < 1e-100
+    for k in (9, 5):  # within a class: uniform over its images
+        images = drawn[TARGETS[drawn] == k]
+        first = np.flatnonzero(TARGETS == k)[0]
+        assert stats.chisquare(np.bincount(images - first, minlength=COUNTS[k])).pvalue > 1e-3
+    assert planner.plan(1)[3].dual_index.tolist() == plans[1][3].dual_index.tolist()  # from (seed, epoch) alone
+    assert plans[1][3].dual_index.tolist() != plans[2][3].dual_index.tolist()
+
+
+@pytest.mark.parametrize('opts', [dict(), dict(ros_r=0.5), dict(cmo=CMOConfig(prob=0.5, start_epoch=-1, mode='elem'))])
+def test_dual_stream_leaves_the_rest_of_the_plan(opts):
+    """Adding the dual batch changes nothing else: same order, ROS draws, CMO decisions, foregrounds and seeds; a
+    rank takes its slice of the one seeded draw."""
+    plain = EpochPlanner(TARGETS, 100, seed=2, **opts).plan(1)
+    dual = EpochPlanner(TARGETS, 100, seed=2, dual_r=2.0, **opts).plan(1)
+    for a, b in zip(plain, dual):
+        assert a.index.tolist() == b.index.tolist() and a.fg_index.tolist() == b.fg_index.tolist()
+        assert a.fg_pos.tolist() == b.fg_pos.tolist() and a.seed == b.seed
+        assert len(a.dual_index) == 0 and len(b.dual_index) == len(b.index)
+    ranks = [EpochPlanner(TARGETS, 100, seed=2, dual_r=2.0, num_replicas=2, rank=r, **opts) for r in range(2)]
+    for r, planner in enumerate(ranks):
+        got = np.concatenate([b.dual_index for b in planner.plan(1)])
+        full = planner.dual_sampler.draw(1).numpy()
+        assert got.tolist() == full[r::2][:len(got)].tolist()
 
 
 @pytest.mark.parametrize('recipe', ['cifar10_lt_r100_ce_crt', 'cifar10_lt_r100_ce_cmo_lws'])

@@ -7,10 +7,12 @@ from timm_cmo.data import MixInfo, soft_target
 from timm_cmo.losses import class_balanced_weights, create_loss, list_losses
 from timm_cmo.losses.registry import _loss_entrypoints
 
-# single-head losses on logits alone (the multi-expert RIDE losses and the feature-weighted IB losses have their
-# own tests: tests/losses/test_loss_ride.py, test_loss_ib.py)
+# single-head, single-batch losses on logits alone (the multi-expert RIDE losses, the feature-weighted IB losses and
+# BBN's, which also takes the dual batch, have their own tests: tests/losses/test_loss_ride.py, test_loss_ib.py,
+# test_loss_bbn.py)
 SINGLE_HEAD = [n for n in list_losses() if not getattr(_loss_entrypoints[n], 'needs_experts', False)
-               and not getattr(_loss_entrypoints[n], 'needs_features', False)]
+               and not getattr(_loss_entrypoints[n], 'needs_features', False)
+               and not getattr(_loss_entrypoints[n], 'needs_dual', False)]
 # losses whose unweighted soft-target form is the per-term form; LADE's regulariser averages each class over its
 # samples, so a soft target alone normalises jointly like a weighted loss (tests/losses/test_loss_lade.py)
 PER_SAMPLE = [n for n in SINGLE_HEAD if n != 'lade']

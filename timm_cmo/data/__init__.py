@@ -5,6 +5,7 @@ from .dataset import (
     ConvertMode, CorruptImageError, LongTailDataset, ShotGroups, create_lt_dataset, dataset_class_names,
     dataset_targets, long_tail_counts, long_tail_indices, shot_groups,
 )
+from .dual import DualBatch, split_dual
 from .loader import CMOCollate, CMOLoader, PlanBatchSampler, create_cmo_loader, resolve_device
 from .mixup import MIXUP_MODES, MixupCutmix, cutmix_box
 from .plan import BatchPlan, EpochPlanner

@@ -21,6 +21,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
 from .cmo import CMOConfig, MixInfo, host_to_device
+from .dual import DualBatch
 from .loader import check_one_mixer, mix_unplanned, reseed_mixers
 from .mixup import MixupCutmix
 from .plan import EpochPlanner
@@ -148,7 +149,7 @@ def pad_crop_flip(
 class DeviceLoader:
     """Training batches ``(input, target)`` produced on the device, with CMO.
 
-    Behaves like :class:`~timm_cmo.data.loader.CMOLoader` (``set_epoch``, ``mix_info``, soft
+    Behaves like :class:`~timm_cmo.data.loader.CMOLoader` (``set_epoch``, ``mix_info``, ``dual``, soft
     targets with a mixer or label smoothing on, hard labels without) and reads the same epoch plan.
 
     Args:
@@ -166,6 +167,8 @@ class DeviceLoader:
         num_replicas, rank: Distributed split (defaults from the process group).
         drop_last: Drop the last incomplete batch. Default True.
         ros_r: Random oversampling of the backgrounds (see :class:`~timm_cmo.data.plan.EpochPlanner`).
+        dual_r: A dual batch beside every batch (BBN's re-balancing batch, :attr:`dual`), drawn with
+            per-sample weight n_k^-dual_r (see :class:`~timm_cmo.data.plan.EpochPlanner`); None: off.
         channels_last: Return channels-last inputs.
         img_dtype: Dtype of the normalised inputs. Default float32.
         re_prob, re_mode, re_count: timm's random erasing on the normalised batch (off by default).
@@ -192,6 +195,7 @@ class DeviceLoader:
             rank: Optional[int] = None,
             drop_last: bool = True,
             ros_r: Optional[float] = None,
+            dual_r: Optional[float] = None,
             channels_last: bool = False,
             img_dtype: torch.dtype = torch.float32,
             re_prob: float = 0.,
@@ -211,7 +215,7 @@ class DeviceLoader:
         self.img_dtype = img_dtype
         self.planner = EpochPlanner(
             targets.cpu().numpy(), batch_size, drop_last=drop_last, cmo=cmo, epochs=epochs, ros_r=ros_r,
-            seed=seed, num_replicas=num_replicas, rank=rank)
+            dual_r=dual_r, seed=seed, num_replicas=num_replicas, rank=rank)
         self.seed = seed
         self.rank = self.planner.rank
         self.mean, self.std = normalization(mean, std, images.shape[1], self.device, img_dtype)
@@ -223,6 +227,7 @@ class DeviceLoader:
         self.mixup = mixup
         self.epoch = 0
         self.mix_info: Optional[MixInfo] = None
+        self.dual: Optional[DualBatch] = None
 
     @property
     def active(self) -> bool:
@@ -250,23 +255,28 @@ class DeviceLoader:
         # the epoch's indices reach the device in one copy each; batches are slices of them
         bg_ends = np.cumsum([len(b.index) for b in plan])
         fg_ends = np.cumsum([len(b.fg_index) for b in plan])
+        dual_ends = np.cumsum([len(b.dual_index) for b in plan])
         empty = np.zeros(0, dtype=np.int64)
         bg_all = host_to_device(np.concatenate([b.index for b in plan] or [empty]), self.device)
         fg_all = host_to_device(np.concatenate([b.fg_index for b in plan] or [empty]), self.device)
         pos_all = host_to_device(np.concatenate([b.fg_pos for b in plan] or [empty]), self.device)
+        dual_all = host_to_device(np.concatenate([b.dual_index for b in plan] or [empty]), self.device)
         aug_gen = self._generator(4, self.rank)
         for i in range(len(plan)):
             b0, b1 = (bg_ends[i - 1] if i else 0), bg_ends[i]
             f0, f1 = (fg_ends[i - 1] if i else 0), fg_ends[i]
+            d0, d1 = (dual_ends[i - 1] if i else 0), dual_ends[i]
             idx = bg_all[b0:b1]
             x, y = self._augment(idx, aug_gen), self.targets[idx]
+            x_fg = self._augment(fg_all[f0:f1], aug_gen) if f1 > f0 else None
+            if d1 > d0:  # augmented after the foregrounds, in the ordinary loader's reading order
+                dual = dual_all[d0:d1]
+                self.dual = DualBatch(self._augment(dual, aug_gen), self.targets[dual], self.label_smoothing)
             if self.mixer is None:
                 yield mix_unplanned(self, x, y)
                 continue
-            if f1 > f0:
-                fg = fg_all[f0:f1]
-                x_fg = self._augment(fg, aug_gen)
-                y_fg = torch.full_like(y, -1).index_put_((pos_all[f0:f1],), self.targets[fg])
+            if x_fg is not None:
+                y_fg = torch.full_like(y, -1).index_put_((pos_all[f0:f1],), self.targets[fg_all[f0:f1]])
             else:
                 x_fg, y_fg = x[:0], y
             x, target = self.mixer.paste(x, y, x_fg, y_fg)

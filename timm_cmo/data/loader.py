@@ -7,11 +7,14 @@ whether a batch is mixed and which foregrounds, all decided before any image is 
 foreground image is decoded only when it will be pasted. The mixing itself runs on the training
 device after the prefetcher.
 
-How a planned batch travels: the batch sampler yields ``[seed, bg_0 .. bg_{B-1}, (fg, pos) ...]``;
-the dataset wrapper reads the batch with the global generators seeded by ``seed`` and tags
-foreground items with their batch position; the collate function returns the ``B`` backgrounds
-followed by the ``M`` foregrounds and a (2, B) target tensor holding the background labels and,
-per position, the foreground label or -1.
+How a planned batch travels: the batch sampler yields ``[seed, bg_0 .. bg_{B-1}, (fg, pos) ...,
+DualIndex(d_0) .. DualIndex(d_{B-1})]``; the dataset wrapper reads the batch with the global generators
+seeded by ``seed`` and tags foreground items with their batch position and dual items as such; the
+collate function returns the ``B`` backgrounds followed by the ``M`` foregrounds (and the ``B`` dual
+images) and a (2, B) target tensor holding the background labels and, per position, the foreground
+label or -1 (a (3, B) one, the dual labels in the last row). The dual batch of two-branch methods
+(BBN) is cut off after the prefetcher (:func:`~timm_cmo.data.dual.split_dual`) and held in
+``loader.dual``.
 """
 import logging
 import random
@@ -29,6 +32,7 @@ from torch.utils.data import Sampler, default_collate
 
 from .cmo import CMOConfig, CMOMixup, MixInfo
 from .dataset import dataset_targets
+from .dual import DualBatch, split_dual
 from .mixup import MixupCutmix
 from .plan import EpochPlanner
 from .remix import RemixMixup
@@ -41,12 +45,16 @@ class BatchSeed(int):
     """The first item of a planned batch: the seed of its augmentation."""
 
 
+class DualIndex(int):
+    """A planned batch's key of a dual-batch image (BBN's re-balancing batch)."""
+
+
 class PlanBatchSampler(Sampler[List]):
     """Yields the batches of an :class:`~timm_cmo.data.plan.EpochPlanner`'s plan as dataset keys.
 
-    A batch is ``[BatchSeed(seed), bg_0 .. bg_{b-1}, (fg, pos) ...]``: the augmentation seed,
-    the background indices, then the foreground indices tagged with their batch position.
-    Call :meth:`set_epoch` every epoch.
+    A batch is ``[BatchSeed(seed), bg_0 .. bg_{b-1}, (fg, pos) ..., DualIndex(d) ...]``: the
+    augmentation seed, the background indices, the foreground indices tagged with their batch
+    position, then the dual batch's indices (none without ``dual_r``). Call :meth:`set_epoch` every epoch.
     """
 
     def __init__(self, planner: EpochPlanner):
@@ -61,7 +69,8 @@ class PlanBatchSampler(Sampler[List]):
 
     def __iter__(self) -> Iterator[List]:
         for b in self.planner.plan(self.epoch):
-            yield [BatchSeed(b.seed)] + b.index.tolist() + list(zip(b.fg_index.tolist(), b.fg_pos.tolist()))
+            yield ([BatchSeed(b.seed)] + b.index.tolist() + list(zip(b.fg_index.tolist(), b.fg_pos.tolist()))
+                   + [DualIndex(d) for d in b.dual_index.tolist()])
 
 
 @contextmanager
@@ -88,8 +97,15 @@ class Foreground(NamedTuple):
     pos: int
 
 
+class DualItem(NamedTuple):
+    """An item of the dual batch."""
+    img: Any
+    target: int
+
+
 class _TaggedDataset(torch.utils.data.Dataset):
-    """Returns the dataset's item for an int index and a :class:`Foreground` for ``(index, pos)``.
+    """Returns the dataset's item for an int index, a :class:`Foreground` for ``(index, pos)`` and a
+    :class:`DualItem` for a :class:`DualIndex`.
 
     A batch of keys that starts with a :class:`BatchSeed` is read with the global generators
     seeded from it, so a batch's augmentation depends on the plan alone, not on which worker
@@ -110,6 +126,9 @@ class _TaggedDataset(torch.utils.data.Dataset):
             idx, pos = key
             img, target = self.dataset[idx][:2]
             return Foreground(img, target, pos)
+        if isinstance(key, DualIndex):
+            img, target = self.dataset[int(key)][:2]
+            return DualItem(img, target)
         return self.dataset[key]
 
     def __len__(self):
@@ -121,23 +140,32 @@ class CMOCollate:
 
     Returns ``(x, y)``: unmixed batches as the base collate does; batches with foregrounds as
     ``x`` = B backgrounds then M foregrounds, ``y`` (2, B) = background labels and per-position
-    foreground labels (-1 where none).
+    foreground labels (-1 where none); batches with a dual batch as ``x`` = B backgrounds, M
+    foregrounds (M >= 0), B dual images and ``y`` (3, B), the dual labels in the last row.
     """
 
     def __init__(self, base: Callable):
         self.base = base
 
     def __call__(self, batch):
-        bg = [b for b in batch if not isinstance(b, Foreground)]
+        bg = [b for b in batch if not isinstance(b, (Foreground, DualItem))]
         fg = [b for b in batch if isinstance(b, Foreground)]
+        dual = [(b.img, b.target) for b in batch if isinstance(b, DualItem)]
         x_b, y_b = self.base(bg)
-        if not fg:
+        if not fg and not dual:
             return x_b, y_b
-        x_f, y_f = self.base([(f.img, f.target) for f in fg])
-        y = torch.full((2, len(bg)), -1, dtype=torch.long)
+        parts = [x_b]
+        y = torch.full((3 if dual else 2, len(bg)), -1, dtype=torch.long)
         y[0] = y_b
-        y[1, torch.tensor([f.pos for f in fg])] = y_f.long()
-        return torch.cat([x_b, x_f]), y
+        if fg:
+            x_f, y_f = self.base([(f.img, f.target) for f in fg])
+            parts.append(x_f)
+            y[1, torch.tensor([f.pos for f in fg])] = y_f.long()
+        if dual:
+            x_r, y_r = self.base(dual)
+            parts.append(x_r)
+            y[2] = y_r.long()
+        return torch.cat(parts), y
 
 
 def reset_reader_handles(dataset: Any) -> None:
@@ -212,8 +240,9 @@ class CMOLoader:
     (one-hot, smoothed if asked, when a batch is not mixed), and :attr:`mix_info` holds the batch's
     hard labels, lambda and smoothing: pass it to the loss (``loss(logits, target,
     mix=loader.mix_info)``) for the paper's ``lam * L(x, y_b) + (1 - lam) * L(x, y_f)``. Without
-    either, targets are the hard labels and ``mix_info`` is None. Call :meth:`set_epoch` at the
-    start of every epoch.
+    either, targets are the hard labels and ``mix_info`` is None. With a dual batch in the plan
+    (``dual_r``), :attr:`dual` holds the batch's :class:`~timm_cmo.data.dual.DualBatch` (images and hard
+    labels, never mixed); else None. Call :meth:`set_epoch` at the start of every epoch.
     """
 
     def __init__(
@@ -239,6 +268,7 @@ class CMOLoader:
         self.device = device
         self.epoch = 0
         self.mix_info: Optional[MixInfo] = None
+        self.dual: Optional[DualBatch] = None
         self.set_epoch(0)
 
     @property
@@ -272,6 +302,7 @@ class CMOLoader:
             if not prefetched and self.device is not None:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
+            x, y, self.dual = split_dual(x, y, self.label_smoothing)
             if self.mixer is None:
                 x, y = mix_unplanned(self, x, y)
                 yield x, y
@@ -307,6 +338,7 @@ def create_cmo_loader(
         crop_padding: int = 4,
         drop_last: Optional[bool] = None,
         ros_r: Optional[float] = None,
+        dual_r: Optional[float] = None,
         remix: bool = False,
         remix_kappa: float = 3.0,
         remix_tau: float = 0.5,
@@ -352,6 +384,8 @@ def create_cmo_loader(
             training). The paper's loaders keep it (False).
         ros_r: Random oversampling of the backgrounds with per-sample weight n_k^-ros_r
             (1: class-balanced, 0.5: square-root); None: off.
+        dual_r: A dual batch beside every batch (BBN's re-balancing batch, ``loader.dual``), drawn with
+            per-sample weight n_k^-dual_r (2: BBN's reversed sampler); None: off.
         remix: Remix (Chou et al., 2020) every batch with a permutation of itself instead of CMO;
             ``remix_kappa``, ``remix_tau``, ``remix_alpha``, ``remix_mode`` are the arguments of
             :class:`~timm_cmo.data.remix.RemixMixup`.
@@ -413,6 +447,7 @@ def create_cmo_loader(
         cmo=config if cmo else None,
         epochs=epochs,
         ros_r=ros_r,
+        dual_r=dual_r,
         seed=seed,
         num_replicas=None if distributed else 1,
         rank=None if distributed else 0,

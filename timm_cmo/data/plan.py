@@ -3,8 +3,9 @@
 Everything random about *which* images make a batch is decided here, once per epoch, from
 ``(seed, epoch, rank)`` alone: the background order (a shuffled epoch split across ranks like
 ``DistributedSampler``, or with ROS draws with per-sample weight n_k^-r), whether CMO mixes a
-batch (or, in elem mode, a sample), which foregrounds are pasted where, and a seed for each
-batch's augmentation. Both loaders turn the same plan into pixels, so their sampling can not
+batch (or, in elem mode, a sample), which foregrounds are pasted where, the dual batch of two-branch
+methods (BBN's re-balancing batch, :mod:`timm_cmo.data.dual`), and a seed for each batch's
+augmentation. Both loaders turn the same plan into pixels, so their sampling can not
 drift apart, and a run resumed at epoch e repeats epoch e exactly, whatever the number of
 loader workers.
 """
@@ -20,7 +21,8 @@ __all__ = ['BatchPlan', 'EpochPlanner']
 
 # keys of the random streams derived from (seed, epoch, ...): one number per stream
 _DECIDE, _ORDER, _BATCH_SEED = 1, 3, 6
-_ROS_STREAM, _P_STREAM = 11, 12
+_ROS_STREAM, _P_STREAM, _DUAL_STREAM = 11, 12, 13
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class BatchPlan(NamedTuple):
@@ -32,11 +34,13 @@ class BatchPlan(NamedTuple):
         fg_pos: (m,) int64 batch positions the foregrounds are pasted onto, ascending
             (``0..b-1`` in batch mode).
         seed: Seed of this batch's augmentation (crops, flips, colour, ...).
+        dual_index: (b,) int64 dataset indices of the dual batch (empty without ``dual_r``).
     """
     index: np.ndarray
     fg_index: np.ndarray
     fg_pos: np.ndarray
     seed: int
+    dual_index: np.ndarray = _EMPTY
 
 
 def _share(sampler: ClassWeightedSampler, epoch: int, pass_idx: int = 0) -> np.ndarray:
@@ -65,6 +69,9 @@ class EpochPlanner:
         ros_r: Random oversampling: draw backgrounds with replacement with per-sample weight
             n_k^-ros_r (1: class-balanced, 0.5: square-root sampling) instead of a shuffled epoch.
             None (default): a shuffled epoch.
+        dual_r: A dual batch beside every batch, of the same size, drawn with replacement with per-sample
+            weight n_k^-dual_r (2: BBN's reversed sampler, class k drawn with probability proportional to
+            n_max / n_k; 1: class-balanced; 0: the data distribution). Never mixed. None (default): none.
         seed: Base seed of every stream.
         num_replicas, rank: Distributed split (defaults from the process group).
     """
@@ -77,6 +84,7 @@ class EpochPlanner:
             cmo: Optional[CMOConfig] = None,
             epochs: Optional[int] = None,
             ros_r: Optional[float] = None,
+            dual_r: Optional[float] = None,
             seed: int = 0,
             num_replicas: Optional[int] = None,
             rank: Optional[int] = None,
@@ -85,12 +93,15 @@ class EpochPlanner:
             raise ValueError(f'batch_size must be >= 1, got {batch_size}')
         if ros_r is not None and not ros_r >= 0:
             raise ValueError(f'ros_r must be >= 0, got {ros_r}')
+        if dual_r is not None and not dual_r >= 0:
+            raise ValueError(f'dual_r must be >= 0, got {dual_r}')
         self.targets = np.asarray(targets, dtype=np.int64)
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.cmo = cmo
         self.epochs = epochs
         self.ros_r = ros_r
+        self.dual_r = dual_r
         self.seed = seed
         self.num_replicas, self.rank = _dist_defaults(num_replicas, rank)
         n = len(self.targets)
@@ -98,6 +109,8 @@ class EpochPlanner:
         split = dict(num_samples=n, num_replicas=self.num_replicas, rank=self.rank)
         self.ros_sampler = ClassWeightedSampler(
             self.targets, r=ros_r, seed=derive_seed(seed, _ROS_STREAM), **split) if ros_r is not None else None
+        self.dual_sampler = ClassWeightedSampler(
+            self.targets, r=dual_r, seed=derive_seed(seed, _DUAL_STREAM), **split) if dual_r is not None else None
         self.q_sampler = self.p_sampler = None
         if cmo is not None:
             self.q_sampler = ClassWeightedSampler(self.targets, r=cmo.r, effective=cmo.effective, seed=seed, **split)
@@ -133,8 +146,9 @@ class EpochPlanner:
         decide = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, _DECIDE))
         q_stream = _stream(self.q_sampler, epoch) if active else None
         fg_stream = _stream(self.p_sampler, epoch) if active and cfg.foreground_from_p else q_stream
+        dual_stream = _stream(self.dual_sampler, epoch) if self.dual_sampler is not None else None
         batches = []
-        empty = np.zeros(0, dtype=np.int64)
+        empty = _EMPTY
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             b = len(index)
@@ -148,6 +162,8 @@ class EpochPlanner:
                     fg_pos = np.nonzero(decide.random(b) < cfg.prob)[0].astype(np.int64)
             fg_index = np.fromiter((next(fg_stream) for _ in range(len(fg_pos))), dtype=np.int64,
                                    count=len(fg_pos)) if len(fg_pos) else empty
+            dual_index = np.fromiter((next(dual_stream) for _ in range(b)), dtype=np.int64,
+                                     count=b) if dual_stream is not None else empty
             seed = derive_seed(self.seed, epoch, self.rank, _BATCH_SEED, i)
-            batches.append(BatchPlan(index, fg_index, fg_pos, seed))
+            batches.append(BatchPlan(index, fg_index, fg_pos, seed, dual_index))
         return batches

@@ -1,4 +1,5 @@
-"""Long-tail losses (CE, LDAM, Balanced Softmax, focal, logit adjustment, LAS, RIDE, LADE, IB) with CB / DRW re-weighting.
+"""Long-tail losses (CE, LDAM, Balanced Softmax, focal, logit adjustment, LAS, RIDE, LADE, IB, BBN) with CB / DRW
+re-weighting.
 
 ``create_loss(name, class_counts, reweight='none', drw_epoch=None, epochs=None, cb_beta=0.9999,
 **loss_kwargs)`` builds a registered loss called as ``loss(logits, target)``; see
@@ -16,6 +17,7 @@ from .ride import RIDE_LOSS_DEFAULTS, RIDELoss, RIDERouterLoss
 from .lade import LADE_DEFAULTS, LADELoss, lade_regularizer
 from .ib import IBFocalLoss, IBLoss, ib_class_weights, influence_factor
 from .prior import prior_corrected_logits
+from .bbn import BBNLoss, bbn_alpha
 
 __all__ = [
     'create_loss', 'is_loss', 'list_losses', 'register_loss',
@@ -25,4 +27,5 @@ __all__ = [
     'LabelAwareSmoothingLoss', 'las_smoothing', 'LAS_DEFAULTS', 'RIDELoss', 'RIDERouterLoss', 'RIDE_LOSS_DEFAULTS',
     'LADELoss', 'LADE_DEFAULTS', 'lade_regularizer', 'IBLoss', 'IBFocalLoss', 'ib_class_weights', 'influence_factor',
     'prior_corrected_logits',
+    'BBNLoss', 'bbn_alpha',
 ]
