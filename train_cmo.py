@@ -626,6 +626,8 @@ def validate_cuda_graph_args(args: argparse.Namespace) -> None:
                                 '--cuda-graph (it is short)'),
         ('loss', args.loss if args.loss in IB_LOSSES else None,
          'IB takes the penultimate features and switches loss at --ib-start-epoch'),
+        ('loss', args.loss if trains_on_dual(args) else None,
+         "BBN's dual (re-balancing) batch is not drawn ahead"),
         ('amp_dtype', args.amp_dtype if args.amp and args.amp_dtype == 'float16' else None,
          'float16 needs loss scaling, which reads the host every step: use --amp-dtype bfloat16'),
         ('torchcompile', args.torchcompile, 'two ways of cutting the launch cost: choose --cuda-graph or --torchcompile'),

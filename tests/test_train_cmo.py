@@ -2071,6 +2071,7 @@ def test_cuda_graph_run_equals_data_on_device_run(small_cifar, tmp_path, case, c
     (['--data-on-device', '--amp', '--amp-dtype', 'float16'], "--cuda-graph with --amp-dtype 'float16'"),
     (['--data-on-device', '--torchcompile'], '--cuda-graph with --torchcompile'),
     (['--data-on-device', '--loss', 'ib'], "--cuda-graph with --loss 'ib'"),
+    (['--data-on-device', '--loss', 'bbn', '--model', 'bbn_resnet32_cifar'], "--cuda-graph with --loss 'bbn'"),
     (['--data-on-device', '--head', 'causal'], "--cuda-graph with --head 'causal'"),
     (['--data-on-device', '--clip-grad', '0.01', '--clip-mode', 'agc'], "--cuda-graph with --clip-mode 'agc'"),
 ])

@@ -188,6 +188,8 @@ def test_what_cannot_be_graphed_is_refused_by_name():
         check_graphable(model, loss_fn, optimizer, loader, clip_mode='agc')
     with pytest.raises(ValueError, match='IB'):
         check_graphable(model, create_loss('ib', COUNTS), optimizer, loader)
+    with pytest.raises(ValueError, match='BBN'):
+        check_graphable(model, create_loss('bbn', COUNTS), optimizer, loader)
     with pytest.raises(ValueError, match='no loss scaling'):
         GraphedTrainStep(model, loss_fn, optimizer, loader, autocast_dtype=torch.float16)
     with pytest.raises(ValueError, match='CUDA device'):

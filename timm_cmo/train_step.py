@@ -26,8 +26,8 @@ against train_cmo.py's ``train_one_epoch`` on every option (same weights to floa
 ``torch.compile(fullgraph=True)``, without a graph break (nothing in it reads a tensor on the host).
 
 Not supported (a ``ValueError`` naming the option): the ordinary loader, gradient accumulation, random erasing,
-AMP float16 (loss scaling), distributed training, losses that need features (IB), second stages, the Causal Norm
-head, optimizers other than SGD, ``--clip-mode agc``.
+AMP float16 (loss scaling), distributed training, losses that need features (IB) or BBN's dual batch, second
+stages, the Causal Norm head, optimizers other than SGD, ``--clip-mode agc``.
 """
 import math
 from contextlib import nullcontext
@@ -53,6 +53,8 @@ def check_graphable(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim
                          'reads and augments them on the host, which a graph cannot replay)')
     if loader.random_erasing is not None:
         raise ValueError('random erasing (--reprob) draws inside the step from the global generator')
+    if getattr(loader.planner, 'dual_r', None) is not None or getattr(loss_fn, 'needs_dual', False):
+        raise ValueError('BBN\'s dual (re-balancing) batch and two-branch loss are not drawn ahead (--loss bbn)')
     if getattr(loss_fn, 'needs_features', False):
         raise ValueError(f'{type(loss_fn).__name__} takes the penultimate features and switches loss at an epoch')
     if not callable(getattr(loss_fn, 'make_graph_safe', None)):
