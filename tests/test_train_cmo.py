@@ -2081,3 +2081,32 @@ def test_cuda_graph_refuses_what_it_cannot_graph(tmp_path, capsys, extra, messag
                            '--color-jitter', '0', '--cuda-graph', *extra], capsys)
     assert code == 2 and message in err, err
     assert not (tmp_path / 'no_such_data').exists()
+
+
+def test_cuda_graph_run_killed_and_resumed_equals_uninterrupted(small_cifar, tmp_path):
+    """A --cuda-graph run (CMO, LDAM-DRW, EMA) SIGKILLed after its first checkpoint and resumed with --cuda-graph
+    trains the uninterrupted run's weights, EMA weights and momentum buffers bit for bit (the graph-safe step
+    takes over the checkpoint's momentum buffers; the DRW switch and the lr follow the resumed epoch)."""
+    graph = ['--data-on-device', '--device', 'cpu', '--cuda-graph', *LDAM_CMO]
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'whole', 3, *graph))
+    argv = base_argv(small_cifar, tmp_path, 'killed', 3, *graph)
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train_cmo.py')] + argv, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=ENV)
+    last = tmp_path / 'killed' / 'last.pth.tar'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not last.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(last, map_location='cpu', weights_only=True)['epoch'] < 2
+    done = run_script(argv + ['--resume', str(last)])
+    assert done.returncode == 0, done.stderr[-4000:]
+    resumed = torch.load(last, map_location='cpu', weights_only=True)
+    reference = torch.load(tmp_path / 'whole' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert resumed['epoch'] == reference['epoch'] == 2
+    for key in ('state_dict', 'state_dict_ema'):
+        for k, v in reference[key].items():
+            assert torch.equal(resumed[key][k], v), f'{key} {k}'
+    mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
+    mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
+    assert len(mom_ref) == len(mom_res) > 0 and all(torch.equal(a, b) for a, b in zip(mom_ref, mom_res))
