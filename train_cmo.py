@@ -103,7 +103,7 @@ RESUME_MAY_CHANGE = frozenset({
     'allow_config_change', 'start_epoch', 'initial_checkpoint', 'pretrained', 'pretrained_path', 'validation_batch_size',
     'channels_last', 'torchcompile', 'amp', 'amp_dtype', 'pin_mem', 'no_prefetcher', 'device', 'workers',
     'log_interval', 'checkpoint_hist', 'output', 'experiment', 'overwrite', 'eval_interval', 'evaluate',
-    'data_on_device', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn', 'torchcompile_mode',
+    'data_on_device', 'cuda_graph', 'push_to_hub', 'hub_private', 'paper_top1', 'sync_bn', 'dist_bn', 'torchcompile_mode',
     'log_tensorboard', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'plot_format', 'fast_decode',
     'causal_alpha',  # Causal Norm's alpha acts at evaluation only
     # evaluation-time options (the held-out fraction, --tune-fraction / --tune-seed, shapes the training set)
@@ -183,6 +183,10 @@ def create_parsers() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='torch.compile the model (backend, default inductor)')
     group.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
                        help='torch.compile mode: default | reduce-overhead | max-autotune | ... (with --torchcompile)')
+    group.add_argument('--cuda-graph', action='store_true', default=False,
+                       help='with --data-on-device: the whole training step (augmenting, mixing, forward, loss, '
+                            'backward, SGD, EMA) and the evaluation forward pass as CUDA graphs, the epoch\'s random '
+                            'draws made ahead on the device; on the CPU the same graph-safe step runs eagerly')
 
     group = parser.add_argument_group('Causal Norm head (Tang et al., NeurIPS 2020)')
     group.add_argument('--head', default='linear', type=str, metavar='KIND',
@@ -535,6 +539,8 @@ def validate_args(args: argparse.Namespace) -> None:
             bad('train_crop_mode', args.train_crop_mode,
                 "--data-on-device augments with the paper's CIFAR pad crop only: add --train-crop-mode pad "
                 "(timm's random-resized crop, used without it, runs in the ordinary loader)")
+    if args.cuda_graph:
+        validate_cuda_graph_args(args)
     if args.layer_decay is not None:
         if not 0 < args.layer_decay <= 1:
             bad('layer_decay', args.layer_decay, 'must be in (0, 1] (the lr scale from one layer to the one below)')
@@ -600,6 +606,42 @@ def validate_args(args: argparse.Namespace) -> None:
         check_logger_packages(args.log_tensorboard and not args.evaluate, args.log_wandb and not args.evaluate)
     except LoggerStartError as e:
         error(str(e))
+
+
+GRAPH_OPTS = ('momentum', 'sgd', 'nesterov')  # timm's names of torch SGD (without / with Nesterov momentum)
+
+
+def validate_cuda_graph_args(args: argparse.Namespace) -> None:
+    """``--cuda-graph``: the options the graph-safe step cannot hold, refused with the flag named."""
+    if args.evaluate:
+        return
+    if not args.data_on_device:
+        error('--cuda-graph needs --data-on-device: the ordinary loader decodes, augments and mixes the batches on '
+              'the host (in worker processes), which a CUDA graph cannot replay')
+    refused = (
+        ('grad_accum_steps', args.grad_accum_steps if args.grad_accum_steps > 1 else None,
+         'a graphed step is one optimizer step of one batch'),
+        ('reprob', args.reprob or None, 'random erasing draws inside the step from the global generator'),
+        ('stage2', args.stage2, 'a second stage trains with its own frozen parts and modes: train it without '
+                                '--cuda-graph (it is short)'),
+        ('loss', args.loss if args.loss in IB_LOSSES else None,
+         'IB takes the penultimate features and switches loss at --ib-start-epoch'),
+        ('loss', args.loss if trains_on_dual(args) else None,
+         "BBN's dual (re-balancing) batch is not drawn ahead"),
+        ('amp_dtype', args.amp_dtype if args.amp and args.amp_dtype == 'float16' else None,
+         'float16 needs loss scaling, which reads the host every step: use --amp-dtype bfloat16'),
+        ('torchcompile', args.torchcompile, 'two ways of cutting the launch cost: choose --cuda-graph or --torchcompile'),
+        ('opt', args.opt if args.opt.lower() not in GRAPH_OPTS else None,
+         f'the graphed update is torch SGD\'s: --opt {", ".join(GRAPH_OPTS)}'),
+        ('clip_mode', args.clip_mode if args.clip_grad is not None and args.clip_mode not in ('norm', 'value') else None,
+         'the graphed step clips by norm or value'),
+        ('head', args.head if args.head == 'causal' else None,
+         'the Causal Norm head sets its moving-average decay from the lr on the host'),
+        ('sync_bn', args.sync_bn or None, 'the graphed step runs in one process'),
+    )
+    for flag, value, why in refused:
+        if value is not None:
+            error(f'--cuda-graph with --{flag.replace("_", "-")} {value!r}: {why}')
 
 
 def validate_causal_args(args: argparse.Namespace, bad) -> None:
@@ -1005,14 +1047,66 @@ def train_one_epoch(
     return OrderedDict(loss=avg)
 
 
+def train_one_epoch_graphed(epoch: int, graphed, args, lr_scheduler=None) -> Dict[str, float]:
+    """One epoch of the graph-safe step (``--cuda-graph``, a :class:`~timm_cmo.train_step.GraphedTrainStep`): what
+    :func:`train_one_epoch` computes, each step one graph replay (on the CPU: the same step run eagerly). The
+    losses stay on the device and are read at the log points only; the scheduler and the EMA count steps as
+    there."""
+    steps = graphed.begin_epoch()
+    num_updates = epoch * steps
+    batch_time_m = utils.AverageMeter()
+    last_logged_sum, last_logged_count = 0., 0
+    start = end = time.time()
+    for step_idx in range(steps):
+        samples = graphed.run(step_idx, num_updates)
+        num_updates += 1
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+        batch_time_m.update(time.time() - end)
+        end = time.time()
+        if step_idx == steps - 1 or step_idx % args.log_interval == 0:
+            total = float(graphed.loss_sum)  # host sync only at log points
+            if not math.isfinite(total):
+                raise NonFiniteLossError(f'non-finite loss in epoch {epoch}, step {step_idx}')
+            interval_loss = (total - last_logged_sum) / max(1, step_idx + 1 - last_logged_count)
+            last_logged_sum, last_logged_count = total, step_idx + 1
+            if args.rank == 0:
+                eta = (end - start) / (step_idx + 1) * (steps - step_idx - 1)
+                _logger.info(
+                    f'Train: {epoch} [{step_idx:>4d}/{steps} ({100. * (step_idx + 1) / steps:>3.0f}%)]  '
+                    f'Loss: {interval_loss:#.4g}  '
+                    f'Time: {batch_time_m.val:.3f}s, {samples / max(batch_time_m.val, 1e-9):>7.1f}/s  '
+                    f'LR: {schedule_lr(graphed.optimizer):.3e}  ETA: {format_seconds(eta)}')
+    return OrderedDict(loss=float(graphed.loss_sum) / max(1, steps))
+
+
+def build_graphed_step(args, model: nn.Module, loss_fn: nn.Module, optimizer, train_loader, model_ema):
+    """``--cuda-graph``: the graph-safe training step (CUDA graphs on a GPU, the eager stand-in on the CPU)."""
+    from timm_cmo.train_step import GraphedTrainStep
+    try:
+        graphed = GraphedTrainStep(model, loss_fn, optimizer, train_loader, model_ema=model_ema,
+                                   autocast_dtype=torch.bfloat16 if args.amp else None, clip_grad=args.clip_grad,
+                                   clip_mode=args.clip_mode)
+    except ValueError as e:
+        error(f'--cuda-graph: {e}')
+    if args.rank == 0:
+        _logger.info('--cuda-graph: the graph-safe training step, ' + (
+            'captured as CUDA graphs (one per batch size)' if graphed.capture else
+            f'run eagerly on {graphed.device} (CUDA graphs need a CUDA device)'))
+    return graphed
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, args, device, amp_autocast=suppress, num_classes: int = 0,
-             num_samples: Optional[int] = None, label: str = 'Eval') -> ClassAccuracy:
+             num_samples: Optional[int] = None, label: str = 'Eval', graphed=None) -> ClassAccuracy:
     """Per-class accuracy and calibration over the evaluation set; padded duplicates of distributed loaders
     excluded. A cosine-normalised head's logits are scaled by ``--ldam-s`` for the calibration (as the loss
-    scales them in training)."""
+    scales them in training). ``graphed`` (``--cuda-graph``): evaluated by the graphed step, in fixed-size batches
+    with the padding masked out."""
     model.eval()
     logit_scale = args.ldam_s if timm_cmo.models.is_head_norm(model) else 1.
+    if graphed is not None:
+        return graphed.evaluate(model, loader, num_classes, logit_scale)
     acc = ClassAccuracy(num_classes, device=device, logit_scale=logit_scale)
     inner = getattr(model, '_orig_mod', model)
     routed = getattr(inner, 'router', None) is not None  # RIDE with expert assignment: count the experts used
@@ -1556,6 +1650,8 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = utils.init_distributed_device(args)
     if args.distributed:
         _logger.info(f'Process {args.rank} of {args.world_size} on {device}.')
+        if args.cuda_graph and not args.evaluate:
+            error(f'--cuda-graph runs the step in one process; {args.world_size} were started')
     utils.random_seed(args.seed, args.rank)
 
     amp_autocast = suppress
@@ -1747,6 +1843,9 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         else:
             lr_scheduler.step(start_epoch)
 
+    graphed = build_graphed_step(args, train_model, loss_fn, optimizer, train_loader, model_ema) \
+        if args.cuda_graph else None
+
     saver = summary = None
     if args.rank == 0:
         saver = CheckpointSaver(
@@ -1784,10 +1883,13 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             loss_fn.set_epoch(epoch)
             lr = schedule_lr(optimizer)
             set_causal_norm_lr(model, lr)  # Causal Norm's moving-average decay, where tied to the lr
-            train_metrics = train_one_epoch(
-                epoch, train_model, train_loader, optimizer, loss_fn, args, device, lr_scheduler=lr_scheduler,
-                amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,
-                train_mode=train_mode)
+            if graphed is not None:
+                train_metrics = train_one_epoch_graphed(epoch, graphed, args, lr_scheduler=lr_scheduler)
+            else:
+                train_metrics = train_one_epoch(
+                    epoch, train_model, train_loader, optimizer, loss_fn, args, device, lr_scheduler=lr_scheduler,
+                    amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema,
+                    train_mode=train_mode)
             if args.distributed and args.dist_bn in ('broadcast', 'reduce') and not args.sync_bn:
                 utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
                 if model_ema is not None:
@@ -1795,11 +1897,12 @@ def _main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             last_epoch = epoch == num_epochs - 1
             eval_metrics = None
             if last_epoch or (epoch + 1) % args.eval_interval == 0:
-                eval_acc = evaluate(model, eval_loader, args, device, amp_autocast, num_classes, len(eval_ds))
+                eval_acc = evaluate(model, eval_loader, args, device, amp_autocast, num_classes, len(eval_ds),
+                                    graphed=graphed)
                 eval_metrics = eval_summary(eval_acc, train_ds.class_counts)
                 if model_ema is not None:
                     ema_acc = evaluate(model_ema.module, eval_loader, args, device, amp_autocast, num_classes,
-                                       len(eval_ds), label='Eval EMA')
+                                       len(eval_ds), label='Eval EMA', graphed=graphed)
                     eval_metrics['ema_top1'] = ema_acc.summary(train_ds.class_counts)['top1']
                 if args.rank == 0:
                     _logger.info(f'Eval: {epoch}  {_metrics_line(eval_metrics)}')

@@ -49,13 +49,23 @@ from typing import Any, Dict, List, Optional
 from common import REPO, run_name  # (also puts the repo on sys.path)
 
 T0 = time.time()
-METHODS = ['ce', 'ce_cmo', 'bs', 'bs_cmo', 'ldam_drw', 'ldam_drw_cmo']
+# The paper's CIFAR-10-LT table (Park et al., CVPR 2022, Table 2), in its order: CE, CE-DRW, LDAM-DRW and RIDE, each
+# as is, + ROS, + Remix and + CMO; BS and BS + CMO; then the second stages (CE-DRW + CMO + LAS, RIDE + EA: the
+# expert-assignment router), which start from their stage-1 run of the same seed.
+METHODS = ['ce', 'ce_ros', 'ce_remix', 'ce_cmo', 'ce_drw', 'ce_drw_ros', 'ce_drw_remix', 'ce_drw_cmo',
+           'ldam_drw', 'ldam_drw_ros', 'ldam_drw_remix', 'ldam_drw_cmo', 'ride', 'ride_ros', 'ride_remix', 'ride_cmo',
+           'bs', 'bs_cmo', 'ce_drw_cmo_las', 'ride_router']
 VARIANTS = {  # name -> (train_cmo.py flags, train_speed.py flags)
     'fp32': ([], []),
     'bf16_cl': (['--amp', '--amp-dtype', 'bfloat16', '--channels-last'], ['--amp', '--channels-last']),
     'bf16_cl_compile': (['--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--torchcompile'],
                         ['--amp', '--channels-last', '--compile', 'on']),
+    # the graph-safe step (CUDA graphs on a GPU, its eager stand-in on the CPU), timed by bench/graph_step.py
+    'bf16_cl_graph': (['--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--cuda-graph'],
+                      ['--amp', '--channels-last']),
+    'fp32_graph': (['--cuda-graph'], []),
 }
+GRAPH_TWIN = {'bf16_cl_graph': 'bf16_cl', 'fp32_graph': 'fp32'}  # a graphed variant -> its eager step
 BATCH = 128  # the recipes' batch size (train_speed.py's too)
 COMPACT_NAME = 'cifar10_lt_r100'
 WHEELS = REPO / 'shared' / 'wheels'  # wheels of requirements the GPU image may lack (it cannot download)
@@ -68,10 +78,14 @@ PACK_LIMIT = 15 * 2 ** 20  # each returned file stays under the device tool's 16
 GUESSES = {
     'cuda': dict(install_s=30., check_s=10., mixing_s=15., summary_s=15., pack_s=5., proc_start_s=8.,
                  decode_s_per_image=1e-4, ordinary_s_per_image=1e-4, compile_s=45., parallel_slope=0.4,
-                 s_per_image={'fp32': 4.5e-5, 'bf16_cl': 5e-5, 'bf16_cl_compile': 2.5e-5}),
+                 graph_check_s=40., graph_speed_s=60.,
+                 s_per_image={'fp32': 4.5e-5, 'bf16_cl': 5e-5, 'bf16_cl_compile': 2.5e-5, 'bf16_cl_graph': 2.5e-5,
+                              'fp32_graph': 4e-5}),
     'cpu': dict(install_s=60., check_s=10., mixing_s=20., summary_s=15., pack_s=3., proc_start_s=10.,
                 decode_s_per_image=4e-4, ordinary_s_per_image=1e-2, compile_s=60., parallel_slope=1.0,
-                s_per_image={'fp32': 8e-3, 'bf16_cl': 1e-2, 'bf16_cl_compile': 8e-3}),
+                graph_check_s=40., graph_speed_s=40.,
+                s_per_image={'fp32': 8e-3, 'bf16_cl': 1e-2, 'bf16_cl_compile': 8e-3, 'bf16_cl_graph': 1e-2,
+                             'fp32_graph': 8e-3}),
 }
 
 
@@ -108,6 +122,10 @@ def parse_args(argv=None):
     p.add_argument('--resume-from', default=None, help="a previous session's gpu_suite_resume.tar.gz")
     p.add_argument('--plan-only', '--dry-run', action='store_true', dest='plan_only',
                    help='print the plan (steps, runs, estimated seconds) and stop')
+    p.add_argument('--graph-steps', type=int, default=None,
+                   help='steps timed per batch size by bench/graph_step.py (default 50 cuda, 2 cpu)')
+    p.add_argument('--simulate-graph-mismatch', action='store_true',
+                   help="make the graph-safe step's self-check fail (a test of the fallback to the eager step)")
     p.add_argument('--prepare-data', metavar='DEST', default=None,
                    help=f'write the compact data copy (e.g. shared/data/{COMPACT_NAME}) from --data-dir and stop')
     p.add_argument('--test-per-class', type=int, default=None, help='--prepare-data: keep N test images per class')
@@ -115,7 +133,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cuda = args.device == 'cuda'
     if args.variants is None:
-        args.variants = list(VARIANTS) if cuda else ['fp32']
+        args.variants = ['fp32', 'bf16_cl', 'bf16_cl_compile', 'bf16_cl_graph'] if cuda else ['fp32', 'fp32_graph']
+    if args.graph_steps is None:
+        args.graph_steps = 50 if cuda else 2
     if 'fp32' not in args.variants:
         args.variants = ['fp32'] + args.variants  # timed by the ordinary-vs-fast step anyway
     for name, default in (('probe_parallel', 6 if cuda else 2), ('timing_epochs', 2 if cuda else 1),
@@ -332,28 +352,39 @@ class CostModel:
         return start + (self.g['compile_s'] if 'compile' in variant else 0.) + ep * self.s_per_image(variant)
 
 
-def simulate(n_runs: int, p: int, run_s: float, available: float):
-    """Start times of ``n_runs`` equal runs, ``p`` at a time, in queue order; None where one would not finish."""
+def simulate(n_runs: int, p: int, run_s, available: float, after: Optional[List[Optional[int]]] = None):
+    """Start times of ``n_runs`` runs of ``run_s`` seconds each (one figure, or one per run), ``p`` at a time, in
+    queue order; None where one would not finish. ``after[i]``: the index of the run that run i starts from (a
+    second stage after its first stage: not before that one ends, never when that one does not run)."""
+    durations = list(run_s) if isinstance(run_s, (list, tuple)) else [run_s] * n_runs
     slots = [0.] * p
-    starts = []
-    for _ in range(n_runs):
-        i = min(range(p), key=lambda j: slots[j])
-        if slots[i] + run_s > available:
+    starts: List[Optional[float]] = []
+    for k, d in enumerate(durations[:n_runs]):
+        dep = after[k] if after else None
+        if dep is not None and (dep >= len(starts) or starts[dep] is None):
             starts.append(None)
             continue
-        starts.append(slots[i])
-        slots[i] += run_s
+        i = min(range(p), key=lambda j: slots[j])
+        start = max(slots[i], starts[dep] + durations[dep] if dep is not None else 0.)
+        if start + d > available:
+            starts.append(None)
+            continue
+        starts.append(start)
+        slots[i] = start + d
     return starts
 
 
-def choose_parallel(n_runs: int, p_max: int, cost_of_p, available: float) -> int:
-    """The number of runs at a time that finishes the most runs inside ``available`` (then: sooner)."""
+def choose_parallel(n_runs: int, p_max: int, cost_of_p, available: float,
+                    after: Optional[List[Optional[int]]] = None) -> int:
+    """The number of runs at a time that finishes the most runs inside ``available`` (then: sooner);
+    ``cost_of_p(p)``: the seconds of one run, or of each run, with ``p`` at a time."""
     best = None
     for p in range(1, max(1, min(n_runs, p_max)) + 1):
         d = cost_of_p(p)
-        starts = simulate(n_runs, p, d, available)
+        durations = list(d) if isinstance(d, (list, tuple)) else [d] * n_runs
+        starts = simulate(n_runs, p, durations, available, after)
         done = sum(s is not None for s in starts)
-        end = max([s + d for s in starts if s is not None] or [0.])
+        end = max([s + e for s, e in zip(starts, durations) if s is not None] or [0.])
         key = (-done, end, p)
         if best is None or key < best[0]:
             best = (key, p)
@@ -457,6 +488,8 @@ class Suite:
             measured = json.loads(Path(args.estimates).read_text())
         self.model = CostModel(args.device, self.n_train, self.n_test, measured)
         self.queue = [(m, s) for s in args.seeds for m in args.methods]  # CE, CE + CMO, ... then the next seed
+        self.graph_ok: Optional[bool] = None  # the graph-safe step's self-check (None: not run)
+        self.graph_note = ''
         self.steps: List[Dict[str, Any]] = []
         self.runs: Dict[str, Dict[str, Any]] = {}
         self.timings: Dict[str, Any] = {}
@@ -514,26 +547,62 @@ class Suite:
                 f'before the {self.reserve():.0f}s kept for the summary and packing')
 
     # -- the plan
+    def graph_variants(self) -> List[str]:
+        return [v for v in self.args.variants if v in GRAPH_TWIN]
+
     def timing_plan(self, run_variant: str):
         a = self.args
-        items = [('mixing', 'bench/mixing_cost.py: CMO mixing vs one ResNet-32 step (CPU and GPU)', None)]
+        items = []
+        graphed = self.graph_variants()
+        if graphed:
+            items.append(('graph_check', f'bench/graph_step.py: self-check of the graph-safe step ({graphed[0]}) '
+                                         f'against the eager one, a few steps, same numbers (else: eager runs)',
+                          graphed[0]))
+        items.append(('mixing', 'bench/mixing_cost.py: CMO mixing vs one ResNet-32 step (CPU and GPU)', None))
         items.append(('speed_paths', 'bench/train_speed.py: ordinary loader vs --data-on-device, CMO off/on, fp32',
                       'fp32'))
         for v in a.variants:
-            if v != 'fp32':
+            if v != 'fp32' and v not in GRAPH_TWIN:
                 items.append((f'speed_{v}', f'bench/train_speed.py: --data-on-device, CMO on, {v}', v))
+        for v in graphed:
+            items.append(('graph_speed' if len(graphed) == 1 else f'graph_speed_{v}', f'bench/graph_step.py: ms per step (batch {BATCH} and the last, '
+                                              f'smaller one), kernels per step, graph-safe vs eager ({v})', v))
         if a.probe_parallel >= 2 and a.parallel != 1:
             items.append(('probe', f'{a.probe_parallel} x bench/train_speed.py at once (--data-on-device, CMO on, '
                                    f'best variant): runs at a time', run_variant))
         return items
 
+    def usable(self, variant: str) -> bool:
+        """A graphed variant only once its self-check passed (before the check: planned as if it will)."""
+        return variant not in GRAPH_TWIN or self.graph_ok is not False
+
     def plan_variant(self) -> str:
         if self.args.run_variant != 'auto':
             return self.args.run_variant
-        measured = [v for v in self.measured['variants'] or self.model.m.get('variants', {}) if v in VARIANTS]
+        measured = [v for v in self.measured['variants'] or self.model.m.get('variants', {})
+                    if v in VARIANTS and self.usable(v)]
         if measured:
             return min(measured, key=lambda v: self.model.run_s(v, 1, self.args.epochs, self.args.eval_interval))
-        return 'bf16_cl' if self.args.device == 'cuda' else 'fp32'
+        if self.args.device == 'cuda':
+            return 'bf16_cl_graph' if 'bf16_cl_graph' in self.args.variants and self.usable('bf16_cl_graph') \
+                else 'bf16_cl'
+        return 'fp32_graph' if 'fp32_graph' in self.args.variants and self.usable('fp32_graph') else 'fp32'
+
+    def epochs_of(self, method: str) -> int:
+        """A first stage trains --epochs; a second stage its recipe's epochs (at most --epochs)."""
+        import reproduce_cifar
+        if reproduce_cifar.stage1_of(method) is None:
+            return self.args.epochs
+        rargs = argparse.Namespace(rho=self.args.rho, dataset='')
+        import yaml
+        recipe = yaml.safe_load(reproduce_cifar.recipe_of(rargs, method).read_text())
+        return min(int(recipe.get('epochs', self.args.epochs)), self.args.epochs)
+
+    def flags_of(self, method: str, variant: str) -> List[str]:
+        """The variant's train_cmo.py flags; a second stage trains without --cuda-graph (refused there)."""
+        import reproduce_cifar
+        flags = VARIANTS[variant][0]
+        return [f for f in flags if f != '--cuda-graph'] if reproduce_cifar.stage1_of(method) else flags
 
     def plan_parallel(self, variant: str, available: float) -> int:
         a = self.args
@@ -541,10 +610,29 @@ class Suite:
             return a.parallel
         measured_p = (self.model.m.get('parallel') or {}).get('p')
         p_max = measured_p or max(1, a.probe_parallel)
-        return choose_parallel(len(self.queue), p_max, lambda p: self.run_cost(variant, p), available)
+        return choose_parallel(len(self.queue), p_max, lambda p: self.queue_costs(variant, p), available,
+                               self.queue_after())
 
     def run_cost(self, variant: str, p: int, epochs: Optional[int] = None) -> float:
         return self.model.run_s(variant, p, self.args.epochs if epochs is None else epochs, self.args.eval_interval)
+
+    def queue_after(self) -> List[Optional[int]]:
+        """For each queued run, the index of its stage-1 run in the queue (None: a first stage)."""
+        import reproduce_cifar
+        index = {ms: i for i, ms in enumerate(self.queue)}
+        after = []
+        for method, seed in self.queue:
+            stage1 = reproduce_cifar.stage1_of(method)
+            after.append(None if stage1 is None else index.get((stage1, seed), len(self.queue)))
+        return after
+
+    def queue_costs(self, variant: str, p: int) -> List[float]:
+        """Each queued run's estimated seconds (a second stage: its own epochs, the eager step)."""
+        costs = []
+        for method, _ in self.queue:
+            v = GRAPH_TWIN.get(variant, variant) if self.flags_of(method, variant) != VARIANTS[variant][0] else variant
+            costs.append(self.run_cost(v, p, self.epochs_of(method)))
+        return costs
 
     def plan_text(self, replan: bool = False) -> str:
         """The plan: each step with its estimated seconds (margin included) and the running total; the runs
@@ -575,29 +663,32 @@ class Suite:
             rows.append(('0', 'check', f'{"nvidia-smi, " if a.device == "cuda" else ""}torch, timm, timm_cmo: '
                                        f'the {"GPU" if a.device == "cuda" else "CPU"} and the versions',
                          m.fixed_s('check')))
-            if not a.no_timings:
-                for name, title, v in self.timing_plan(variant):
-                    est = m.fixed_s('mixing') if name == 'mixing' else m.timing_s(
-                        name, v, a.timing_epochs, a.probe_parallel)
-                    rows.append(('1', name, title, est))
+            for name, title, v in self.timing_plan(variant):
+                if not a.no_timings or name == 'graph_check':  # the self-check runs even with --no-timings
+                    rows.append(('1', name, title, self.timing_est(name, v)))
         for step, name, title, est in rows:
             t += est * a.margin
             lines.append(f'{step:<5}{name:<22}{est * a.margin:>8.0f}{t:>8.0f}  {title}')
         reserve = self.reserve() * a.margin
         available = a.budget_s - t - reserve
         p = self.plan_parallel(variant, available / a.margin)
-        d = self.run_cost(variant, p) * a.margin
-        starts = simulate(len(self.queue), p, d, available)
+        costs = [c * a.margin for c in self.queue_costs(variant, p)]
+        starts = simulate(len(self.queue), p, costs, available, self.queue_after())
         n_fit = sum(s is not None for s in starts)
-        span = max([s + d for s in starts if s is not None] or [0.])
+        span = max([s + d for s, d in zip(starts, costs) if s is not None] or [0.])
+        checked = ' if its self-check passes' if variant in GRAPH_TWIN and self.graph_ok is None else ''
         lines.append(f'{"2":<5}{"runs":<22}{span:>8.0f}{t + span:>8.0f}  {len(self.queue)} runs of {a.epochs} '
-                     f'epochs, {p} at a time, {" ".join(["--data-on-device"] + VARIANTS[variant][0])} ({variant}): '
-                     f'{n_fit} fit')
-        for (method, seed), s in zip(self.queue, starts):
+                     f'epochs (second stages: their own), {p} at a time, '
+                     f'{" ".join(["--data-on-device"] + VARIANTS[variant][0])} ({variant}{checked}): {n_fit} fit')
+        import reproduce_cifar
+        for (method, seed), s, d in zip(self.queue, starts, costs):
             when = f'{t + s + d:>8.0f}  start at ~{t + s:.0f}s' if s is not None else \
                 f'{"":>8}  skipped: would not finish inside the budget'
+            stage1 = reproduce_cifar.stage1_of(method)
+            recipe = reproduce_cifar.recipe_of(argparse.Namespace(rho=a.rho, dataset=''), method).name
             lines.append(f'{"":<5}  {run_name(method, seed):<20}{d:>8.0f}{when}  '
-                         f'(hparams/cifar10_lt_r{a.rho}_{method}.yaml, seed {seed})')
+                         f'(hparams/{recipe}, seed {seed}'
+                         f'{f", {self.epochs_of(method)} epochs from {run_name(stage1, seed)}" if stage1 else ""})')
         t += span
         for step, name, title in (('3', 'summary', 'bench/summarize_runs.py --copy-to: the RESULTS.md rows, '
                                                    'per-class PNGs; the summary table'),
@@ -680,8 +771,36 @@ class Suite:
             return None
         return closed(proc)
 
+    def timing_est(self, name: str, variant: Optional[str]) -> float:
+        a, m = self.args, self.model
+        if name == 'mixing':
+            return m.fixed_s('mixing')
+        if name.startswith('graph_'):
+            got = m.step_s(name)
+            return got if got is not None else m.g['graph_check_s' if name == 'graph_check' else 'graph_speed_s']
+        return m.timing_s(name, variant, a.timing_epochs, a.probe_parallel)
+
+    def graph_cmd(self, name: str, variant: str, out: Path) -> List[str]:
+        """bench/graph_step.py: the self-check alone (``graph_check``) or the timings and kernel counts."""
+        a = self.args
+        cmd = [sys.executable, str(REPO / 'bench' / 'graph_step.py'), '--device', a.device, '--out', str(out),
+               '--threads', str(a.threads)] + (['--amp', '--channels-last'] if 'bf16_cl' in variant else [])
+        last = self.n_train % BATCH or BATCH
+        if name == 'graph_check':
+            return cmd + ['--check-steps', '4' if a.device == 'cuda' else '2', '--steps', '0',
+                          '--batch-sizes', str(BATCH if a.device == 'cuda' else 32)] + \
+                (['--simulate-mismatch'] if a.simulate_graph_mismatch else [])
+        sizes = [BATCH, last] if last != BATCH else [BATCH]
+        if a.device == 'cpu':  # the dry mode: small batches, a couple of steps
+            sizes = [32, 8]
+        return cmd + ['--check-steps', '0', '--kernels', '--steps', str(a.graph_steps), '--repeats',
+                      '3' if a.device == 'cuda' else '1', '--batch-sizes'] + \
+            [str(b) for b in sizes]
+
     def timing_cmd(self, name: str, variant: str, out: Path) -> List[str]:
         a = self.args
+        if name.startswith('graph_'):
+            return self.graph_cmd(name, variant, out)
         data = ['--data-dir', str(self.data_dir), '--imb-ratio', str(a.rho)] + (
             ['--imb-max', str(a.imb_max)] if a.imb_max else [])
         if name == 'mixing':
@@ -702,15 +821,23 @@ class Suite:
         tdir = self.pack_dir / 'timings'
         tdir.mkdir(parents=True, exist_ok=True)
         for name, title, variant in self.timing_plan(self.plan_variant()):
+            if a.no_timings and name != 'graph_check':
+                continue
             if name == 'probe':
                 variant = self.plan_variant()  # the fastest one measured so far
+                if variant in GRAPH_TWIN:  # train_speed.py times the eager step: the twin's parallel slope
+                    variant = GRAPH_TWIN[variant]
                 title = title.replace('best variant', variant)
-            est = self.model.fixed_s('mixing') if name == 'mixing' else self.model.timing_s(
-                name, variant, a.timing_epochs, a.probe_parallel)
+            est = self.timing_est(name, variant)
             if not self.fits(est):
                 self.record('1', name, est, 'skipped', note=self.skip_note(est))
+                if name == 'graph_check':
+                    self.graph_ok, self.graph_note = False, 'self-check not run (budget)'
                 continue
-            if name != 'mixing' and self.n_train < BATCH:
+            if name.startswith('graph_speed') and not self.graph_ok:
+                self.record('1', name, est, 'skipped', note=f'the self-check did not pass: {self.graph_note}')
+                continue
+            if not name.startswith(('mixing', 'graph_')) and self.n_train < BATCH:
                 self.record('1', name, est, 'skipped', note=f'{self.n_train} training images: train_speed.py needs '
                                                             f'one whole batch of {BATCH}')
                 continue
@@ -719,14 +846,17 @@ class Suite:
             if name == 'probe':
                 status, note = self.probe(variant, est, limit, tdir)
             else:
-                out = tdir / f'{"mixing_cost" if name == "mixing" else "train_speed_" + name[6:]}.json'
+                out = tdir / (f'{name}.json' if name.startswith('graph_') else
+                              f'{"mixing_cost" if name == "mixing" else "train_speed_" + name[6:]}.json')
                 proc = start_process(self.timing_cmd(name, variant, out), self.pack_dir / 'logs' / f'{name}.log',
                                      self.env)
                 rc = self.wait(proc, limit)
                 status = 'done' if rc == 0 and out.is_file() else ('stopped' if rc is None else 'failed')
                 note = '' if status == 'done' else (f'stopped at its {limit:.0f}s limit' if rc is None else
                                                     f'exit {rc}: {tail(self.pack_dir / "logs" / f"{name}.log", 3)}')
-                if status == 'done':
+                if name == 'graph_check':
+                    status, note = self.take_graph_check(rc, out, status, note)
+                elif status == 'done':
                     note = self.take_timing(name, variant, json.loads(out.read_text()), time.time() - t)
             self.measured['step_s'][name] = time.time() - t
             self.record('1', name, est, status, time.time() - t, note)
@@ -742,7 +872,46 @@ class Suite:
                 base[key] = value
         return base
 
+    def take_graph_check(self, rc: Optional[int], out: Path, status: str, note: str):
+        """The self-check's verdict: the graphed variants are used only when it passed; a failed check is not a
+        failed suite (the runs fall back to the eager step, the window is not lost)."""
+        rep = json.loads(out.read_text()) if out.is_file() else {}
+        check = rep.get('check') or {}
+        self.timings['graph_check'] = rep
+        if rc == 0 and check.get('ok'):
+            self.graph_ok = True
+            self.graph_note = (f'graph-safe = eager over {check["steps"]} steps x {check["epochs"]} epochs '
+                               f'({"CUDA graphs" if check.get("captured") else "the eager CPU stand-in"}), largest '
+                               f'weight difference {check["max_abs_diff"]:.3g}')
+            return 'done', self.graph_note
+        self.graph_ok = False
+        why = (f'weights differ (largest {check.get("max_abs_diff", float("nan")):.3g}, '
+               f'{", ".join(check.get("differing", [])[:3])})' if check else note or f'exit {rc}')
+        self.graph_note = f'{why}: falling back to the eager step'
+        self.log(f'graph-safe step self-check failed: {why}; the runs use the eager step')
+        return 'fallback', self.graph_note
+
     def take_timing(self, name: str, variant: str, rep: Dict[str, Any], wall: float) -> str:
+        if name.startswith('graph_speed'):
+            self.timings[name] = rep
+            rows = rep.get('rows') or []
+            if not rows:
+                return 'no rows'
+            full = rows[0]
+            twin = self.measured['variants'].get(GRAPH_TWIN[variant], {})
+            ratio = full['graphed_ms'] / full['eager_ms']
+            # train_speed.py's figure of the eager twin, scaled by the measured graphed / eager ratio of a step
+            per_image = twin['s_per_image'] * ratio if twin.get('s_per_image') else \
+                full['graphed_ms'] / 1e3 / full['batch_size']
+            v = dict(s_per_image=per_image, s_per_epoch=per_image * self.model.n_epoch, step_ratio=ratio)
+            if twin.get('bare_startup_s'):
+                v['bare_startup_s'] = twin['bare_startup_s']
+            self.measured['variants'][variant] = v
+            unit = rep.get('kernels_unit', 'kernels')
+            return '; '.join(f'batch {r["batch_size"]}: {r["eager_ms"]:.2f} -> {r["graphed_ms"]:.2f} ms/step '
+                             f'({r["speedup"]:.2f}x)' + (f', {r["eager_kernels"]:.0f} -> {r["graphed_kernels"]:.0f} '
+                                                          f'{unit}/step' if 'eager_kernels' in r else '')
+                             for r in rows)
         if name == 'mixing':
             self.timings['mixing'] = rep
             devs = rep.get('devices', {})
@@ -813,8 +982,8 @@ class Suite:
         a = self.args
         rargs = argparse.Namespace(rho=a.rho, out=str(self.runs_dir), dataset='', data_dir=str(self.data_dir),
                                    imb_max=a.imb_max, extra=['--data-on-device', '--device', a.device, '--epochs',
-                                                             str(a.epochs), '--eval-interval', str(a.eval_interval)]
-                                   + VARIANTS[variant][0])
+                                                             str(self.epochs_of(method)), '--eval-interval',
+                                                             str(a.eval_interval)] + self.flags_of(method, variant))
         cmd, run_dir = reproduce_cifar.command(rargs, method, seed)
         if '--resume' not in cmd and run_dir.is_dir() and any(run_dir.iterdir()):
             cmd.append('--overwrite')  # a run killed before its first checkpoint
@@ -824,6 +993,7 @@ class Suite:
         return len(read_rows(self.runs_dir / name / 'summary.csv'))
 
     def step_runs(self) -> None:
+        import reproduce_cifar
         a = self.args
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         if a.resume_from:
@@ -832,6 +1002,10 @@ class Suite:
                     tf.extractall(self.runs_dir)
             self.log(f'unpacked {a.resume_from} into {self.runs_dir}')
         variant = self.plan_variant()
+        if variant in GRAPH_TWIN and not self.graph_ok:  # never graphed runs without a passing self-check
+            self.log(f'runs: {variant} without a passing self-check of the graph-safe step '
+                     f'({self.graph_note or "not run"}): the eager {GRAPH_TWIN[variant]} instead')
+            variant = GRAPH_TWIN[variant]
         run_deadline = self.deadline - self.reserve()
         available = run_deadline - time.time()
         p = self.plan_parallel(variant, available / a.margin)
@@ -849,8 +1023,8 @@ class Suite:
                                      observed=list((self.model.m.get('runs') or {}).get('observed', [])))
         t_step = time.time()
         est_total = self.run_cost(variant, p) * a.margin * math.ceil(len(queue) / max(1, p))
-        if queue and not self.fits(self.run_cost(variant, 1, a.epochs - max(self.epochs_done(run_name(*queue[0])),
-                                                                             0))):
+        if queue and not self.fits(self.run_cost(variant, 1, self.epochs_of(queue[0][0]) - max(
+                self.epochs_done(run_name(*queue[0])), 0))):
             note = self.skip_note(self.run_cost(variant, 1))
             for method, seed in queue:
                 self.runs[run_name(method, seed)] = dict(status='skipped', note='budget', epochs=0)
@@ -874,8 +1048,17 @@ class Suite:
             while queue and len(running) < p and now < run_deadline:
                 method, seed = queue[0]
                 name = run_name(method, seed)
+                stage1 = reproduce_cifar.stage1_of(method)
+                if stage1 is not None and self.runs.get(run_name(stage1, seed), {}).get('status') != 'done':
+                    if run_name(stage1, seed) in running:
+                        break  # a second stage waits for its first stage
+                    queue.pop(0)
+                    self.runs[name] = dict(status='skipped', epochs=0,
+                                           note=f'its stage-1 run {run_name(stage1, seed)} did not finish')
+                    self.log(f'skip {name}: its stage-1 run {run_name(stage1, seed)} did not finish')
+                    continue
                 done = self.epochs_done(name) if (self.runs_dir / name / 'last.pth.tar').is_file() else 0
-                need = self.start_estimate(variant, len(running) + 1, a.epochs - done, running)
+                need = self.start_estimate(variant, len(running) + 1, self.epochs_of(method) - done, running)
                 others = self.others_fit(variant, len(running) + 1, running, run_deadline)
                 if now + need * a.margin > run_deadline or not others:
                     why = (f'needs ~{need * a.margin:.0f}s, {run_deadline - now:.0f}s left' if others else
@@ -888,11 +1071,11 @@ class Suite:
                     continue
                 queue.pop(0)
                 cmd = self.run_command(method, seed, variant)
-                self.log(f'start {name} (~{need:.0f}s, {a.epochs - done} epochs{", resumed" if done else ""}): '
+                self.log(f'start {name} (~{need:.0f}s, {self.epochs_of(method) - done} epochs{", resumed" if done else ""}): '
                          f'{" ".join(shlex.quote(c) for c in cmd)}')
                 running[name] = dict(proc=start_process(cmd, self.runs_dir / f'{name}.log', self.env),
                                      start=time.time(), first_row=None, resumed_at=done, est=need,
-                                     p=len(running) + 1)
+                                     p=len(running) + 1, method=method)
             if not running and queue and time.time() >= run_deadline:
                 for method, seed in queue:
                     self.runs[run_name(method, seed)] = dict(status='skipped', note='budget: deadline', epochs=0)
@@ -943,7 +1126,7 @@ class Suite:
         for name, r in running.items():
             rows = read_rows(self.runs_dir / name / 'summary.csv')
             times = [float(x['epoch_time_s']) for x in rows[r['resumed_at']:] if x.get('epoch_time_s')]
-            left = self.args.epochs - len(rows)
+            left = (self.epochs_of(r['method']) if 'method' in r else self.args.epochs) - len(rows)
             if len(times) >= 2:
                 finish = now + left * statistics.mean(times[1:]) * scale
             else:
@@ -1023,7 +1206,7 @@ class Suite:
         lines += ['', '## Timings (median seconds per epoch of CIFAR-10-LT, ResNet-32, batch 128)', '',
                   '| report | data path | CMO | s/epoch | images/s | 200 epochs (min) |', '|---|---|---|---|---|---|']
         for name, rep in self.timings.items():
-            if name in ('mixing', 'probe'):
+            if name in ('mixing', 'probe') or name.startswith('graph_'):
                 continue
             for r in rep['rows']:
                 lines.append(f'| {name} | {r["path"]} | {r["cmo"]} | {r["s_per_epoch"]:.3f} | {r["images_per_s"]:.0f} '
@@ -1034,6 +1217,15 @@ class Suite:
                 r = rep['rows'][0]
                 lines.append(f'| {pr["p"]} at once ({pr["variant"]}) #{i} | {r["path"]} | {r["cmo"]} | '
                              f'{r["s_per_epoch"]:.3f} | {r["images_per_s"]:.0f} | {r["projected_200_epochs_min"]} |')
+        graph_rows = [(n, r) for n, rep in self.timings.items() if n.startswith('graph_speed')
+                      for r in rep.get('rows', [])]
+        if graph_rows or 'graph_check' in self.timings:
+            lines += ['', f'## Graph-safe step (--cuda-graph): {self.graph_note or "self-check not run"}', '',
+                      '| report | batch | eager ms/step | graph-safe ms/step | speed-up | eager kernels/step | '
+                      'graph-safe kernels/step |', '|---|---|---|---|---|---|---|']
+            for n, r in graph_rows:
+                lines.append(f'| {n} | {r["batch_size"]} | {r["eager_ms"]:.2f} | {r["graphed_ms"]:.2f} | '
+                             f'{r["speedup"]:.2f}x | {r.get("eager_kernels", "–")} | {r.get("graphed_kernels", "–")} |')
         if 'mixing' in self.timings:
             lines += ['', '| mixing_cost device | mix (batch mode) ms | ResNet-32 step ms | ratio |', '|---|---|---|---|']
             for k, v in self.timings['mixing'].get('devices', {}).items():
@@ -1108,8 +1300,8 @@ class Suite:
         try:
             self.step_install()
             ok = self.step_check()
-            if ok and not a.no_timings:
-                self.step_timings()
+            if ok and (not a.no_timings or self.graph_variants()):
+                self.step_timings()  # with --no-timings: the graph-safe step's self-check only
                 if self.measured['variants']:
                     self.log(self.plan_text(replan=True))
             elif not ok:

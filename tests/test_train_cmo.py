@@ -2020,3 +2020,93 @@ def test_tune_fraction_is_held_out_of_training(small_cifar, tmp_path, capsys):
     assert record['validation']['class_counts'] == held and 'held out of training' in record['validation']['source']
     code, err = main_exit(argv + ['--tune-fraction', '0.3', '--experiment', 'frac_bad'], capsys)
     assert code == 2 and '--tune-fraction 0.25 in training, 0.3 here' in err and not (tmp_path / 'frac_bad').exists()
+
+
+# --- --cuda-graph: the graph-safe step (its CPU stand-in here) trains the model the eager step trains ----------
+
+CUDA_GRAPH_CASES = {
+    'cmo-ldam-drw-head-norm-ema': LDAM_CMO,
+    'remix-ros-ride-drw-keep-last': ['--model', 'ride_resnet20_cifar', '--loss', 'ride', '--reweight', 'drw',
+                                     '--drw-epoch', '1', '--remix', '--ros', '--no-drop-last'],
+    'mixup-cutmix-smoothing-ce-nesterov-clip': ['--mixup', '0.5', '--cutmix', '1.0', '--smoothing', '0.1',
+                                                '--opt', 'sgd', '--clip-grad', '1.0', '--loss', 'ce'],
+}
+
+
+@pytest.mark.parametrize('case', list(CUDA_GRAPH_CASES))
+def test_cuda_graph_run_equals_data_on_device_run(small_cifar, tmp_path, case, caplog):
+    """``--data-on-device --cuda-graph`` (on the CPU the graph-safe step run eagerly: the epoch's draws made ahead,
+    the device lr / DRW / EMA state, foreach SGD, fixed-size evaluation batches) and ``--data-on-device`` train
+    the same model with crops and flips on: same losses, same evaluation, same weights to float round-off."""
+    summaries, weights = {}, {}
+    for path, extra in (('eager', []), ('graph', ['--cuda-graph'])):
+        caplog.clear()
+        with caplog.at_level('INFO'):
+            train_cmo.main(base_argv(small_cifar, tmp_path, path, 2, '--device', 'cpu', '--data-on-device',
+                                     '--validation-batch-size', '48', *CUDA_GRAPH_CASES[case], *extra))
+        assert ('--cuda-graph: the graph-safe training step, run eagerly on cpu' in caplog.text) == (path == 'graph')
+        rows = [row.split(',') for row in (tmp_path / path / 'summary.csv').read_text().strip().splitlines()]
+        timed = rows[0].index('epoch_time_s')
+        summaries[path] = [row[:timed] + row[timed + 1:] for row in rows]
+        weights[path] = torch.load(tmp_path / path / 'last.pth.tar', map_location='cpu',
+                                   weights_only=True)['state_dict']
+    header, eager, graph = summaries['eager'][0], summaries['eager'][1:], summaries['graph'][1:]
+    assert len(eager) == len(graph) == 2
+    for a, b in zip(eager, graph):
+        for name, u, v in zip(header, a, b):
+            try:
+                assert float(u) == pytest.approx(float(v), rel=1e-5, abs=1e-6), name
+            except ValueError:
+                assert u == v, name
+    assert weights['eager'].keys() == weights['graph'].keys()
+    for k, v in weights['eager'].items():
+        torch.testing.assert_close(weights['graph'][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize('extra, message', [
+    ([], '--cuda-graph needs --data-on-device'),
+    (['--data-on-device', '--grad-accum-steps', '2'], "--cuda-graph with --grad-accum-steps 2"),
+    (['--data-on-device', '--reprob', '0.25'], "--cuda-graph with --reprob 0.25"),
+    (['--data-on-device', '--opt', 'adamw'], "--cuda-graph with --opt 'adamw'"),
+    (['--data-on-device', '--amp', '--amp-dtype', 'float16'], "--cuda-graph with --amp-dtype 'float16'"),
+    (['--data-on-device', '--torchcompile'], '--cuda-graph with --torchcompile'),
+    (['--data-on-device', '--loss', 'ib'], "--cuda-graph with --loss 'ib'"),
+    (['--data-on-device', '--loss', 'bbn', '--model', 'bbn_resnet32_cifar'], "--cuda-graph with --loss 'bbn'"),
+    (['--data-on-device', '--head', 'causal'], "--cuda-graph with --head 'causal'"),
+    (['--data-on-device', '--clip-grad', '0.01', '--clip-mode', 'agc'], "--cuda-graph with --clip-mode 'agc'"),
+])
+def test_cuda_graph_refuses_what_it_cannot_graph(tmp_path, capsys, extra, message):
+    """A path the graph-safe step cannot hold is refused before the data is read, the flag named."""
+    code, err = main_exit(['--data-dir', str(tmp_path / 'no_such_data'), '--train-crop-mode', 'pad',
+                           '--color-jitter', '0', '--cuda-graph', *extra], capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / 'no_such_data').exists()
+
+
+def test_cuda_graph_run_killed_and_resumed_equals_uninterrupted(small_cifar, tmp_path):
+    """A --cuda-graph run (CMO, LDAM-DRW, EMA) SIGKILLed after its first checkpoint and resumed with --cuda-graph
+    trains the uninterrupted run's weights, EMA weights and momentum buffers bit for bit (the graph-safe step
+    takes over the checkpoint's momentum buffers; the DRW switch and the lr follow the resumed epoch)."""
+    graph = ['--data-on-device', '--device', 'cpu', '--cuda-graph', *LDAM_CMO]
+    train_cmo.main(base_argv(small_cifar, tmp_path, 'whole', 3, *graph))
+    argv = base_argv(small_cifar, tmp_path, 'killed', 3, *graph)
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train_cmo.py')] + argv, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=ENV)
+    last = tmp_path / 'killed' / 'last.pth.tar'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not last.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(last, map_location='cpu', weights_only=True)['epoch'] < 2
+    done = run_script(argv + ['--resume', str(last)])
+    assert done.returncode == 0, done.stderr[-4000:]
+    resumed = torch.load(last, map_location='cpu', weights_only=True)
+    reference = torch.load(tmp_path / 'whole' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert resumed['epoch'] == reference['epoch'] == 2
+    for key in ('state_dict', 'state_dict_ema'):
+        for k, v in reference[key].items():
+            assert torch.equal(resumed[key][k], v), f'{key} {k}'
+    mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
+    mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
+    assert len(mom_ref) == len(mom_res) > 0 and all(torch.equal(a, b) for a, b in zip(mom_ref, mom_res))

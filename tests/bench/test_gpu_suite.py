@@ -17,8 +17,13 @@ ENV.update(OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
 # the tiny dry mode: 242 training images (rho 100, largest class 100), 20 test images per class, 2 epochs
 DRY = ['--device', 'cpu', '--no-install', '--epochs', '2', '--imb-max', '100', '--methods', 'ce', 'ce_cmo',
        '--seeds', '0', '--timing-epochs', '1']
-STEP_ORDER = ['install', 'check', 'mixing', 'speed_paths', 'speed_bf16_cl', 'speed_bf16_cl_compile', 'probe', 'runs',
-              'summary', 'pack']
+STEP_ORDER = ['install', 'check', 'graph_check', 'mixing', 'speed_paths', 'speed_bf16_cl', 'speed_bf16_cl_compile',
+              'graph_speed', 'probe', 'runs', 'summary', 'pack']
+# the paper's CIFAR-10-LT table in its order (issue 29): four losses each as is, + ROS, + Remix, + CMO; BS and BS + CMO;
+# then the second stages
+TABLE = ['ce', 'ce_ros', 'ce_remix', 'ce_cmo', 'ce_drw', 'ce_drw_ros', 'ce_drw_remix', 'ce_drw_cmo', 'ldam_drw',
+         'ldam_drw_ros', 'ldam_drw_remix', 'ldam_drw_cmo', 'ride', 'ride_ros', 'ride_remix', 'ride_cmo', 'bs', 'bs_cmo',
+         'ce_drw_cmo_las', 'ride_router']
 
 
 def run_suite(*argv, timeout=900):
@@ -77,6 +82,8 @@ def test_lt_counts_match_the_library(gpu_suite):
 def test_simulate_and_choose_parallel(gpu_suite):
     assert gpu_suite.simulate(5, 2, 10., 25.) == [0., 0., 10., 10., None]
     assert gpu_suite.simulate(3, 1, 10., 5.) == [None, None, None]
+    # run 2 (a second stage, 3 s) starts from run 0: not before it ends; run 3 from run 1, which does not fit
+    assert gpu_suite.simulate(4, 2, [10., 30., 3., 3.], 20., after=[None, None, 0, 1]) == [0., None, 10., None]
     # one run takes 100 s alone, and 100 * (1 + 0.4 (p - 1)) with p at once: in 300 s, 6 at once finish all 6
     cost = lambda p: 100. * (1 + 0.4 * (p - 1))  # noqa: E731
     assert gpu_suite.choose_parallel(6, 6, cost, 300.) == 6
@@ -144,7 +151,15 @@ def test_plan_only_lists_the_steps_in_order_and_runs_nothing(tmp_path):
     assert [name for name, _ in rows] == STEP_ORDER
     assert all(est >= 0 for _, est in rows) and sum(est for _, est in rows) > 0
     runs = re.findall(r'^\s+(\w+-s\d)\s+\d+', proc.stdout, re.M)
-    assert runs == [f'{m}-s{s}' for s in (0, 1) for m in ('ce', 'ce_cmo', 'bs', 'bs_cmo', 'ldam_drw', 'ldam_drw_cmo')]
+    assert runs == [f'{m}-s{s}' for s in (0, 1) for m in TABLE]  # seed 0 of every cell before any seed 1
+    # the graph-safe step, planned for the runs once its self-check passes; second stages after their first stage
+    assert '--cuda-graph (bf16_cl_graph if its self-check passes)' in proc.stdout
+    assert re.search(r'ce_drw_cmo_las-s0 .*10 epochs from ce_drw_cmo-s0', proc.stdout)
+    assert re.search(r'ride_router-s0 .*5 epochs from ride-s0', proc.stdout)
+    fit = [m.group(1) for m in re.finditer(r'^\s+(\w+-s\d)\s+\d+\s+\d+\s+start at', proc.stdout, re.M)]
+    assert fit and fit[0] == 'ce-s0'
+    seed0 = [r for r in runs if r.endswith('-s0')]
+    assert not any(r.endswith('-s1') for r in fit) or set(seed0) <= set(fit)  # no seed 1 before all of seed 0
     assert 'budget 540s' in proc.stdout and '200 epochs' in proc.stdout and '12,406 training images' in proc.stdout
     assert not (tmp_path / 'work').exists() and not (tmp_path / 'out').exists()
 
@@ -173,21 +188,26 @@ def test_compact_copy_gives_the_same_images_in_the_same_order(tiny_data, cifar10
 @pytest.mark.slow
 def test_dry_mode_runs_every_step_and_packs_the_results(tiny_data, tmp_path):
     out = tmp_path / 'out'
-    proc = run_suite(*DRY, '--data-dir', tiny_data, '--work', tmp_path / 'work', '--out', out)
+    # the runs with the graph-safe step's CPU stand-in (--cuda-graph on the CPU), after its self-check passed
+    proc = run_suite(*DRY, '--data-dir', tiny_data, '--work', tmp_path / 'work', '--out', out,
+                     '--run-variant', 'fp32_graph')
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     assert returned_files(out) == ['gpu_suite.tar.gz', 'gpu_suite_log.txt', 'gpu_suite_summary.md']
     log = (out / 'gpu_suite_log.txt').read_text()
     rows = plan_rows(log.split('re-plan')[0])
-    assert [name for name, _ in rows] == ['install', 'check', 'mixing', 'speed_paths', 'probe', 'runs', 'summary',
-                                          'pack']
-    for step in ('check', 'mixing', 'speed_paths', 'probe', 'runs', 'summary', 'pack'):
+    assert [name for name, _ in rows] == ['install', 'check', 'graph_check', 'mixing', 'speed_paths', 'graph_speed',
+                                          'probe', 'runs', 'summary', 'pack']
+    for step in ('check', 'graph_check', 'mixing', 'speed_paths', 'graph_speed', 'probe', 'runs', 'summary', 'pack'):
         assert re.search(rf'\] \d {step}: done in', log), step
+    assert re.search(r'graph_check: done .*graph-safe = eager over 2 steps x 2 epochs \(the eager CPU stand-in\)', log)
+    assert re.search(r'graph_speed: done .*batch 32: [\d.]+ -> [\d.]+ ms/step .*aten operators/step', log)
     assert 'install: skipped; --no-install' in log and 're-plan at' in log
     with tarfile.open(out / 'gpu_suite.tar.gz') as tf:
         names = set(tf.getnames())
         table = tf.extractfile('gpu_suite/runs/table.md').read().decode()
         measured = json.loads(tf.extractfile('gpu_suite/measured.json').read())
     for name in ('plan.txt', 'log.txt', 'summary.md', 'measured.json', 'timings/mixing_cost.json',
+                 'timings/graph_check.json', 'timings/graph_speed.json',
                  'timings/train_speed_paths.json', 'timings/train_speed_parallel2_0.json', 'runs/table.md',
                  'runs/per_class_ce.png', 'runs/ce-s0/results.json', 'runs/ce-s0/summary.csv',
                  'runs/ce-s0/per_class_accuracy.png', 'runs/ce_cmo-s0/results.json', 'runs/ce_cmo-s0/train.log'):
@@ -209,6 +229,28 @@ def test_dry_mode_runs_every_step_and_packs_the_results(tiny_data, tmp_path):
     # the runs are resumable train_cmo.py runs of the recipes with the fast path
     args = (tmp_path / 'work' / 'runs' / 'ce_cmo-s0' / 'args.yaml').read_text()
     assert 'data_on_device: true' in args and 'cmo: true' in args and 'epochs: 2' in args
+    assert 'cuda_graph: true' in args
+    assert '## Graph-safe step (--cuda-graph): graph-safe = eager' in summary
+    assert measured['variants']['fp32_graph']['step_ratio'] > 0
+
+
+@pytest.mark.slow
+def test_failed_graph_self_check_falls_back_to_the_eager_step(tiny_data, tmp_path):
+    """The graph-safe step's self-check fails (simulated): the suite goes on, its timings skipped, and the runs
+    train with the eager step (no --cuda-graph) even where the graphed setting was asked for."""
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    proc = run_suite('--device', 'cpu', '--no-install', '--epochs', '1', '--imb-max', '100', '--methods', 'ce',
+                     '--seeds', '0', '--timing-epochs', '1', '--probe-parallel', '1', '--run-variant', 'fp32_graph',
+                     '--simulate-graph-mismatch', '--data-dir', tiny_data, '--work', work, '--out', out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    log = (out / 'gpu_suite_log.txt').read_text()
+    assert re.search(r'\] 1 graph_check: fallback in .*weights differ .*falling back to the eager step', log)
+    assert re.search(r'\] 1 graph_speed: skipped .*the self-check did not pass', log)
+    assert 'runs: fp32_graph without a passing self-check of the graph-safe step' in log
+    assert re.search(r'\] 2 runs: done in', log)
+    args = (work / 'runs' / 'ce-s0' / 'args.yaml').read_text()
+    assert 'cuda_graph: false' in args and 'data_on_device: true' in args
+    assert re.search(r'^\| ce-s0 \| done \| 1 \|', (out / 'gpu_suite_summary.md').read_text(), re.M)
 
 
 @pytest.mark.slow

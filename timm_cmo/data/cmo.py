@@ -20,7 +20,7 @@ is implemented follows the description "the Q-drawn minority image is augmented 
 no second image", placed in CMO's epoch plan: where CMO would paste, the augmented Q image is used.
 """
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -303,12 +303,13 @@ class CMOMixup:
         Returns:
             (x, target, lam): lam a float (batch mode) or a (B,) float32 tensor (elem mode).
         """
+        drawn = self.draw(x_bg.shape[0], tuple(x_bg.shape[-2:]))
         if self.augment is not None:
-            lam = self._replace(x_bg, x_fg, apply if self.mode == 'elem' else None)
+            lam = self._replace(x_bg, x_fg, apply if self.mode == 'elem' else None, drawn)
         elif self.mode == 'batch':
-            lam = self._mix_batch(x_bg, x_fg)
+            lam = self._mix_batch(x_bg, x_fg, drawn)
         else:
-            lam = self._mix_elem(x_bg, x_fg, apply)
+            lam = self._mix_elem(x_bg, x_fg, apply, drawn)
         if self.mode == 'elem' and apply is not None:
             y_fg = torch.where(apply, y_fg, y_bg)
         self.last = MixInfo(y_bg, y_fg, lam, self.label_smoothing)
@@ -339,24 +340,60 @@ class CMOMixup:
         x, target, _ = self.mix(x_bg, y_bg, x_fg, y_fg, apply=apply)
         return x, target
 
+    def draw(self, n: int, img_shape: Tuple[int, int]) -> Dict[str, Any]:
+        """The host random numbers of one mixed batch of ``n`` samples (H, W = ``img_shape``), drawn from
+        :attr:`rng` in the order :meth:`mix` uses them; :meth:`mix` and the graph-safe batches of
+        :mod:`~timm_cmo.data.device_draws` both read them, so the two follow one law and one stream.
+
+        Returns a dict of: ``sigma`` (n,) (blur); ``factors`` (n, 3), ``order`` (n, 3) int64 (jitter); else
+        ``lam``, the Beta draw (a float in batch mode, (n,) float64 in elem mode) re-set to the kept area when
+        a box is cut, and ``box`` = (y0, y1, x0, x1), ints (batch mode) or a (4, n) int64 array (elem mode).
+        """
+        if self.augment == 'blur':
+            return dict(sigma=self.rng.uniform(*BLUR_SIGMA, size=n))
+        if self.augment == 'jitter':
+            s = JITTER_STRENGTH
+            factors = self.rng.uniform(max(0., 1. - s), 1. + s, size=(n, 3))
+            return dict(factors=factors, order=np.argsort(self.rng.random((n, 3)), axis=1))
+        img_h, img_w = img_shape
+        if self.mode == 'batch':
+            lam = float(self.rng.beta(self.beta, self.beta))
+            if self.blend:
+                return dict(lam=lam)
+            y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam, self.rng)
+            return dict(lam=1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w), box=(y0, y1, x0, x1))
+        lam = self.rng.beta(self.beta, self.beta, size=n)
+        if self.blend:
+            return dict(lam=lam)
+        y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam, self.rng, count=n)
+        return dict(lam=1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w), box=np.stack([y0, y1, x0, x1]))
+
     def augment_images(self, x: torch.Tensor) -> torch.Tensor:
         """The ``augment`` variant's blur or jitter of normalised images (N, C, H, W), each with its own draw."""
-        n = x.shape[0]
+        return self._augment_drawn(x, self.draw(x.shape[0], tuple(x.shape[-2:])))
+
+    def _augment_drawn(self, x: torch.Tensor, drawn: Dict[str, Any]) -> torch.Tensor:
         if self.augment == 'blur':
-            sigma = host_to_device(self.rng.uniform(*BLUR_SIGMA, size=n), x.device, x.dtype)
+            return self.augment_tensors(x, sigma=host_to_device(drawn['sigma'], x.device, x.dtype))
+        return self.augment_tensors(x, factors=host_to_device(drawn['factors'], x.device, x.dtype),
+                                    order=host_to_device(drawn['order'], x.device))
+
+    def augment_tensors(self, x: torch.Tensor, sigma: Optional[torch.Tensor] = None,
+                        factors: Optional[torch.Tensor] = None, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The ``augment`` variant's blur (``sigma`` (N,)) or jitter (``factors`` (N, 3), ``order`` (N, 3)) of
+        normalised images (N, C, H, W) with draws already on the device (no host work: graph-safe once the
+        normalisation constants exist, i.e. after a first call on the same device and dtype)."""
+        if self.augment == 'blur':
             return gaussian_blur_batch(x, sigma)
-        s = JITTER_STRENGTH
-        factors = host_to_device(self.rng.uniform(max(0., 1. - s), 1. + s, size=(n, 3)), x.device, x.dtype)
-        order = host_to_device(np.argsort(self.rng.random((n, 3)), axis=1), x.device)
         key = (x.shape[1], x.device, x.dtype)
         if self._norm is None or self._norm[0] != key:  # made once: a tensor built on the device makes the host wait
             self._norm = (key, normalization(self.mean, self.std, *key))
         mean, std = self._norm[1]
         return color_jitter_batch(x * std + mean, factors, order, bound=255.).sub_(mean).div_(std)
 
-    def _replace(self, x_bg: torch.Tensor, x_fg: torch.Tensor, apply: Optional[torch.Tensor]):
+    def _replace(self, x_bg: torch.Tensor, x_fg: torch.Tensor, apply: Optional[torch.Tensor], drawn: Dict[str, Any]):
         """The ``augment`` variants: the augmented foreground replaces the background (where ``apply``)."""
-        x_aug = self.augment_images(x_fg)
+        x_aug = self._augment_drawn(x_fg, drawn)
         if self.mode == 'batch':
             x_bg.copy_(x_aug)
             return 0.
@@ -365,32 +402,27 @@ class CMOMixup:
         x_bg.copy_(torch.where(apply.view(-1, *([1] * (x_bg.ndim - 1))), x_aug, x_bg))
         return (~apply).to(torch.float32)
 
-    def _mix_batch(self, x_bg: torch.Tensor, x_fg: torch.Tensor) -> float:
-        lam = float(self.rng.beta(self.beta, self.beta))
+    def _mix_batch(self, x_bg: torch.Tensor, x_fg: torch.Tensor, drawn: Dict[str, Any]) -> float:
+        lam = drawn['lam']
         if self.blend:
             x_bg.mul_(lam).add_(x_fg, alpha=1. - lam)
             return lam
-        img_h, img_w = x_bg.shape[-2:]
-        y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam, self.rng)
+        y0, y1, x0, x1 = drawn['box']
         x_bg[..., y0:y1, x0:x1] = x_fg[..., y0:y1, x0:x1]
-        return 1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w)
+        return lam
 
-    def _mix_elem(self, x_bg: torch.Tensor, x_fg: torch.Tensor, apply: Optional[torch.Tensor]) -> torch.Tensor:
-        batch_size = x_bg.shape[0]
+    def _mix_elem(self, x_bg: torch.Tensor, x_fg: torch.Tensor, apply: Optional[torch.Tensor],
+                  drawn: Dict[str, Any]) -> torch.Tensor:
         device = x_bg.device
-        lam_np = self.rng.beta(self.beta, self.beta, size=batch_size)
+        lam = host_to_device(drawn['lam'], device, torch.float32)
         if self.blend:
-            lam = host_to_device(lam_np, device, torch.float32)
             if apply is not None:
                 lam = torch.where(apply, lam, torch.ones_like(lam))
             w = lam.to(x_bg.dtype).view(-1, *([1] * (x_bg.ndim - 1)))
             x_bg.mul_(w).add_(x_fg * (1. - w))
             return lam
         img_h, img_w = x_bg.shape[-2:]
-        y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam_np, self.rng, count=batch_size)
-        lam_np = 1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w)
-        mask = box_masks(host_to_device(np.stack([y0, y1, x0, x1]), device), img_h, img_w)
-        lam = host_to_device(lam_np, device, torch.float32)
+        mask = box_masks(host_to_device(drawn['box'], device), img_h, img_w)
         if apply is not None:
             mask = mask & apply[:, None, None]
             lam = torch.where(apply, lam, torch.ones_like(lam))

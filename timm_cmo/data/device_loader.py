@@ -90,6 +90,45 @@ def normalize(
     return x
 
 
+def draw_crop_flip(
+        batch_size: int,
+        padding: int,
+        hflip: float,
+        device: torch.device,
+        generator: Optional[torch.Generator] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The random numbers of :func:`pad_crop_flip` for ``batch_size`` images: crop offsets (2, B) int64,
+    uniform in [0, 2 * padding] (None without padding), then flips (B,) bool with prob ``hflip`` (None at 0)."""
+    offsets = flip = None
+    if padding > 0:
+        offsets = torch.randint(0, 2 * padding + 1, (2, batch_size), device=device, generator=generator)
+    if hflip > 0:
+        flip = torch.rand(batch_size, device=device, generator=generator) < hflip
+    return offsets, flip
+
+
+def crop_flip(
+        x: torch.Tensor,
+        padding: int,
+        offsets: Optional[torch.Tensor] = None,
+        flip: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Zero-pad (B, C, H, W) ``x`` by ``padding``, crop (H, W) at ``offsets`` (2, B) and flip where ``flip``
+    (B,) (each step skipped where its argument is None): no host work, graph-safe."""
+    b, c, h, w = x.shape
+    device = x.device
+    if offsets is not None:
+        x = F.pad(x, (padding, padding, padding, padding))
+        rows = (offsets[0, :, None] + torch.arange(h, device=device))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (offsets[1, :, None] + torch.arange(w, device=device))[:, None, None, :]  # (B, 1, 1, W)
+        bidx = torch.arange(b, device=device)[:, None, None, None]
+        cidx = torch.arange(c, device=device)[None, :, None, None]
+        x = x[bidx, cidx, rows, cols]
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
 def pad_crop_flip(
         x: torch.Tensor,
         padding: int,
@@ -103,20 +142,8 @@ def pad_crop_flip(
     Args:
         x: (B, C, H, W) batch, any dtype.
     """
-    b, c, h, w = x.shape
-    device = x.device
-    if padding > 0:
-        x = F.pad(x, (padding, padding, padding, padding))
-        offsets = torch.randint(0, 2 * padding + 1, (2, b), device=device, generator=generator)
-        rows = (offsets[0, :, None] + torch.arange(h, device=device))[:, None, :, None]  # (B, 1, H, 1)
-        cols = (offsets[1, :, None] + torch.arange(w, device=device))[:, None, None, :]  # (B, 1, 1, W)
-        bidx = torch.arange(b, device=device)[:, None, None, None]
-        cidx = torch.arange(c, device=device)[None, :, None, None]
-        x = x[bidx, cidx, rows, cols]
-    if hflip > 0:
-        flip = torch.rand(b, device=device, generator=generator) < hflip
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
+    offsets, flip = draw_crop_flip(x.shape[0], padding, hflip, x.device, generator)
+    return crop_flip(x, padding, offsets, flip)
 
 
 class DeviceLoader:

@@ -21,7 +21,7 @@ Differences from timm: timm asserts an even batch; here an odd batch (the last i
 timm's prefetcher path (``FastCollateMixup``) blends uint8 images with rounding before normalisation and
 random erasing; this, like timm's ``Mixup``, mixes the normalised (and erased) batch.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -207,28 +207,23 @@ class MixupCutmix:
             lam = np.where(self.rng.rand(n) < self.prob, lam_mix.astype(np.float32), lam)
         return lam, use_cutmix
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Mix as timm's Mixup does; returns (x (B, C, H, W), target (B, num_classes) float32)."""
-        if x.ndim != 4:
-            raise ValueError(f'x must have shape (B, C, H, W), got {tuple(x.shape)}')
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f'y must have shape ({x.shape[0]},), got {tuple(y.shape)}')
-        img_shape = tuple(x.shape[-2:])
+    def draw(self, batch_size: int, img_shape: Tuple[int, int]) -> Optional[Dict[str, Any]]:
+        """The host random numbers of one batch, drawn from :attr:`rng` in the order :meth:`__call__` uses them
+        (the graph-safe batches of :mod:`~timm_cmo.data.device_draws` read the same ones).
+
+        Batch mode: None for a batch left unmixed, else ``lam`` (float, corrected to the kept area for CutMix),
+        ``cutmix`` (bool) and ``box`` = (y0, y1, x0, x1) or None. Pair / elem mode: per sample ``lam`` (B,)
+        float32 (1 where unmixed), ``blend`` / ``paste`` (B,) bool (Mixup / CutMix) and ``box`` (4, B) int64.
+        """
         if self.mode == 'batch':
             lam, use_cutmix = self._params_per_batch()
             if lam == 1.:
-                self.last = MixInfo(y, y, 1., self.label_smoothing)
-                return x, self.target(y)
+                return None
+            box = None
             if use_cutmix:
-                (y0, y1, x0, x1), lam = cutmix_box(img_shape, lam, self.rng, self.cutmix_minmax, self.correct_lam)
-                x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
-            else:
-                x_flipped = x.flip(0).mul_(1. - lam)
-                x.mul_(lam).add_(x_flipped)
-            self.last = MixInfo(y, y.flip(0), float(lam), self.label_smoothing)
-            return x, self.last.target(self.num_classes)
-
-        b = x.shape[0]
+                box, lam = cutmix_box(img_shape, lam, self.rng, self.cutmix_minmax, self.correct_lam)
+            return dict(lam=float(lam), cutmix=use_cutmix, box=box)
+        b = batch_size
         n = b if self.mode == 'elem' else b // 2
         lam, use_cutmix = self._params_per_elem(n)
         mixed = lam != 1.
@@ -241,7 +236,31 @@ class MixupCutmix:
             mixed = np.concatenate([mixed, np.zeros(middle, bool), mixed[::-1]])
             use_cutmix = np.concatenate([use_cutmix, np.zeros(middle, bool), use_cutmix[::-1]])
             boxes = np.concatenate([boxes, np.zeros((4, middle), np.int64), boxes[:, ::-1]], axis=1)
-        blend, paste = mixed & ~use_cutmix, mixed & use_cutmix
+        return dict(lam=np.ascontiguousarray(lam, dtype=np.float32), blend=mixed & ~use_cutmix,
+                    paste=mixed & use_cutmix, box=np.ascontiguousarray(boxes))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mix as timm's Mixup does; returns (x (B, C, H, W), target (B, num_classes) float32)."""
+        if x.ndim != 4:
+            raise ValueError(f'x must have shape (B, C, H, W), got {tuple(x.shape)}')
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f'y must have shape ({x.shape[0]},), got {tuple(y.shape)}')
+        drawn = self.draw(x.shape[0], tuple(x.shape[-2:]))
+        if drawn is None:
+            self.last = MixInfo(y, y, 1., self.label_smoothing)
+            return x, self.target(y)
+        if self.mode == 'batch':
+            lam = drawn['lam']
+            if drawn['cutmix']:
+                y0, y1, x0, x1 = drawn['box']
+                x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+            else:
+                x_flipped = x.flip(0).mul_(1. - lam)
+                x.mul_(lam).add_(x_flipped)
+            self.last = MixInfo(y, y.flip(0), lam, self.label_smoothing)
+            return x, self.last.target(self.num_classes)
+        img_shape = tuple(x.shape[-2:])
+        lam, blend, paste, boxes = drawn['lam'], drawn['blend'], drawn['paste'], drawn['box']
         partner = x.flip(0)
         device = x.device
         if blend.any():

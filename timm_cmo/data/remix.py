@@ -15,7 +15,7 @@ one lambda per batch. Defaults are the paper's: kappa 3, tau 0.5, alpha 1.
 Like :class:`~timm_cmo.data.cmo.CMOMixup` it runs on device tensors with the random numbers (whether to
 mix, lambda, the permutation, the box) drawn on the host from a seeded numpy Generator: no host sync.
 """
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ REMIX_MODES = ('mixup', 'cutmix')
 
 
 def remix_label_weights(
-        lam: float,
+        lam: Union[float, np.ndarray],
         n_i: torch.Tensor,
         n_j: torch.Tensor,
         kappa: float = 3.0,
@@ -38,21 +38,29 @@ def remix_label_weights(
     """Remix's per-sample label weights of sample i (``lam_y * y_i + (1 - lam_y) * y_j``).
 
     Args:
-        lam: Image mixing weight of sample i (the kept fraction of it for CutMix).
-        n_i, n_j: (B,) training images of the classes of sample i and of its partner j.
+        lam: Image mixing weight of sample i (the kept fraction of it for CutMix); or an (R,) array, one per row
+            of (R, B) counts (the batches of an epoch at once).
+        n_i, n_j: (B,) (or (R, B)) training images of the classes of sample i and of its partner j.
         kappa: Count-ratio threshold (> 1). Default 3.
         tau: Lambda threshold in (0, 1). Default 0.5.
 
     Returns:
-        (B,) float32 ``lam_y``. The ratio tests are done as ``n_i >= kappa n_j`` and ``kappa n_i <= n_j``
+        (B,) (or (R, B)) float32 ``lam_y``. The ratio tests are done as ``n_i >= kappa n_j`` and ``kappa n_i <= n_j``
         in the dtype of the counts (float64 recommended: exact for integer counts).
     """
-    lam_y = torch.full(n_i.shape, float(lam), dtype=torch.float32, device=n_i.device)
-    if lam < tau:  # the partner dominates the image: give it all the label if it is the minority
-        lam_y = lam_y.masked_fill(n_i >= kappa * n_j, 0.)
-    if 1. - lam < tau:  # sample i dominates the image: give it all the label if it is the minority
-        lam_y = lam_y.masked_fill(kappa * n_i <= n_j, 1.)
-    return lam_y
+    if np.ndim(lam) == 0:
+        lam_y = torch.full(n_i.shape, float(lam), dtype=torch.float32, device=n_i.device)
+        if lam < tau:  # the partner dominates the image: give it all the label if it is the minority
+            lam_y = lam_y.masked_fill(n_i >= kappa * n_j, 0.)
+        if 1. - lam < tau:  # sample i dominates the image: give it all the label if it is the minority
+            lam_y = lam_y.masked_fill(kappa * n_i <= n_j, 1.)
+        return lam_y
+    lam = np.asarray(lam, dtype=np.float64)  # the same tests, row by row
+    view = (-1,) + (1,) * (n_i.ndim - 1)
+    device = n_i.device
+    lam_y = host_to_device(lam.astype(np.float32), device).view(view).expand(n_i.shape)
+    lam_y = lam_y.masked_fill(host_to_device(lam < tau, device).view(view) & (n_i >= kappa * n_j), 0.)
+    return lam_y.masked_fill(host_to_device(1. - lam < tau, device).view(view) & (kappa * n_i <= n_j), 1.)
 
 
 class RemixMixup:
@@ -131,29 +139,47 @@ class RemixMixup:
             self._device_counts = host_to_device(self.class_counts, device)
         return self._device_counts
 
+    def draw(self, batch_size: int, img_shape: Tuple[int, int]) -> Optional[Dict[str, Any]]:
+        """The host random numbers of one batch, drawn from :attr:`rng` in the order :meth:`__call__` uses them
+        (the graph-safe batches of :mod:`~timm_cmo.data.device_draws` read the same ones): None for a batch left
+        unmixed, else ``lam`` (float; the kept area for CutMix), ``perm`` ((B,) int64 partners) and, for CutMix,
+        ``box`` = (y0, y1, x0, x1)."""
+        if self.prob < 1. and self.rng.random() >= self.prob:
+            return None
+        lam = float(self.rng.beta(self.alpha, self.alpha))
+        perm = self.rng.permutation(batch_size)
+        if self.mode == 'mixup':
+            return dict(lam=lam, perm=perm)
+        img_h, img_w = img_shape
+        y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam, self.rng)
+        return dict(lam=1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w), perm=perm, box=(y0, y1, x0, x1))
+
+    def label_weights(self, lam: Union[float, np.ndarray], y: torch.Tensor, y_perm: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 Remix label weights of labels ``y`` mixed with ``y_perm`` at image weight ``lam`` (or
+        (R, B) of R batches, ``lam`` (R,): see :func:`remix_label_weights`)."""
+        counts = self._counts_on(y.device)
+        return remix_label_weights(lam, counts[y], counts[y_perm], self.kappa, self.tau)
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mix with probability ``prob``; returns (x (B, C, H, W), target (B, num_classes) float32)."""
         if x.ndim != 4:
             raise ValueError(f'x must have shape (B, C, H, W), got {tuple(x.shape)}')
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f'y must have shape ({x.shape[0]},), got {tuple(y.shape)}')
-        if self.prob < 1. and self.rng.random() >= self.prob:
+        drawn = self.draw(x.shape[0], tuple(x.shape[-2:]))
+        if drawn is None:
             self.last = MixInfo(y, y, 1., self.label_smoothing)
             return x, self.target(y)
-        batch_size = x.shape[0]
-        lam = float(self.rng.beta(self.alpha, self.alpha))
-        perm = host_to_device(self.rng.permutation(batch_size), x.device)
+        lam = drawn['lam']
+        perm = host_to_device(drawn['perm'], x.device)
         if self.mode == 'mixup':
             partner = x[perm]  # gathered before x is scaled in place
             x.mul_(lam).add_(partner, alpha=1. - lam)
         else:
-            img_h, img_w = x.shape[-2:]
-            y0, y1, x0, x1 = rand_bbox((img_h, img_w), lam, self.rng)
+            y0, y1, x0, x1 = drawn['box']
             x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
-            lam = 1. - (y1 - y0) * (x1 - x0) / float(img_h * img_w)
         y_perm = y[perm.to(y.device)]
-        counts = self._counts_on(y.device)
-        lam_y = remix_label_weights(lam, counts[y], counts[y_perm], self.kappa, self.tau)
+        lam_y = self.label_weights(drawn['lam'], y, y_perm)
         self.last = MixInfo(y, y_perm, lam_y, self.label_smoothing)
         return x, self.last.target(self.num_classes)
 

@@ -168,6 +168,8 @@ class LongTailLoss(nn.Module):
         self.register_buffer('class_counts', torch.tensor(counts, dtype=torch.float32))
         weight = class_balanced_weights(counts, cb_beta) if reweight != 'none' else None
         self.register_buffer('class_weight', weight)
+        self.graph_safe = False  # see make_graph_safe
+        self.register_buffer('drw_weight', None, persistent=False)
 
     @property
     def log_prior(self) -> torch.Tensor:
@@ -177,16 +179,45 @@ class LongTailLoss(nn.Module):
 
     @property
     def weight(self) -> Optional[torch.Tensor]:
-        """The class weights in force at the current epoch: None or a ``(C,)`` tensor."""
-        if self.class_weight is None or (self.drw_epoch is not None and self.epoch < self.drw_epoch):
-            return None
-        return self.class_weight
+        """The class weights in force at the current epoch: None or a ``(C,)`` tensor (graph-safe DRW: always the
+        ``(C,)`` buffer ``drw_weight``, ones before the switch; see :meth:`make_graph_safe`)."""
+        if self.graph_safe and self.drw_weight is not None:
+            return self.drw_weight
+        return self.class_weight if self.weights_in_force else None
+
+    @property
+    def weights_in_force(self) -> bool:
+        """Whether class weights apply at the current epoch (``cb``; ``drw`` from ``drw_epoch`` on)."""
+        return self.class_weight is not None and (self.drw_epoch is None or self.epoch >= self.drw_epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the (0-based) training epoch; only DRW depends on it."""
         if isinstance(epoch, bool) or int(epoch) != epoch or epoch < 0:
             raise ValueError(f'epoch must be a non-negative integer, got {epoch!r}')
         self.epoch = int(epoch)
+        if self.graph_safe:
+            self._update_graph_state()
+
+    def make_graph_safe(self) -> 'LongTailLoss':
+        """Keep the epoch-dependent state in device buffers that :meth:`set_epoch` updates in place, so that a step
+        captured once (a CUDA graph, ``torch.compile(fullgraph=True)``) follows it: with DRW the weights in force
+        become the (C,) buffer ``drw_weight``, ones before ``drw_epoch`` (the unweighted loss, to float round-off)
+        and the class-balanced weights from it on. The target value checks (``validate``), which read the targets
+        on the host, are switched off. Call after moving the loss to its device; returns the loss."""
+        self.graph_safe = True
+        self.validate = False
+        if self.drw_epoch is not None and self.class_weight is not None and self.drw_weight is None:
+            self.drw_weight = torch.ones_like(self.class_weight)
+        self._update_graph_state()
+        return self
+
+    def _update_graph_state(self) -> None:
+        """The graph-safe buffers of the current epoch, written in place (no new tensor: a graph reads them)."""
+        if self.drw_weight is not None:
+            if self.weights_in_force:
+                self.drw_weight.copy_(self.class_weight)
+            else:
+                self.drw_weight.fill_(1.)
 
     def class_losses(self, logits: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` losses ``l_ik`` that sample ``i`` would get with integer target ``k``."""
@@ -249,17 +280,19 @@ class LongTailLoss(nn.Module):
     ) -> Tuple[List[Tuple[torch.Tensor, Union[float, torch.Tensor]]], float]:
         """``([(y, share), ...], smoothing)`` of a mix: ``(y_b, lam)`` and, unless ``lam == 1``, ``(y_f, 1 - lam)``.
 
-        ``y`` are checked ``(B,)`` int64 labels; ``share`` a float or a ``(B,)`` tensor in the logits' dtype.
+        ``y`` are checked ``(B,)`` int64 labels; ``share`` a float or a ``(B,)`` tensor in the logits' dtype. A tensor
+        ``lam`` gives ``1 - lam`` in the wider of its dtype and the logits' (a float64 ``lam`` the shares a float
+        ``lam`` gives).
         """
         y_b = self._check_target(mix.y_b, logits)
         lam = mix.lam
         smoothing = float(getattr(mix, 'smoothing', 0.0))
         terms = [(y_b, lam)]
         if isinstance(lam, torch.Tensor):
-            lam = lam.to(logits.device, logits.dtype).reshape(-1)
+            lam = lam.to(logits.device, torch.promote_types(lam.dtype, logits.dtype)).reshape(-1)
             if lam.shape[0] != logits.shape[0]:
                 raise ValueError(f'mix.lam has {lam.shape[0]} entries for a batch of {logits.shape[0]}')
-            terms = [(y_b, lam), (self._check_target(mix.y_f, logits), 1. - lam)]
+            terms = [(y_b, lam.to(logits.dtype)), (self._check_target(mix.y_f, logits), (1. - lam).to(logits.dtype))]
         elif lam != 1.:
             terms.append((self._check_target(mix.y_f, logits), 1. - float(lam)))
         return terms, smoothing

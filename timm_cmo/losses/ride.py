@@ -168,6 +168,8 @@ class RIDELoss(LongTailLoss):
         self.zero_diversity_uses_ensemble = bool(zero_diversity_uses_ensemble)
         self.register_buffer('diversity_temperature', ride_diversity_temperature(self.class_counts, reweight_factor))
         self._mean_temperature = float(self.diversity_temperature.double().mean())  # no device sync per call
+        self.register_buffer('graph_temperature', None, persistent=False)  # see make_graph_safe
+        self.register_buffer('graph_temperature_sq', None, persistent=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the 0-based epoch: switches the LDAM weights and the diversity temperature at ``drw_epoch``."""
@@ -177,7 +179,27 @@ class RIDELoss(LongTailLoss):
     @property
     def reweighting(self) -> bool:
         """Whether the re-weighting phase (class weights, class-wise temperature) is on at the current epoch."""
-        return self.weight is not None
+        return self.weights_in_force
+
+    def make_graph_safe(self) -> 'RIDELoss':
+        """:meth:`LongTailLoss.make_graph_safe`, and the diversity temperature of the current epoch as device buffers
+        (``graph_temperature`` (1, C) and ``graph_temperature_sq``, the mean temperature squared) updated in place."""
+        if self.graph_temperature is None:
+            self.graph_temperature = torch.ones_like(self.diversity_temperature).unsqueeze(0)
+            self.graph_temperature_sq = torch.ones((), dtype=torch.float32, device=self.diversity_temperature.device)
+        self.ldam.make_graph_safe()
+        super().make_graph_safe()
+        return self
+
+    def _update_graph_state(self) -> None:
+        super()._update_graph_state()
+        if self.graph_temperature is not None:
+            t, t_mean = self.temperature()
+            if isinstance(t, torch.Tensor):
+                self.graph_temperature.copy_(t)
+            else:
+                self.graph_temperature.fill_(t)
+            self.graph_temperature_sq.fill_(t_mean * t_mean)
 
     def temperature(self) -> Tuple[Union[float, torch.Tensor], float]:
         """``(T, mean T)``: the scalar base temperature, or the (1, C) class-wise one during re-weighting."""
@@ -199,7 +221,11 @@ class RIDELoss(LongTailLoss):
         """``sum_e mean(T)^2 * KL(softmax(logits / T) || softmax(z_e / T))`` (batch mean, or the batch sum over
         ``batch_norm``; no gradient through the ensemble side), unweighted by the factor. logits (B, C),
         expert_logits (B, E, C)."""
-        t, t_mean = self.temperature()
+        if self.graph_safe:
+            t, t_sq = self.graph_temperature, self.graph_temperature_sq
+        else:
+            t, t_mean = self.temperature()
+            t_sq = t_mean * t_mean
         if isinstance(t, torch.Tensor):
             t = t.to(logits)
         with torch.no_grad():
@@ -209,7 +235,7 @@ class RIDELoss(LongTailLoss):
             log_q = F.log_softmax(expert_logits[:, e] / t, dim=1)
             kl = F.kl_div(log_q, target, reduction='batchmean') if batch_norm is None else \
                 F.kl_div(log_q, target, reduction='sum') / batch_norm.to(log_q)
-            total = total + t_mean * t_mean * kl
+            total = total + t_sq * kl
         return total
 
     def forward(self, output: RIDEModelOutput, target: Union[torch.Tensor, MixInfo],
