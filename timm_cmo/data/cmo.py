@@ -176,6 +176,14 @@ def rand_bbox(
     return y0, y1, x0, x1
 
 
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Raise ValueError unless ``x`` is (B, C, H, W) and ``y`` its (B,) labels (the mixers' input)."""
+    if x.ndim != 4:
+        raise ValueError(f'x must have shape (B, C, H, W), got {tuple(x.shape)}')
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f'y must have shape ({x.shape[0]},), got {tuple(y.shape)}')
+
+
 def host_to_device(array: np.ndarray, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Copy host random numbers to the device without making the host wait (pinned, non-blocking on CUDA)."""
     t = torch.from_numpy(array)

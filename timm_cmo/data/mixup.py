@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .cmo import MixInfo, box_masks, host_to_device, soft_target
+from .cmo import MixInfo, box_masks, check_batch, host_to_device, soft_target
 
 __all__ = ['MixupCutmix', 'MIXUP_MODES', 'cutmix_box']
 
@@ -241,10 +241,7 @@ class MixupCutmix:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mix as timm's Mixup does; returns (x (B, C, H, W), target (B, num_classes) float32)."""
-        if x.ndim != 4:
-            raise ValueError(f'x must have shape (B, C, H, W), got {tuple(x.shape)}')
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f'y must have shape ({x.shape[0]},), got {tuple(y.shape)}')
+        check_batch(x, y)
         drawn = self.draw(x.shape[0], tuple(x.shape[-2:]))
         if drawn is None:
             self.last = MixInfo(y, y, 1., self.label_smoothing)

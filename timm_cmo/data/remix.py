@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..losses.reweight import ClassCounts, check_class_counts
-from .cmo import MixInfo, host_to_device, rand_bbox, soft_target
+from .cmo import MixInfo, check_batch, host_to_device, rand_bbox, soft_target
 
 __all__ = ['RemixMixup', 'REMIX_MODES', 'remix_label_weights']
 
@@ -162,10 +162,7 @@ class RemixMixup:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mix with probability ``prob``; returns (x (B, C, H, W), target (B, num_classes) float32)."""
-        if x.ndim != 4:
-            raise ValueError(f'x must have shape (B, C, H, W), got {tuple(x.shape)}')
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f'y must have shape ({x.shape[0]},), got {tuple(y.shape)}')
+        check_batch(x, y)
         drawn = self.draw(x.shape[0], tuple(x.shape[-2:]))
         if drawn is None:
             self.last = MixInfo(y, y, 1., self.label_smoothing)

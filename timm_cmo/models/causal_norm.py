@@ -56,6 +56,8 @@ import torch.nn.functional as F
 
 from timm.layers import get_device_dtype
 
+from .head_norm import model_classifier
+
 __all__ = ['CausalNormClassifier', 'is_causal_norm', 'add_causal_norm_arg', 'set_causal_norm_lr', 'patch_causal_norm',
            'CAUSAL_ARGS']
 
@@ -180,21 +182,9 @@ def _causal_heads(model: nn.Module):
 
 
 def is_causal_norm(model: nn.Module) -> bool:
-    """True if the model's classifier (``get_classifier()``, else ``fc``) is a :class:`CausalNormClassifier`."""
-    if isinstance(model, CausalNormClassifier):
-        return True
-    model = getattr(model, 'module', model)  # DDP
-    model = getattr(model, '_orig_mod', model)  # torch.compile
-    classifier = None
-    get_classifier = getattr(model, 'get_classifier', None)
-    if callable(get_classifier):
-        try:
-            classifier = get_classifier()
-        except Exception:  # feature wrappers and odd models
-            classifier = None
-    if classifier is None:
-        classifier = getattr(model, 'fc', None)
-    return isinstance(classifier, CausalNormClassifier)
+    """True if the model (or its classifier, :func:`~timm_cmo.models.head_norm.model_classifier`) is a
+    :class:`CausalNormClassifier`."""
+    return isinstance(model, CausalNormClassifier) or isinstance(model_classifier(model), CausalNormClassifier)
 
 
 def set_causal_norm_lr(model: nn.Module, lr: float) -> None:

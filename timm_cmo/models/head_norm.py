@@ -17,7 +17,7 @@ itself: ``NormedLinear(..., class_scale=True)`` (or :meth:`NormedLinear.enable_c
 """
 import functools
 import inspect
-from typing import Any, Type
+from typing import Any, Optional, Type
 
 import torch
 import torch.nn as nn
@@ -77,10 +77,11 @@ class NormedLinear(nn.Module):
                 + (', class_scale=True' if self.lws_scale is not None else ''))
 
 
-def is_head_norm(model: nn.Module) -> bool:
-    """True if the model's classifier (``get_classifier()``, else ``fc``) is a :class:`NormedLinear`."""
-    if isinstance(model, NormedLinear):
-        return True
+def model_classifier(model: nn.Module) -> Optional[nn.Module]:
+    """The model's classifier: ``get_classifier()``, else ``fc`` (None if neither), through DDP and torch.compile
+    wrappers."""
+    model = getattr(model, 'module', model)  # DDP
+    model = getattr(model, '_orig_mod', model)  # torch.compile
     classifier = None
     get_classifier = getattr(model, 'get_classifier', None)
     if callable(get_classifier):
@@ -88,9 +89,12 @@ def is_head_norm(model: nn.Module) -> bool:
             classifier = get_classifier()
         except Exception:  # feature wrappers and odd models
             classifier = None
-    if classifier is None:
-        classifier = getattr(model, 'fc', None)
-    return isinstance(classifier, NormedLinear)
+    return getattr(model, 'fc', None) if classifier is None else classifier
+
+
+def is_head_norm(model: nn.Module) -> bool:
+    """True if the model (or its classifier, :func:`model_classifier`) is a :class:`NormedLinear`."""
+    return isinstance(model, NormedLinear) or isinstance(model_classifier(model), NormedLinear)
 
 
 def _set_normed_head(model: nn.Module, classifier: str) -> None:
