@@ -31,14 +31,13 @@ The loss declares ``needs_features = True``: call it as ``loss(logits, target, m
 """
 from typing import Optional, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..data.cmo import MixInfo, soft_target
-from .long_tail import CrossEntropyLoss, LongTailLoss
+from .long_tail import CrossEntropyLoss, LongTailLoss, focal_class_losses
 from .registry import register_loss
-from .reweight import ClassCounts, check_class_counts
+from .reweight import ClassCounts, check_class_counts, check_finite, resolve_switch_epoch
 
 __all__ = ['IBLoss', 'IBFocalLoss', 'IB_WEIGHTINGS', 'ib_class_weights', 'influence_factor', 'resolve_ib_start_epoch']
 
@@ -57,16 +56,10 @@ def ib_class_weights(class_counts: ClassCounts) -> torch.Tensor:
 
 def resolve_ib_start_epoch(start_epoch: Optional[int] = None, epochs: Optional[int] = None) -> int:
     """The 0-based epoch from which the IB loss applies: ``start_epoch``, else ``epochs // 2``."""
-    if start_epoch is not None:
-        if isinstance(start_epoch, bool) or int(start_epoch) != start_epoch or start_epoch < 0:
-            raise ValueError(f'start_epoch must be a non-negative integer, got {start_epoch!r}')
-        return int(start_epoch)
-    if epochs is not None:
-        if isinstance(epochs, bool) or int(epochs) != epochs or epochs <= 0:
-            raise ValueError(f'epochs must be a positive integer, got {epochs!r}')
-        return int(epochs) // 2
-    raise ValueError('the IB loss needs its start epoch: pass start_epoch=<0-based epoch from which IB applies> or '
-                     'epochs=<total training epochs> (start_epoch then defaults to epochs // 2)')
+    return resolve_switch_epoch(
+        'start_epoch', start_epoch, epochs, lambda n: n // 2,
+        'the IB loss needs its start epoch: pass start_epoch=<0-based epoch from which IB applies> or '
+        'epochs=<total training epochs> (start_epoch then defaults to epochs // 2)')
 
 
 def influence_factor(
@@ -123,15 +116,9 @@ class IBLoss(LongTailLoss):
         if weighting == 'inverse' and reweight != 'none':
             raise ValueError(f"the IB loss has its own inverse-frequency class weights (weighting='inverse'); "
                              f"for reweight={reweight!r} pass weighting='none'")
-        if not (np.isfinite(alpha) and alpha > 0):
-            raise ValueError(f'alpha must be finite and positive, got {alpha!r}')
-        if not (np.isfinite(epsilon) and epsilon >= 0):
-            raise ValueError(f'epsilon must be finite and non-negative, got {epsilon!r}')
-        if not (np.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f'gamma must be finite and non-negative, got {gamma!r}')
-        self.alpha = float(alpha)
-        self.epsilon = float(epsilon)
-        self.gamma = float(gamma)
+        self.alpha = check_finite('alpha', alpha, positive=True)
+        self.epsilon = check_finite('epsilon', epsilon)
+        self.gamma = check_finite('gamma', gamma)
         self.weighting = weighting
         self.start_epoch = resolve_ib_start_epoch(start_epoch, epochs)
         if weighting == 'inverse':
@@ -145,11 +132,7 @@ class IBLoss(LongTailLoss):
 
     def class_losses(self, logits: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` ``l_ik``: ``-log p_ik``, times ``(1 - p_ik)^gamma`` when ``gamma > 0``."""
-        logp = F.log_softmax(logits, dim=1)
-        if self.gamma == 0:
-            return -logp
-        one_minus_p = (-torch.expm1(logp)).clamp_min(torch.finfo(logp.dtype).tiny)
-        return one_minus_p.pow(self.gamma) * -logp
+        return focal_class_losses(logits, self.gamma)
 
     def _check_features(self, features, logits: torch.Tensor) -> torch.Tensor:
         if features is None:

@@ -37,7 +37,6 @@ batch).
 import math
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,7 +44,7 @@ from ..data.cmo import MixInfo
 from .long_tail import BalancedSoftmaxLoss
 from .prior import Prior, prior_corrected_logits
 from .registry import register_loss
-from .reweight import ClassCounts
+from .reweight import ClassCounts, check_finite
 
 __all__ = ['LADELoss', 'LADE_DEFAULTS', 'lade_regularizer']
 
@@ -114,12 +113,8 @@ class LADELoss(BalancedSoftmaxLoss):
         if kwargs.get('reduction', 'mean') != 'mean':
             raise ValueError(f"LADELoss supports reduction='mean' only, got {kwargs['reduction']!r}")
         super().__init__(class_counts, **kwargs)
-        if not (np.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f'alpha must be finite and non-negative, got {alpha!r}')
-        if not (np.isfinite(remine_lambda) and remine_lambda >= 0):
-            raise ValueError(f'remine_lambda must be finite and non-negative, got {remine_lambda!r}')
-        self.alpha = float(alpha)
-        self.remine_lambda = float(remine_lambda)
+        self.alpha = check_finite('alpha', alpha)
+        self.remine_lambda = check_finite('remine_lambda', remine_lambda)
 
     def prior(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(C,)`` training prior ``n_c / N`` in ``dtype`` (computed in float64)."""

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from ..data.cmo import MixInfo, soft_target
 from .registry import register_loss
 from .reweight import (
-    REWEIGHT_CHOICES, ClassCounts, check_class_counts, class_balanced_weights, resolve_drw_epoch)
+    REWEIGHT_CHOICES, ClassCounts, check_class_counts, check_finite, class_balanced_weights, resolve_drw_epoch)
 
 __all__ = [
     'LongTailLoss', 'CrossEntropyLoss', 'LDAMLoss', 'BalancedSoftmaxLoss', 'FocalLoss',
@@ -467,12 +467,8 @@ class LDAMLoss(LongTailLoss):
 
     def __init__(self, class_counts: ClassCounts, max_m: float = 0.5, s: float = 30.0, **kwargs):
         super().__init__(class_counts, **kwargs)
-        if not (np.isfinite(max_m) and max_m >= 0):
-            raise ValueError(f'max_m must be finite and non-negative, got {max_m!r}')
-        if not (np.isfinite(s) and s > 0):
-            raise ValueError(f's must be finite and positive, got {s!r}')
-        self.max_m = float(max_m)
-        self.s = float(s)
+        self.max_m = check_finite('max_m', max_m)
+        self.s = check_finite('s', s, positive=True)
         self.register_buffer('margins', ldam_margins(self.class_counts, max_m))
 
     def _margin_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -549,6 +545,15 @@ class LogitAdjustedLoss(_OffsetCrossEntropy):
         return f'tau={self.tau}, ' + super().extra_repr()
 
 
+def focal_class_losses(logits: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``(B, C)`` focal losses ``-(1 - p_ik)^gamma log p_ik``, ``p = softmax(logits)`` (``-log p_ik`` at gamma 0)."""
+    logp = F.log_softmax(logits, dim=1)
+    if gamma == 0:
+        return -logp
+    one_minus_p = (-torch.expm1(logp)).clamp_min(torch.finfo(logp.dtype).tiny)
+    return one_minus_p.pow(gamma) * -logp
+
+
 @register_loss('focal')
 class FocalLoss(LongTailLoss):
     """Focal loss (Lin et al., ICCV 2017): ``l_ik = -(1 - p_ik)^gamma log p_ik``, ``p = softmax(x)``.
@@ -565,16 +570,10 @@ class FocalLoss(LongTailLoss):
 
     def __init__(self, class_counts: ClassCounts, gamma: float = 1.0, **kwargs):
         super().__init__(class_counts, **kwargs)
-        if not (np.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f'gamma must be finite and non-negative, got {gamma!r}')
-        self.gamma = float(gamma)
+        self.gamma = check_finite('gamma', gamma)
 
     def class_losses(self, logits: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits, dim=1)
-        if self.gamma == 0:
-            return -logp
-        one_minus_p = (-torch.expm1(logp)).clamp_min(torch.finfo(logp.dtype).tiny)
-        return one_minus_p.pow(self.gamma) * -logp
+        return focal_class_losses(logits, self.gamma)
 
     def extra_repr(self) -> str:
         return f'gamma={self.gamma}, ' + super().extra_repr()

@@ -5,15 +5,15 @@ weights from the effective number of samples (Cui et al., CVPR 2019),
 ``w_k = (1 - beta) / (1 - beta ** n_k)`` normalised to sum to the number of classes ``C``,
 and DRW, which trains unweighted until ``drw_epoch`` and with those weights from then on.
 """
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from timm.loss import compute_class_weights
 
 __all__ = [
-    'REWEIGHT_CHOICES', 'ClassCounts', 'check_class_counts', 'class_balanced_weights',
-    'resolve_drw_epoch',
+    'REWEIGHT_CHOICES', 'ClassCounts', 'check_class_counts', 'check_finite', 'class_balanced_weights',
+    'resolve_drw_epoch', 'resolve_switch_epoch',
 ]
 
 REWEIGHT_CHOICES = ('none', 'cb', 'drw')
@@ -81,21 +81,36 @@ def class_balanced_weights(class_counts: ClassCounts, beta: float = 0.9999) -> t
     return weights
 
 
+def resolve_switch_epoch(name: str, epoch: Optional[int], epochs: Optional[int], default: Callable[[int], int],
+                         missing: str) -> int:
+    """A 0-based epoch at which a loss switches (DRW's weights, IB's loss): ``epoch`` (argument ``name``) if given,
+    else ``default(epochs)``; neither given: ``ValueError(missing)``."""
+    if epoch is not None:
+        if isinstance(epoch, bool) or int(epoch) != epoch or epoch < 0:
+            raise ValueError(f'{name} must be a non-negative integer, got {epoch!r}')
+        return int(epoch)
+    if epochs is not None:
+        if isinstance(epochs, bool) or int(epochs) != epochs or epochs <= 0:
+            raise ValueError(f'epochs must be a positive integer, got {epochs!r}')
+        return default(int(epochs))
+    raise ValueError(missing)
+
+
 def resolve_drw_epoch(drw_epoch: Optional[int] = None, epochs: Optional[int] = None) -> int:
     """The (0-based) epoch from which DRW applies class-balanced weights.
 
     ``drw_epoch`` if given, else ``int(0.8 * epochs)`` (160 of 200 epochs on CIFAR-LT,
     80 of 100 on ImageNet-LT).
     """
-    if drw_epoch is not None:
-        if isinstance(drw_epoch, bool) or int(drw_epoch) != drw_epoch or drw_epoch < 0:
-            raise ValueError(f'drw_epoch must be a non-negative integer, got {drw_epoch!r}')
-        return int(drw_epoch)
-    if epochs is not None:
-        if isinstance(epochs, bool) or int(epochs) != epochs or epochs <= 0:
-            raise ValueError(f'epochs must be a positive integer, got {epochs!r}')
-        return int(0.8 * int(epochs))
-    raise ValueError(
+    return resolve_switch_epoch(
+        'drw_epoch', drw_epoch, epochs, lambda n: int(0.8 * n),
         "reweight='drw' needs the deferral epoch: pass drw_epoch=<0-based epoch from which "
         "class-balanced weights apply> or epochs=<total training epochs> "
         "(drw_epoch then defaults to int(0.8 * epochs))")
+
+
+def check_finite(name: str, value: float, positive: bool = False) -> float:
+    """``value`` as a float if finite and non-negative (``positive``: > 0), else ``ValueError`` naming ``name``."""
+    if not (np.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f'{name} must be finite and {"positive" if positive else "non-negative"}, got {value!r}')
+    return float(value)
