@@ -953,6 +953,17 @@ def run_eta(epoch_times: List[float], left: int) -> float:
     return sum(timed) / len(timed) * left if timed else 0.
 
 
+def log_train_step(epoch: int, step_idx: int, steps: int, loss: float, step_time: float, samples_per_s: float,
+                   lr: float, elapsed: float) -> None:
+    """The training log line of step ``step_idx`` of ``steps`` (the ETA from the ``elapsed`` seconds of the epoch)."""
+    eta = elapsed / (step_idx + 1) * (steps - step_idx - 1)
+    _logger.info(
+        f'Train: {epoch} [{step_idx:>4d}/{steps} ({100. * (step_idx + 1) / steps:>3.0f}%)]  '
+        f'Loss: {loss:#.4g}  '
+        f'Time: {step_time:.3f}s, {samples_per_s:>7.1f}/s  '
+        f'LR: {lr:.3e}  ETA: {format_seconds(eta)}')
+
+
 def train_one_epoch(
         epoch: int, model: nn.Module, loader, optimizer, loss_fn, args, device, lr_scheduler=None,
         amp_autocast=suppress, loss_scaler=None, model_ema=None, train_mode=None,
@@ -1033,14 +1044,8 @@ def train_one_epoch(
             interval_loss = (total - last_logged_sum) / max(1, loss_count - last_logged_count)
             last_logged_sum, last_logged_count = total, loss_count
             if args.rank == 0:
-                lr = schedule_lr(optimizer)
-                eta = (end - start) / (update_idx + 1) * (updates_per_epoch - update_idx - 1)
-                _logger.info(
-                    f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
-                    f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
-                    f'Loss: {interval_loss:#.4g}  '
-                    f'Time: {batch_time_m.val:.3f}s, {samples * args.world_size / batch_time_m.val:>7.1f}/s  '
-                    f'LR: {lr:.3e}  ETA: {format_seconds(eta)}')
+                log_train_step(epoch, update_idx, updates_per_epoch, interval_loss, batch_time_m.val,
+                               samples * args.world_size / batch_time_m.val, schedule_lr(optimizer), end - start)
     avg = loss_sum.item() / max(1, loss_count)
     if args.distributed:
         avg = utils.reduce_tensor(torch.tensor(avg, device=device), args.world_size).item()
@@ -1071,12 +1076,8 @@ def train_one_epoch_graphed(epoch: int, graphed, args, lr_scheduler=None) -> Dic
             interval_loss = (total - last_logged_sum) / max(1, step_idx + 1 - last_logged_count)
             last_logged_sum, last_logged_count = total, step_idx + 1
             if args.rank == 0:
-                eta = (end - start) / (step_idx + 1) * (steps - step_idx - 1)
-                _logger.info(
-                    f'Train: {epoch} [{step_idx:>4d}/{steps} ({100. * (step_idx + 1) / steps:>3.0f}%)]  '
-                    f'Loss: {interval_loss:#.4g}  '
-                    f'Time: {batch_time_m.val:.3f}s, {samples / max(batch_time_m.val, 1e-9):>7.1f}/s  '
-                    f'LR: {schedule_lr(graphed.optimizer):.3e}  ETA: {format_seconds(eta)}')
+                log_train_step(epoch, step_idx, steps, interval_loss, batch_time_m.val,
+                               samples / max(batch_time_m.val, 1e-9), schedule_lr(graphed.optimizer), end - start)
     return OrderedDict(loss=float(graphed.loss_sum) / max(1, steps))
 
 

@@ -292,6 +292,32 @@ LDAM_CMO = ['--cmo', '--cmo-start-epoch', '-1', '--cmo-end-epochs', '0', '--loss
             '--drw-epoch', '1', '--head-norm', '--cmo-prob', '1.0', '--model-ema', '--model-ema-decay', '0.9']
 
 
+def kill_after_first_checkpoint(argv, run_dir: Path, timeout: float = 300) -> Path:
+    """Start train_cmo.py ``argv`` in a process, SIGKILL it once ``run_dir/last.pth.tar`` exists (or it ended, or
+    ``timeout`` s passed); returns that checkpoint's path."""
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train_cmo.py')] + argv, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=ENV)
+    last = run_dir / 'last.pth.tar'
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not last.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return last
+
+
+def assert_same_training_state(reference: dict, resumed: dict) -> None:
+    """Two checkpoints hold the same model and EMA weights (same keys, bit for bit) and the same optimizer momentum
+    buffers (the optimizer continued where it stopped)."""
+    for key in ('state_dict', 'state_dict_ema'):
+        assert reference[key].keys() == resumed[key].keys(), key
+        for k, v in reference[key].items():
+            assert torch.equal(resumed[key][k], v), f'{key} {k}'
+    mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
+    mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
+    assert len(mom_ref) == len(mom_res) > 0 and all(torch.equal(a, b) for a, b in zip(mom_ref, mom_res))
+
+
 def run_script(argv, timeout=600, env=None, **kwargs):
     return subprocess.run([sys.executable, str(REPO / 'train_cmo.py')] + argv, capture_output=True, text=True,
                           timeout=timeout, env=env or ENV, **kwargs)
@@ -348,16 +374,7 @@ def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, 
     (which read its data without workers: the epoch plan and per-batch seeds make them the same)."""
     ref_run, _ = ldam_cmo_run
     argv = base_argv(small_cifar, tmp_path, 'killed', 3, *LDAM_CMO) + ['--workers', '2']
-    proc = subprocess.Popen([sys.executable, str(REPO / 'train_cmo.py')] + argv, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=ENV)
-    last = tmp_path / 'killed' / 'last.pth.tar'
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists():  # epoch 0 saved
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    last = kill_after_first_checkpoint(argv, tmp_path / 'killed')
     killed_epoch = torch.load(last, map_location='cpu', weights_only=True)['epoch']
     assert killed_epoch < 2
     done = run_script(base_argv(small_cifar, tmp_path, 'killed', 3, *LDAM_CMO) +
@@ -367,13 +384,7 @@ def test_resume_after_kill_matches_uninterrupted_run(ldam_cmo_run, small_cifar, 
     resumed = torch.load(last, map_location='cpu', weights_only=True)
     reference = torch.load(ref_run / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert resumed['epoch'] == reference['epoch'] == 2
-    for key in ('state_dict', 'state_dict_ema'):  # model and EMA weights
-        for k, v in reference[key].items():
-            assert torch.equal(resumed[key][k], v), f'{key} {k}'
-    # the optimizer continued with its momentum buffers
-    mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
-    mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
-    assert len(mom_ref) == len(mom_res) and all(torch.equal(a, b) for a, b in zip(mom_ref, mom_res))
+    assert_same_training_state(reference, resumed)
     assert resumed['best'] == reference['best']  # the best metric carried over the resume
     rows = (tmp_path / 'killed' / 'summary.csv').read_text().strip().splitlines()
     assert [r.split(',')[0] for r in rows] == ['epoch', '0', '1', '2']
@@ -1260,7 +1271,7 @@ def test_corrupt_image_is_named_not_substituted(small_cifar, tmp_path, capsys, p
     with pytest.raises(SystemExit) as e:
         train_cmo.main(argv)
     message = str(e.value) + capsys.readouterr().err
-    assert f'cannot read image' in message and name in message
+    assert 'cannot read image' in message and name in message
 
 
 # --- RIDE and the second stages (LAS, expert assignment) through train_cmo.py ------------------------------------
@@ -1555,27 +1566,14 @@ def test_bbn_run_killed_and_resumed_equals_the_uninterrupted_run(small_cifar, tm
     assert whole.returncode == 0, whole.stderr[-4000:]
     assert 'dual batch r=2' in whole.stderr
     argv = base_argv(small_cifar, tmp_path, 'killed', 3, *BBN) + ['--workers', '2']
-    proc = subprocess.Popen([sys.executable, str(REPO / 'train_cmo.py')] + argv, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=ENV)
-    last = tmp_path / 'killed' / 'last.pth.tar'
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not last.exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    last = kill_after_first_checkpoint(argv, tmp_path / 'killed')
     assert torch.load(last, map_location='cpu', weights_only=True)['epoch'] < 2
     done = run_script(argv + ['--resume', str(last)])
     assert done.returncode == 0, done.stderr[-4000:]
     reference = torch.load(tmp_path / 'whole' / 'last.pth.tar', map_location='cpu', weights_only=True)
     resumed = torch.load(last, map_location='cpu', weights_only=True)
     assert resumed['epoch'] == reference['epoch'] == 2
-    for key in ('state_dict', 'state_dict_ema'):
-        assert reference[key].keys() == resumed[key].keys()
-        for k, v in reference[key].items():
-            assert torch.equal(resumed[key][k], v), f'{key} {k}'
-    mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
-    mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
-    assert len(mom_ref) == len(mom_res) and all(torch.equal(a, b) for a, b in zip(mom_ref, mom_res))
+    assert_same_training_state(reference, resumed)
     results = json.loads((tmp_path / 'whole' / 'results.json').read_text())
     assert results['method']['loss'] == 'bbn' and results['method']['bbn'] == dict(r=2.0, alpha_epochs=3)
     assert results['method']['cmo_epochs'] == 3
@@ -2092,23 +2090,11 @@ def test_cuda_graph_run_killed_and_resumed_equals_uninterrupted(small_cifar, tmp
     graph = ['--data-on-device', '--device', 'cpu', '--cuda-graph', *LDAM_CMO]
     train_cmo.main(base_argv(small_cifar, tmp_path, 'whole', 3, *graph))
     argv = base_argv(small_cifar, tmp_path, 'killed', 3, *graph)
-    proc = subprocess.Popen([sys.executable, str(REPO / 'train_cmo.py')] + argv, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=ENV)
-    last = tmp_path / 'killed' / 'last.pth.tar'
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not last.exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    last = kill_after_first_checkpoint(argv, tmp_path / 'killed')
     assert torch.load(last, map_location='cpu', weights_only=True)['epoch'] < 2
     done = run_script(argv + ['--resume', str(last)])
     assert done.returncode == 0, done.stderr[-4000:]
     resumed = torch.load(last, map_location='cpu', weights_only=True)
     reference = torch.load(tmp_path / 'whole' / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert resumed['epoch'] == reference['epoch'] == 2
-    for key in ('state_dict', 'state_dict_ema'):
-        for k, v in reference[key].items():
-            assert torch.equal(resumed[key][k], v), f'{key} {k}'
-    mom_ref = [s['momentum_buffer'] for s in reference['optimizer']['state'].values()]
-    mom_res = [s['momentum_buffer'] for s in resumed['optimizer']['state'].values()]
-    assert len(mom_ref) == len(mom_res) > 0 and all(torch.equal(a, b) for a, b in zip(mom_ref, mom_res))
+    assert_same_training_state(reference, resumed)

@@ -39,6 +39,7 @@ import torch.nn as nn
 from .data.device_draws import DrawnBatches
 from .data.device_loader import DeviceEvalLoader, DeviceLoader, normalize
 from .metrics import ClassAccuracy
+from .models import is_causal_norm
 
 __all__ = ['GraphedTrainStep', 'check_graphable']
 
@@ -67,7 +68,7 @@ def check_graphable(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim
             raise ValueError('SGD with maximize / differentiable is not supported')
     if clip_mode not in ('norm', 'value'):
         raise ValueError(f'--clip-mode {clip_mode}: the graphed step clips by norm or value')
-    if any(m.__class__.__name__ == 'CausalNormClassifier' for m in model.modules()):
+    if is_causal_norm(model):
         raise ValueError('the Causal Norm head (--head causal) sets its moving-average decay from the lr on the host')
     if model_ema is not None:
         if getattr(model_ema, 'exclude_buffers', False) or getattr(model_ema, 'device', None) is not None or \

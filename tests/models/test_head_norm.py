@@ -92,3 +92,25 @@ def test_other_timm_resnets_construct(name):
 def test_head_norm_features_only():
     model = timm.create_model('resnet50', head_norm=True, features_only=True, out_indices=(4,))
     assert [tuple(o.shape) for o in model(torch.randn(1, 3, 64, 64))] == [(1, 2048, 2, 2)]
+
+
+@pytest.mark.parametrize('wrap', ['none', 'ddp-like', 'compiled'])
+def test_classifier_kind_is_seen_through_wrappers(wrap):
+    """is_head_norm and is_causal_norm read the classifier through model_classifier(): the same answer for the model,
+    a DDP-style wrapper (``.module``) and torch.compile's wrapper (``._orig_mod``)."""
+    from timm_cmo.models import is_causal_norm
+    from timm_cmo.models.head_norm import model_classifier
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner, attr):
+            super().__init__()
+            setattr(self, attr, inner)
+
+    def wrapped(model):
+        return {'none': model, 'ddp-like': Wrapper(model, 'module'), 'compiled': Wrapper(model, '_orig_mod')}[wrap]
+    normed = timm.create_model('resnet20_cifar', num_classes=10, head_norm=True)
+    causal = timm.create_model('resnet20_cifar', num_classes=10, causal_norm=True)
+    plain = timm.create_model('resnet20_cifar', num_classes=10)
+    assert model_classifier(wrapped(plain)) is plain.fc
+    assert is_head_norm(wrapped(normed)) and not is_head_norm(wrapped(plain)) and not is_head_norm(wrapped(causal))
+    assert is_causal_norm(wrapped(causal)) and not is_causal_norm(wrapped(plain)) and not is_causal_norm(wrapped(normed))

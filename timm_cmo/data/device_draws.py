@@ -192,9 +192,7 @@ class DrawnBatches:
             if 'w1' in rows[0]:
                 t['w1'] = host_to_device(np.stack([r['w1'] for r in rows]), device)
         elif self.kind == 'self':
-            for key in ('perm', 'blend', 'paste', 'box'):
-                t[key] = host_to_device(np.stack([r[key] for r in rows]), device)
-            for key in ('w', 'w1'):
+            for key in ('perm', 'blend', 'paste', 'box', 'w', 'w1'):
                 t[key] = host_to_device(np.stack([r[key] for r in rows]), device)
             t['y_f'] = t['y_b'].gather(1, t['perm'])
         if self.kind in ('cmo', 'self'):
